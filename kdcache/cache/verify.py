@@ -1,0 +1,135 @@
+"""`kdcache verify` and `kdcache info`: re-check a cache against its manifest, and summarise it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import zarr
+
+from ..fingerprint import hash_file, hash_tree
+from .format import (FEATURES_DIR, LOCK_FILE, MANIFEST, SCHEMA_METADATA_KEY, CacheFormatError, parquet_schema,
+                     read_manifest, safe_path)
+
+
+SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+
+
+@dataclass
+class VerifyReport:
+    root: Path
+    problems: list[str] = field(default_factory=list)
+    bytes_checked: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cache": str(self.root), "ok": self.ok, "problems": self.problems, "bytes_checked": self.bytes_checked,
+                "seconds": round(self.seconds, 3),
+                "mb_per_s": round(self.bytes_checked / 1e6 / self.seconds, 1) if self.seconds else None}
+
+
+def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any], report: VerifyReport) -> None:
+    path = safe_path(root, shard["parquet"])
+    where = f"{path} (split {split}, rows {shard['row_start']}..{shard['row_start'] + shard['rows'] - 1})"
+    if not path.is_file():
+        report.problems.append(f"{where}: shard file missing")
+        return
+    size = path.stat().st_size
+    report.bytes_checked += size
+    if size != shard["bytes"]:
+        report.problems.append(f"{where}: size {size} B, manifest says {shard['bytes']} B (truncated or replaced)")
+    elif hash_file(path) != shard["sha256"]:
+        report.problems.append(f"{where}: checksum mismatch (the file's bytes changed since it was written)")
+    else:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            report.problems.append(f"{where}: not readable as Parquet ({e})")
+            return
+        if pf.metadata.num_rows != shard["rows"]:
+            report.problems.append(f"{where}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
+        expected = parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), {})
+        if not pf.schema_arrow.remove_metadata().equals(expected.remove_metadata()):
+            report.problems.append(f"{where}: columns differ from format v{m['format_version']}: {pf.schema_arrow}")
+        meta = (pf.schema_arrow.metadata or {}).get(SCHEMA_METADATA_KEY)
+        if meta is not None and m["fingerprint"].encode() not in meta:
+            report.problems.append(f"{where}: shard was written for another cache (fingerprint in its metadata differs)")
+    feat = shard.get("features")
+    if feat:
+        fpath = safe_path(root, feat["path"])
+        if not fpath.is_dir():
+            report.problems.append(f"{fpath} (split {split}): feature group missing")
+            return
+        report.bytes_checked += sum(p.stat().st_size for p in fpath.rglob("*") if p.is_file())
+        if hash_tree(fpath) != feat["sha256"]:
+            report.problems.append(f"{fpath} (split {split}): feature checksum mismatch (a Zarr chunk or its "
+                                   "metadata changed, was added or removed)")
+            return
+        group = zarr.open_group(str(fpath), mode="r")
+        for name, spec in feat.get("arrays", {}).items():
+            if name not in group or list(group[name].shape) != spec["shape"]:
+                report.problems.append(f"{fpath}/{name} (split {split}): missing or shape differs from {spec['shape']}")
+
+
+def verify_cache(root: str | Path) -> VerifyReport:
+    """Re-check every shard's size, checksum, row count and schema, and look for files the manifest does not list."""
+    root = Path(root)
+    report = VerifyReport(root)
+    t0 = time.perf_counter()
+    try:
+        m = read_manifest(root)
+    except CacheFormatError as e:
+        report.problems.append(str(e))
+        return report
+    listed = {root / MANIFEST, root / LOCK_FILE}
+    for split, s in m["splits"].items():
+        total = 0
+        for shard in s["shards"]:
+            if shard["row_start"] != total:
+                report.problems.append(f"{root / MANIFEST}: split {split} shard {shard['name']} starts at row "
+                                       f"{shard['row_start']}, expected {total}")
+            total += shard["rows"]
+            try:
+                _check_shard(root, m, split, shard, report)
+            except CacheFormatError as e:
+                report.problems.append(str(e))
+                continue
+            listed.add(root / shard["parquet"])
+            if shard.get("features"):
+                listed.update(p for p in (root / shard["features"]["path"]).rglob("*"))
+                listed.add(root / shard["features"]["path"])
+        if total != s["rows"]:
+            report.problems.append(f"{root / MANIFEST}: split {split} shards hold {total} rows, manifest says {s['rows']}")
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p not in listed and not (p.name == "zarr.json" and p.parent.name == FEATURES_DIR):
+            report.problems.append(f"{p}: file not listed in the manifest (stray or left by an unfinished build); "
+                                   "delete it, or rebuild the cache")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def cache_info(root: str | Path) -> dict[str, Any]:
+    """Rows, bytes, bytes per example, fingerprint and statistics of one cache."""
+    root = Path(root)
+    m = read_manifest(root)
+    splits = {}
+    for split, s in sorted(m["splits"].items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], 9), kv[0])):
+        pq_bytes = sum(sh["bytes"] for sh in s["shards"])
+        feat_bytes = sum(sh.get("features", {}).get("bytes", 0) for sh in s["shards"])
+        splits[split] = {"rows": s["rows"], "shards": len(s["shards"]), "parquet_bytes": pq_bytes,
+                         "feature_bytes": feat_bytes,
+                         "bytes_per_example": round((pq_bytes + feat_bytes) / max(s["rows"], 1), 1), **s["stats"]}
+    total_rows = m["totals"]["rows"]
+    return {"cache": str(root), "task": m["task"], "pipeline": m.get("pipeline"), "head": m["head"],
+            "format_version": m["format_version"], "fingerprint": m["fingerprint"],
+            "teacher": m["fingerprint_inputs"]["teacher"], "labels": m["label_names"], "features": m.get("features"),
+            "rows": total_rows, "bytes": m["totals"]["bytes"],
+            "bytes_per_example": round(m["totals"]["bytes"] / max(total_rows, 1), 1), "splits": splits,
+            "created_at": m.get("created_at")}

@@ -1,0 +1,279 @@
+"""CacheWriter: the one way a cache gets written.
+
+Each shard is written under a temporary name and renamed when complete; then a small commit record goes to
+`_progress/<split>/shard-NNNNN.json` (the shard's commit point, which also makes reruns resume). The manifest is
+written last, from those records, and is the only thing readers trust. Shard writes run on a background thread
+so the teacher's next forward pass overlaps them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .. import __version__
+from ..fingerprint import diff_fields, hash_file, hash_tree
+from .format import (BUILD_STATE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PROGRESS_DIR, CacheFormatError,
+                     features_relpath, fsync_dir, parquet_relpath, parquet_write_options, shard_name, write_json_atomic)
+
+
+class CacheConflictError(CacheFormatError):
+    """The target folder holds a cache built with other settings, or is in use."""
+
+
+# ------------------------------------------------------------------------------------------------- lock
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(root: Path) -> Path:
+    """Create `<root>/.kdcache.lock` exclusively; a lock left by a dead process on this host is taken over."""
+    path = root / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                other = {}
+            if other.get("host") == me["host"] and isinstance(other.get("pid"), int) and not _pid_alive(other["pid"]):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise CacheConflictError(
+                f"{root}: another kdcache process (pid {other.get('pid')} on {other.get('host')}) is writing this "
+                f"cache; wait for it to finish, or delete {path} if that process no longer exists") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise CacheConflictError(f"{path}: could not take the lock")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def _write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, **parquet_write_options(table.schema, row_group_rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_features(path: Path, features: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Write one shard's feature arrays as a Zarr v3 group under a temporary name, then rename it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w", attributes=attrs)
+    for name, arr in features.items():
+        chunk_rows = max(1, min(len(arr), (4 << 20) // max(1, arr[0:1].nbytes)))  # ~4 MiB chunks
+        a = group.create_array(name, shape=arr.shape, dtype=arr.dtype,
+                               chunks=(chunk_rows, *arr.shape[1:]) if arr.ndim > 1 else (chunk_rows,))
+        a[...] = arr
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+class CacheWriter:
+    """Context manager that owns a cache folder while a build runs (see module docstring).
+
+    header: manifest fields known before any shard (task, head, label_names, text_fields, fingerprint,
+    fingerprint_inputs, features, config, ...).
+    """
+
+    def __init__(self, root: str | Path, header: dict[str, Any], overwrite: bool = False,
+                 row_group_rows: int = 2048, lock: bool = True) -> None:
+        self.root = Path(root)
+        self.header = header
+        self.overwrite = overwrite
+        self.row_group_rows = row_group_rows
+        self.use_lock = lock
+        self.complete = False  # True when a finished cache with this fingerprint is already there
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._lock: Path | None = None
+
+    # -- opening: refuse other settings, resume our own
+    def __enter__(self) -> "CacheWriter":
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.use_lock:
+            self._lock = acquire_lock(self.root)
+        try:
+            self._check_existing()
+            if self.complete:
+                return self
+            self._clean_temporaries()
+            (self.root / PROGRESS_DIR).mkdir(exist_ok=True)
+            state = self.root / PROGRESS_DIR / BUILD_STATE
+            if not state.exists():
+                write_json_atomic(state, {k: self.header[k] for k in ("fingerprint", "fingerprint_inputs")})
+        except BaseException:
+            self._release()
+            raise
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+        return self
+
+    def _existing_fingerprint(self) -> tuple[dict | None, str]:
+        for path, what in ((self.root / MANIFEST, "finished cache"),
+                           (self.root / PROGRESS_DIR / BUILD_STATE, "unfinished build")):
+            if path.is_file():
+                try:
+                    return json.loads(path.read_text()), what
+                except json.JSONDecodeError:
+                    raise CacheConflictError(f"{path}: unreadable; rerun with --overwrite to rebuild") from None
+        return None, ""
+
+    def _check_existing(self) -> None:
+        old, what = self._existing_fingerprint()
+        if old is None:
+            stray = [p.name for p in self.root.iterdir() if p.name != LOCK_FILE]
+            if stray:
+                raise CacheConflictError(f"{self.root}: folder is not empty and holds no kdcache cache "
+                                         f"({', '.join(sorted(stray)[:5])}); choose another --out")
+            return
+        if old.get("fingerprint") == self.header["fingerprint"]:
+            self.complete = what == "finished cache"
+            return
+        if self.overwrite:
+            for p in self.root.iterdir():
+                if p.name != LOCK_FILE:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            return
+        changed = diff_fields(old.get("fingerprint_inputs", {}), self.header["fingerprint_inputs"])
+        raise CacheConflictError(
+            f"{self.root}: holds a {what} built with other settings (changed: {', '.join(changed) or 'unknown'}); "
+            "pass --overwrite to replace it, or choose another --out")
+
+    def _clean_temporaries(self) -> None:
+        """Delete half-written files a killed run left under temporary names (we hold the lock)."""
+        for p in self.root.rglob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    # -- shards
+    def _record_path(self, split: str, index: int) -> Path:
+        return self.root / PROGRESS_DIR / split / f"{shard_name(index)}.json"
+
+    def shard_done(self, split: str, index: int, row_start: int, rows: int) -> bool:
+        """True when the shard's commit record exists and its files still match their checksums."""
+        rec_path = self._record_path(split, index)
+        if not rec_path.is_file():
+            return False
+        try:
+            rec = json.loads(rec_path.read_text())
+        except json.JSONDecodeError:
+            return False
+        if (rec.get("row_start"), rec.get("rows")) != (row_start, rows):
+            return False
+        pq_path = self.root / rec["parquet"]
+        if not pq_path.is_file() or pq_path.stat().st_size != rec["bytes"] or hash_file(pq_path) != rec["sha256"]:
+            return False
+        feat = rec.get("features")
+        if feat and (not (self.root / feat["path"]).is_dir() or hash_tree(self.root / feat["path"]) != feat["sha256"]):
+            return False
+        return True
+
+    def submit(self, split: str, index: int, row_start: int, table: pa.Table,
+               features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
+        """Queue one shard for writing; at most one write waits while the caller computes the next shard."""
+        assert self._pool is not None, "use CacheWriter as a context manager"
+        while len(self._pending) >= 1:
+            self._pending.pop(0).result()  # re-raises a failed write here
+        self._pending.append(self._pool.submit(self._write_shard, split, index, row_start, table, features, stats))
+
+    def _write_shard(self, split: str, index: int, row_start: int, table: pa.Table,
+                     features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
+        (self.root / split).mkdir(exist_ok=True)
+        record: dict[str, Any] = {"name": shard_name(index), "row_start": row_start, "rows": table.num_rows,
+                                  "stats": stats}
+        if features:
+            rel = features_relpath(split, index)
+            parent = (self.root / rel).parent
+            if not (parent / "zarr.json").is_file():  # the split's group, so zarr.open_group lists every shard
+                zarr.open_group(str(parent), mode="a")
+            _write_features(self.root / rel, features, {"row_start": row_start, "rows": table.num_rows})
+            size = sum(p.stat().st_size for p in (self.root / rel).rglob("*") if p.is_file())
+            record["features"] = {"path": rel, "bytes": size, "sha256": hash_tree(self.root / rel),
+                                  "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in features.items()}}
+        rel = parquet_relpath(split, index)
+        _write_parquet(self.root / rel, table, self.row_group_rows)
+        record.update(parquet=rel, bytes=(self.root / rel).stat().st_size, sha256=hash_file(self.root / rel))
+        rec_path = self._record_path(split, index)
+        rec_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(rec_path, record)
+
+    def flush(self) -> None:
+        """Wait for queued shard writes; re-raise the first failure."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    # -- commit
+    def commit(self, splits: dict[str, dict[str, Any]], summarise) -> dict[str, Any]:
+        """Write the manifest from the shards' commit records.
+
+        splits: split -> {"rows": int, "dataset_fingerprint": str}; summarise(list of shard stats) -> dict.
+        """
+        self.flush()
+        out_splits = {}
+        for split, info in splits.items():
+            records = sorted((json.loads(p.read_text()) for p in (self.root / PROGRESS_DIR / split).glob("*.json")),
+                             key=lambda r: r["row_start"]) if (self.root / PROGRESS_DIR / split).is_dir() else []
+            covered = 0
+            for r in records:
+                if r["row_start"] != covered:
+                    raise CacheFormatError(f"{self.root}: split {split} has no shard for rows from {covered}; "
+                                           "rerun `kdcache cache` to finish the build")
+                covered += r["rows"]
+            if covered != info["rows"]:
+                raise CacheFormatError(f"{self.root}: split {split} has {covered} of {info['rows']} rows written; "
+                                       "rerun `kdcache cache` to finish the build")
+            shards = [{k: r[k] for k in ("name", "row_start", "rows", "parquet", "bytes", "sha256", "features")
+                       if k in r} for r in records]
+            out_splits[split] = {**info, "shards": shards, "stats": summarise([r["stats"] for r in records])}
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kdcache_version": __version__,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **self.header, "splits": out_splits,
+            "totals": {"rows": sum(s["rows"] for s in out_splits.values()),
+                       "bytes": sum(sh["bytes"] + sh.get("features", {}).get("bytes", 0)
+                                    for s in out_splits.values() for sh in s["shards"])},
+        }
+        write_json_atomic(self.root / MANIFEST, manifest)
+        shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
+        fsync_dir(self.root)
+        self.complete = True
+        return manifest
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._pool is not None:
+                if exc[0] is None:
+                    self.flush()
+                self._pool.shutdown(wait=True)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None

@@ -1,0 +1,44 @@
+"""Shared fixtures: a small real cache built once per session from the `tiny` pipeline (BBC News rows, a
+2-layer BERT teacher built from a config, fine-tuned for a few steps), plus helpers to build variants."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from kdcache.capture import build_teacher_cache  # noqa: E402
+from kdcache.config import load_pipeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# Smaller than the shipped tiny pipeline so each build takes about a second.
+FAST = ["tasks.topic.data.limit=60", "tasks.topic.teacher.finetune.epochs=2",
+        "tasks.topic.cache.shard_rows=25", "tasks.topic.cache.batch_size=8", "tasks.topic.cache.sort_window=2"]
+
+
+def tiny_pipeline(*overrides: str):
+    return load_pipeline(str(REPO / "pipelines" / "tiny" / "pipeline.yaml"), [*FAST, *overrides])
+
+
+def build(tmp: Path, *overrides: str, teachers: Path | None = None, overwrite: bool = False, out: Path | None = None):
+    """Build the tiny cache under tmp/cache (teachers under `teachers` or tmp/teachers); returns (out, manifest)."""
+    pipeline = tiny_pipeline(*overrides)
+    out = out or tmp / "cache"
+    manifest = build_teacher_cache(pipeline, "topic", out, teachers or tmp / "teachers", overwrite=overwrite)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def teachers_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, teachers_dir) -> Path:
+    """A finished tiny cache (do not modify it: copy it first)."""
+    out, _ = build(tmp_path_factory.mktemp("tiny"), teachers=teachers_dir)
+    return out

@@ -1,0 +1,84 @@
+"""Configs: every shipped YAML parses, misspelled keys name the key, the file and the closest valid key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdcache.config import ConfigError, PipelineConfig, config_reference, load_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINES = sorted(p.parent.name for p in (REPO / "pipelines").glob("*/pipeline.yaml"))
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_shipped_pipeline_parses(name):
+    cfg = load_pipeline(name)
+    assert isinstance(cfg, PipelineConfig) and cfg.name == name and cfg.tasks
+    first = (REPO / "pipelines" / name / "pipeline.yaml").read_text().splitlines()[0]
+    assert first.startswith("#"), "each pipeline YAML starts with a comment saying what it is and how to run it"
+
+
+def write(tmp_path, text):
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """name: t
+tasks:
+  a:
+    data: {source: bbc_news}
+    teacher: {model: x}
+"""
+
+
+def test_misspelled_key_names_key_file_and_closest(tmp_path):
+    p = write(tmp_path, BASE + "    cache: {max_lenght: 12}\n")
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and "`tasks.a.cache.max_lenght`" in msg and "did you mean `tasks.a.cache.max_length`" in msg
+
+
+def test_wrong_type_and_missing_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"tasks\.a\.cache\.batch_size` must be int"):
+        load_pipeline(str(write(tmp_path, BASE + "    cache: {batch_size: many}\n")))
+    with pytest.raises(ConfigError, match=r"missing required key `tasks\.a\.teacher`"):
+        load_pipeline(str(write(tmp_path, "name: t\ntasks:\n  a:\n    data: {source: bbc_news}\n")))
+
+
+def test_dotted_overrides_are_validated(tmp_path):
+    p = write(tmp_path, BASE)
+    cfg = load_pipeline(str(p), ["tasks.a.cache.batch_size=7", "tasks.a.cache.features.layers=[1, -1]"])
+    assert cfg.tasks["a"].cache.batch_size == 7 and cfg.tasks["a"].cache.features.layers == (1, -1)
+    with pytest.raises(ConfigError, match=r"with --set overrides.*did you mean `tasks\.a\.cache\.batch_size`"):
+        load_pipeline(str(p), ["tasks.a.cache.batchsize=7"])
+
+
+def test_env_expansion(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDC_TEST_DIR", "/somewhere")
+    cfg = load_pipeline(str(write(tmp_path, BASE.replace("{source: bbc_news}",
+                                                         "{source: sst2, path: '${KDC_TEST_DIR}/sst2'}"))))
+    assert cfg.tasks["a"].data.path == "/somewhere/sst2"
+
+
+def test_unknown_pipeline_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"known pipelines: .*default.*tiny"):
+        load_pipeline("no-such-pipeline")
+
+
+def test_configuration_doc_is_up_to_date():
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    assert config_reference() in doc, "regenerate with: .venv/bin/kdcache config --reference > docs/configuration.md"
+
+
+def test_help_explains_every_command():
+    out = subprocess.run([sys.executable, "-m", "kdcache.cli", "--help"], capture_output=True, text=True).stdout
+    for cmd in ("cache", "teacher-finetune", "verify", "info", "config"):
+        assert cmd in out
+        sub = subprocess.run([sys.executable, "-m", "kdcache.cli", cmd, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and len(sub.stdout) > 200
