@@ -15,7 +15,7 @@ KDCACHE    := $(BIN)/kdcache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install teacher-finetune teacher-cache verify info test clean-cache
+.PHONY: help install teacher-finetune teacher-cache train-student report verify info test clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t22
@@ -35,6 +35,12 @@ teacher-finetune: install  ## fine-tune the pipeline's teachers that need it (in
 teacher-cache: install  ## stage one: run the teacher once, write data/cache/$(PIPELINE)/ and verify it
 	$(KDCACHE) cache $(PIPELINE) --out data/cache/$(PIPELINE)
 	$(KDCACHE) verify data/cache/$(PIPELINE)
+
+train-student: install  ## stage two: train the pipeline's students (STUDENTS=a,b) from the cache, then report
+	$(KDCACHE) train $(PIPELINE) $(if $(STUDENTS),--students $(STUDENTS))
+
+report: install  ## rebuild data/runs/$(PIPELINE)/report.md and report.png
+	$(KDCACHE) report $(PIPELINE)
 
 verify: install  ## re-check every checksum of data/cache/$(PIPELINE)/
 	$(KDCACHE) verify data/cache/$(PIPELINE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +61,28 @@ def shard_table(rows: dict[str, list], out: TeacherOutputs, row_start: int, sche
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def shard_stats(labels: np.ndarray, out: TeacherOutputs) -> dict[str, Any]:
+def shard_stats(labels: np.ndarray, out: TeacherOutputs, seconds: float) -> dict[str, Any]:
     """Sums that add up across shards (so stats survive resumes)."""
     z = out.logits - out.logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     entropy = -(np.exp(logp) * logp).sum(1)
     labelled = labels >= 0
-    return {"rows": int(len(labels)), "labelled": int(labelled.sum()),
+    return {"rows": int(len(labels)), "labelled": int(labelled.sum()), "seconds": float(seconds),
             "correct": int((out.logits.argmax(1)[labelled] == labels[labelled]).sum()),
             "entropy_sum": float(entropy.sum()), "truncated": int(out.truncated.sum()),
             "tokens_sum": int(out.num_tokens.sum()), "max_tokens": int(out.num_tokens.max(initial=0))}
 
 
 def summarise(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    tot = {k: sum(s[k] for s in stats) for k in ("rows", "labelled", "correct", "entropy_sum", "truncated", "tokens_sum")}
+    tot = {k: sum(s[k] for s in stats)
+           for k in ("rows", "labelled", "correct", "entropy_sum", "truncated", "tokens_sum", "seconds")}
     rows = max(tot["rows"], 1)
     return {"rows": tot["rows"], "labelled_rows": tot["labelled"],
             "teacher_accuracy": tot["correct"] / tot["labelled"] if tot["labelled"] else None,
             "mean_entropy_nats": tot["entropy_sum"] / rows, "truncated_rows": tot["truncated"],
-            "mean_tokens": tot["tokens_sum"] / rows, "max_tokens": max((s["max_tokens"] for s in stats), default=0)}
+            "mean_tokens": tot["tokens_sum"] / rows, "max_tokens": max((s["max_tokens"] for s in stats), default=0),
+            # teacher forward + tokenisation only (not I/O); resumed shards count their original time
+            "teacher_rows_per_s": tot["rows"] / tot["seconds"] if tot["seconds"] else None}
 
 
 def fingerprint_inputs(task_name: str, task: C.TaskConfig, data: TaskData, identity: dict, tokenizer: Any,
@@ -129,10 +133,12 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
             with progress(sum(b - a for _, a, b in todo), desc=f"cache {task_name}/{split}") as bar:
                 for index, start, stop in todo:
                     rows = ds[start:stop]
+                    t0 = time.perf_counter()
                     out = runner.run(rows[fields[0]], rows[fields[1]] if len(fields) > 1 else None,
                                      on_batch=bar.update, row_ids=rows["id"])
+                    stats = shard_stats(np.asarray(rows["label"]), out, time.perf_counter() - t0)
                     writer.submit(split, index, start, shard_table(rows, out, start, schema, fields),
-                                  out.features or None, shard_stats(np.asarray(rows["label"]), out))
+                                  out.features or None, stats)
         return writer.commit({s: {"rows": len(ds), "dataset_sha256": inputs["data"]["splits"][s]}
                               for s, ds in data.splits.items()}, summarise)
 

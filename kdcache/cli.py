@@ -25,6 +25,8 @@ examples:
   kdcache cache default                       # fine-tune the teacher if needed, cache every task
   kdcache cache tiny --out /tmp/c --limit 100 # quick run on 100 rows per split
   kdcache cache default --set tasks.sentiment.cache.batch_size=32
+  kdcache train default                       # stage two: every student + hard-label twins, then the report
+  kdcache train default --students bilstm --teacher live   # online KD with the live teacher, for comparison
   kdcache verify data/cache/default           # re-check every checksum; exit 1 naming the bad shard
   kdcache info data/cache/default --json
 """
@@ -78,6 +80,41 @@ def cmd_finetune(args) -> int:
             continue
         folder = finetune_teacher(t, task, load_task_data(task.data), args.teachers_dir / pipeline.name / t)
         print(f"task {t}: teacher ready in {folder}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .report import build_report
+    from .trainer import train_task
+    pipeline, _ = _load(args)
+    students = args.students.split(",") if args.students else list(pipeline.students)
+    unknown = [s for s in students if s not in pipeline.students]
+    if unknown or not students:
+        raise SystemExit(f"kdcache: error: pipeline {pipeline.name!r} has no student(s) {unknown or ''} "
+                         f"(students: {', '.join(pipeline.students) or 'none: add a `students:` section'})")
+    cache_root = args.cache or Path("data/cache") / pipeline.name
+    runs_dir = args.runs or Path("data/runs") / pipeline.name
+    by_task: dict[str, list[str]] = {}
+    for s in students:
+        by_task.setdefault(pipeline.student_task(s), []).append(s)
+    for task, names in by_task.items():
+        for r in train_task(pipeline, task, names, str(cache_root / task), runs_dir, teacher=args.teacher,
+                            teachers_dir=args.teachers_dir):
+            t = r.get("test", {})
+            print(f"{r['run']:<24} test acc {t.get('accuracy', float('nan')):.4f}  macro-F1 "
+                  f"{t.get('macro_f1', float('nan')):.4f}  agreement {t.get('agreement', float('nan')):.4f}  "
+                  f"{r['parameters']:,} params  {r['train_seconds']:.1f} s")
+    print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .config import load_pipeline
+    from .report import build_report
+    pipeline = load_pipeline(args.pipeline, args.overrides)
+    runs_dir = args.runs or Path("data/runs") / pipeline.name
+    cache_root = args.cache or Path("data/cache") / pipeline.name
+    print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
     return 0
 
 
@@ -165,6 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p)
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("train", help="stage two: train the pipeline's students from the cache, then report",
+                       description="Train every student the pipeline lists (or --students a,b) from "
+                                   "data/cache/<pipeline>/<task>/, one pass over the cache per epoch feeding all "
+                                   "students of a task (and their hard-label twins). Runs go to "
+                                   "data/runs/<pipeline>/<run>/ (config, cache fingerprint, metrics.json, checkpoint); "
+                                   "report.md and report.png compare them with the teacher. The teacher is never "
+                                   "loaded, unless --teacher live (online KD, for comparison). Multi-GPU/multi-node: "
+                                   "`accelerate launch -m kdcache.cli train ...`.")
+    _pipeline_args(p)
+    p.add_argument("--students", default=None, metavar="A,B", help="comma-separated student names (default: all)")
+    p.add_argument("--cache", type=Path, default=None, help="cache root (default: data/cache/<pipeline>)")
+    p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
+    p.add_argument("--teacher", choices=("cache", "live"), default="cache",
+                   help="targets from the cache (default) or from the live teacher every step (online KD)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="rebuild report.md and report.png from the run directories",
+                       description="Rebuild data/runs/<pipeline>/report.md and report.png from every run's "
+                                   "metrics.json and the teacher's cached test logits.")
+    p.add_argument("pipeline", help="pipeline name or YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted key (repeatable)")
+    p.add_argument("--cache", type=Path, default=None, help="cache root (default: data/cache/<pipeline>)")
+    p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("verify", help="re-check every checksum, row count and schema of a cache",
                        description="Re-check a cache (or every task cache under a pipeline's folder) against its "
                                    "manifest: sizes, sha256 checksums, row counts, Parquet schema, Zarr arrays, and "
@@ -198,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .fingerprint import FingerprintError
+    from .reader import CacheMismatchError  # noqa: F401  (a CacheFormatError)
     from .teacher import TeacherError
     try:
         return args.func(args)

@@ -114,16 +114,83 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class FeatureLossConfig:
+    """One student-layer -> teacher-layer feature distillation term."""
+
+    teacher_layer: int = _f(help="Cached teacher hidden-state index (one of the cache's `features.layers`).")
+    student_layer: int = _f(-1, help="Index into the student's hidden representations (-1 = last).")
+    kind: str = _f("mse", help="`mse` or `cosine`; a learned linear projection maps student width to teacher width.")
+    weight: float = _f(1.0, help="Weight of this term in the total loss.")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The student's training loss: alpha * hard-label CE + (1 - alpha) * KD, plus feature terms."""
+
+    kind: str = _f("kl", help="KD loss: `kl` (forward KL), `reverse_kl`, `jsd`, `soft_ce` or `mse` (on logits).")
+    temperature: float = _f(2.0, help="Softening temperature, applied at training time; KL-type losses are scaled by T².")
+    alpha: float = _f(0.5, help="Weight of the hard-label loss on labelled rows (1 = hard labels only).")
+    beta: float = _f(0.5, help="Teacher weight of the generalised Jensen-Shannon divergence (kind `jsd`).")
+    features: tuple[FeatureLossConfig, ...] = _f((), help="Feature distillation terms (needs cached features).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How students are trained (shared by every student of a pipeline, so one pass feeds them all)."""
+
+    epochs: int = _f(3, help="Passes over the cached training split.")
+    batch_size: int = _f(32, help="Rows per optimisation step (per process).")
+    learning_rate: float = _f(2.0e-3, help="Peak AdamW learning rate (a student may override it).")
+    weight_decay: float = _f(0.01, help="AdamW weight decay.")
+    warmup_ratio: float = _f(0.1, help="Fraction of steps with linear warm-up, then linear decay to 0.")
+    grad_clip: float = _f(1.0, help="Clip the gradient norm to this (0 = off).")
+    max_length: int = _f(128, help="Student max tokens per example.")
+    seed: int = _f(0, help="Seed for initialisation and data order (runs are reproducible).")
+    shuffle_buffer: int = _f(2048, help="Rows in the reader's shuffle buffer (on top of shard/row-group shuffling).")
+    num_workers: int = _f(0, help="DataLoader worker processes reading the cache.")
+    mixed_precision: str = _f("no", help="`no`, `fp16` or `bf16` (GPU only; accelerate's autocast).")
+    train_split: str = _f("train", help="Cached split to train on.")
+    eval_split: str = _f("validation", help="Cached split for per-epoch evaluation and best-checkpoint choice.")
+    test_split: str | None = _f("test", help="Cached split for the final report (null: none).")
+    loss: LossConfig = _f(LossConfig(), help="Default loss for every student.")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """One student architecture, trained from a task's cache."""
+
+    arch: str = _f(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`.")
+    task: str | None = _f(None, help="Task whose cache it learns from (default: the pipeline's only task).")
+    tokenizer: str = _f("words", help="`words` (a word vocabulary built from the cached training text) or a "
+                                      "`transformers` tokenizer (hub name, folder or `pkg:`).")
+    vocab_size: int = _f(20000, help="Words kept by the `words` tokenizer (most frequent first).")
+    params: dict[str, Any] = _f({}, help="Architecture settings (see docs/students.md), e.g. `{hidden: 128}`.")
+    learning_rate: float | None = _f(None, help="Overrides train.learning_rate for this student.")
+    loss: LossConfig | None = _f(None, help="Overrides train.loss for this student.")
+    twin: bool = _f(True, help="Also train a hard-label-only twin (`<name>-hard`) to show the gain from KD.")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
-    """A pipeline: named tasks, each cached under data/cache/<pipeline>/<task>/."""
+    """A pipeline: named tasks, each cached under data/cache/<pipeline>/<task>/, and the students trained on them."""
 
     name: str = _f(help="Pipeline name (folder names under data/ use it).")
     tasks: dict[str, TaskConfig] = _f(help="Task name -> task settings.")
     description: str = _f("", help="One line on what the pipeline is for.")
+    students: dict[str, StudentConfig] = _f({}, help="Student name -> student settings (stage two).")
+    train: TrainConfig = _f(TrainConfig(), help="Training settings shared by the students.")
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ConfigError(f"pipeline {self.name!r}: `tasks` is empty; add at least one task")
+        for name, st in self.students.items():
+            task = st.task or (next(iter(self.tasks)) if len(self.tasks) == 1 else None)
+            if task not in self.tasks:
+                raise ConfigError(f"pipeline {self.name!r}: `students.{name}.task` must name one of the tasks "
+                                  f"({', '.join(self.tasks)})")
+
+    def student_task(self, student: str) -> str:
+        return self.students[student].task or next(iter(self.tasks))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -261,7 +328,7 @@ def to_dict(cfg: Any) -> Any:
 def config_reference(classes: typing.Sequence[type] | None = None) -> str:
     """Markdown reference of every config field, from the dataclasses' help lines."""
     classes = classes or [PipelineConfig, TaskConfig, DataConfig, TeacherConfig, FinetuneConfig,
-                          CacheConfig, FeaturesConfig]
+                          CacheConfig, FeaturesConfig, StudentConfig, TrainConfig, LossConfig, FeatureLossConfig]
     out = []
     for cls in classes:
         out += [f"## `{cls.__name__}`", "", (cls.__doc__ or "").strip(), "",

@@ -88,7 +88,8 @@ def model_identity(model: torch.nn.Module, name: str, revision: str | None) -> d
         weights = hash_state_dict(model.state_dict())
     commit = getattr(model.config, "_commit_hash", None)
     return {"name": name, "revision": revision or commit, "weights_sha256": weights,
-            "class": type(model).__name__, "num_labels": getattr(model.config, "num_labels", None)}
+            "class": type(model).__name__, "num_labels": getattr(model.config, "num_labels", None),
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def pick_device(device: str) -> torch.device:

@@ -217,7 +217,9 @@ class CacheWriter:
                                   "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in features.items()}}
         rel = parquet_relpath(split, index)
         _write_parquet(self.root / rel, table, self.row_group_rows)
-        record.update(parquet=rel, bytes=(self.root / rel).stat().st_size, sha256=hash_file(self.root / rel))
+        meta = pq.ParquetFile(self.root / rel).metadata
+        record.update(parquet=rel, bytes=(self.root / rel).stat().st_size, sha256=hash_file(self.root / rel),
+                      row_groups=[meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
         rec_path = self._record_path(split, index)
         rec_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(rec_path, record)
@@ -247,7 +249,7 @@ class CacheWriter:
             if covered != info["rows"]:
                 raise CacheFormatError(f"{self.root}: split {split} has {covered} of {info['rows']} rows written; "
                                        "rerun `kdcache cache` to finish the build")
-            shards = [{k: r[k] for k in ("name", "row_start", "rows", "parquet", "bytes", "sha256", "features")
+            shards = [{k: r[k] for k in ("name", "row_start", "rows", "row_groups", "parquet", "bytes", "sha256", "features")
                        if k in r} for r in records]
             out_splits[split] = {**info, "shards": shards, "stats": summarise([r["stats"] for r in records])}
         manifest = {

@@ -1,0 +1,216 @@
+"""Streaming reader: a torch IterableDataset over one split of a cache, local or at an fsspec URL.
+
+Work is planned in row groups (the manifest lists them, so no footer is read up front). Each epoch the row
+groups are permuted with a seed (shard and row-group order at once), dealt round-robin to every (process,
+DataLoader worker) pair — so each row is read exactly once per epoch across all of them — and their rows pass
+through a seeded shuffle buffer. Memory holds one row group plus the buffer, whatever the cache's size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+from .cache.format import MANIFEST, CacheFormatError, read_manifest
+from .fingerprint import diff_fields
+
+
+class CacheMismatchError(CacheFormatError):
+    """The cache was built for other data, another task or another label set than the student expects."""
+
+
+def open_manifest(url: str) -> tuple[Any, str, dict[str, Any]]:
+    """(filesystem, root path, checked manifest) for a local path or fsspec URL such as s3://bucket/cache."""
+    fs, root = fsspec.core.url_to_fs(str(url))
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{MANIFEST}"):
+        raise CacheFormatError(f"{url}: no {MANIFEST}; not a finished kdcache cache (build it with `kdcache cache`)")
+    if _is_local(fs):
+        return fs, root, read_manifest(root)
+    import tempfile  # remote: same checks on a local copy of the small manifest
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(f"{root}/{MANIFEST}", os.path.join(tmp, MANIFEST))
+        return fs, root, read_manifest(tmp)
+
+
+def _is_local(fs: Any) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
+def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+    """Refuse a cache whose task, head, labels or data config differ from what the student's pipeline expects."""
+    got = {"task": manifest["task"], "head": manifest["head"], "label_names": manifest["label_names"],
+           "data": manifest.get("config", {}).get("data")}
+    wanted = {k: v for k, v in expect.items() if v is not None}
+    changed = diff_fields({k: got.get(k) for k in wanted}, wanted)
+    if changed:
+        detail = "; ".join(f"{k}: cache has {_dig(got, k)!r}, pipeline expects {_dig(wanted, k)!r}" for k in changed[:4])
+        raise CacheMismatchError(f"{where}: cache was built for other data or labels than this student expects "
+                                 f"({detail}); rebuild the cache for this pipeline with `kdcache cache`")
+
+
+def _dig(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group: the smallest piece of work a worker reads."""
+
+    shard: int
+    row_group: int
+    start: int  # first row inside the shard
+    rows: int
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed when initialised, else accelerate's env vars."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class CacheDataset(torch.utils.data.IterableDataset):
+    """Rows of one cached split: dicts with `row_id`, `id`, the text field(s), `label` (-1 = none),
+    `logits` [C] float32 and, when asked, `features` {layer_j: [H] float32}.
+
+    shuffle: permute row groups per epoch and pass rows through a `shuffle_buffer`-row buffer, seeded by
+    (seed, epoch, rank, worker) so the same seed gives the same order. rank/world_size default to the running
+    process group. Call `set_epoch(e)` before each epoch.
+    """
+
+    def __init__(self, url: str, split: str, *, shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 2048,
+                 feature_layers: tuple[int, ...] = (), expect: dict[str, Any] | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__()
+        self.url = str(url)
+        self.fs, self.root, self.manifest = open_manifest(self.url)
+        if expect:
+            check_expected(self.manifest, expect, self.url)
+        if split not in self.manifest["splits"]:
+            raise CacheFormatError(f"{self.url}: no split {split!r} (splits: {', '.join(self.manifest['splits'])})")
+        self.split = split
+        self.shards = self.manifest["splits"][split]["shards"]
+        self.num_rows = self.manifest["splits"][split]["rows"]
+        self.text_fields = tuple(self.manifest["text_fields"])
+        self.shuffle, self.seed, self.buffer = shuffle, seed, max(1, shuffle_buffer)
+        self.feature_layers = tuple(feature_layers)
+        have = (self.manifest.get("features") or {}).get("layers", [])
+        missing = [j for j in self.feature_layers if j not in have]
+        if missing:
+            raise CacheFormatError(f"{self.url}: teacher layer(s) {missing} are not cached (cached: {have or 'none'}); "
+                                   "change the feature loss or rebuild the cache with cache.features.layers")
+        if (self.manifest.get("features") or {}).get("pooling") == "tokens" and self.feature_layers:
+            raise CacheFormatError(f"{self.url}: per-token features cannot feed a sequence-level feature loss yet")
+        self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
+        self.epoch = 0
+        self.units = [Unit(i, g, sum(sh["row_groups"][:g]), n)
+                      for i, sh in enumerate(self.shards) for g, n in enumerate(sh["row_groups"])]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_units(self, worker: int = 0, num_workers: int = 1) -> list[Unit]:
+        """This (rank, worker)'s row groups for the current epoch, in reading order."""
+        order = np.arange(len(self.units))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.units))
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        return [self.units[i] for i in order[slot::slots]]
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _read_unit(self, u: Unit) -> dict[str, Any]:
+        shard = self.shards[u.shard]
+        path = f"{self.root}/{shard['parquet']}"  # read_manifest refused names outside the cache
+        try:
+            with self.fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(u.row_group)
+        except (OSError, ValueError) as e:
+            raise CacheFormatError(f"{path} (split {self.split}): cannot read row group {u.row_group}: {e}; "
+                                   "run `kdcache verify` on the cache") from None
+        if table.num_rows != u.rows:
+            raise CacheFormatError(f"{path}: row group {u.row_group} has {table.num_rows} rows, manifest says "
+                                   f"{u.rows}; the shard changed since it was written: run `kdcache verify`")
+        cols = {
+            "row_id": table.column("row_id").to_numpy(),
+            "id": table.column("id").to_pylist(),
+            **{c: table.column(c).to_pylist() for c in self.text_fields},
+            "label": table.column("label").fill_null(-1).to_numpy().astype(np.int64),
+            "logits": np.asarray(table.column("logits").combine_chunks().values.to_numpy()).reshape(table.num_rows, -1),
+        }
+        if self.feature_layers:
+            group = self._open_features(shard)
+            cols["features"] = {f"layer_{j}": np.asarray(group[f"layer_{j}"][u.start:u.start + u.rows], np.float32)
+                                for j in self.feature_layers}
+        return cols
+
+    def _open_features(self, shard: dict[str, Any]):
+        rel = shard["features"]["path"]
+        if _is_local(self.fs):
+            return zarr.open_group(f"{self.root}/{rel}", mode="r")
+        from zarr.storage import FsspecStore
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return zarr.open_group(FsspecStore.from_url(f"{protocol}://{self.root}/{rel}", read_only=True,
+                                                    storage_options=getattr(self.fs, "storage_options", None)),
+                               mode="r")
+
+    def _rows(self, units: list[Unit]) -> Iterator[dict[str, Any]]:
+        for u in units:
+            cols = self._read_unit(u)
+            for r in range(u.rows):
+                row = {k: v[r] for k, v in cols.items() if k != "features"}
+                if "features" in cols:
+                    row["features"] = {k: v[r] for k, v in cols["features"].items()}
+                yield row
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rows = self._rows(self.my_units(worker, workers))
+        if not self.shuffle:
+            yield from rows
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
+        buf: list[dict[str, Any]] = []
+        for row in rows:
+            if len(buf) < self.buffer:
+                buf.append(row)
+                continue
+            i = int(rng.integers(len(buf)))
+            yield buf[i]
+            buf[i] = row
+        rng.shuffle(buf)
+        yield from buf
+
+
+def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch rows: texts stay lists; labels [B] int64; logits [B, C] float32; features {name: [B, H]}."""
+    out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0] if k not in ("label", "logits", "features", "row_id")}
+    out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
+    out["label"] = torch.as_tensor(np.array([r["label"] for r in rows], dtype=np.int64))
+    out["logits"] = torch.as_tensor(np.stack([r["logits"] for r in rows]))
+    if "features" in rows[0]:
+        out["features"] = {k: torch.as_tensor(np.stack([r["features"][k] for r in rows])) for k in rows[0]["features"]}
+    return out
+
+
+def read_column(url: str, split: str, column: str) -> list[Any]:
+    """One column of a cached split, in row order (e.g. the training text to build a word vocabulary)."""
+    fs, root, m = open_manifest(url)
+    out: list[Any] = []
+    for shard in m["splits"][split]["shards"]:
+        with fs.open(f"{root}/{shard['parquet']}", "rb") as f:
+            out += pq.read_table(f, columns=[column]).column(column).to_pylist()
+    return out
+

@@ -1,0 +1,100 @@
+"""The comparison report: data/runs/<pipeline>/report.md and report.png, rebuilt from the run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache.format import find_caches, read_manifest
+from .reader import read_column
+from .trainer import classification_metrics
+
+
+def teacher_row(cache: Path, test_split: str) -> dict[str, Any]:
+    """The teacher's line, from the cache alone: test metrics from cached logits, size and speed from the manifest."""
+    m = read_manifest(cache)
+    logits = np.stack(read_column(str(cache), test_split, "logits"))
+    labels = np.array([-1 if y is None else y for y in read_column(str(cache), test_split, "label")])
+    pred = logits.argmax(1)
+    t = m["fingerprint_inputs"]["teacher"]
+    stats = m["splits"][test_split]["stats"]
+    return {"run": f"teacher ({t['name']})", "task": m["task"], "arch": t["class"], "kd": None,
+            "parameters": t.get("parameters"), "test": classification_metrics(pred, labels, pred, len(m["label_names"])),
+            "inference_examples_per_s_cpu": stats.get("teacher_rows_per_s"), "size_bytes": None,
+            "train_seconds": None, "device": m.get("device")}
+
+
+def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/metrics.json"))]
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def build_report(runs_dir: Path, cache_root: Path, test_split: str = "test") -> Path:
+    """Write report.md and report.png under runs_dir comparing the teacher(s) and every student run."""
+    runs = load_runs(runs_dir)
+    if not runs:
+        raise FileNotFoundError(f"{runs_dir}: no */metrics.json; train students first (`kdcache train`)")
+    teachers = {}
+    for c in find_caches(cache_root):
+        try:
+            teachers[read_manifest(c)["task"]] = teacher_row(c, test_split)
+        except (KeyError, FileNotFoundError):
+            continue
+    by_run = {r["run"]: r for r in runs}
+    lines = [f"# Student comparison — {runs_dir.name}", "",
+             "Test split metrics. Agreement = share of test rows where the student's prediction equals the teacher's. "
+             "KD gain = test accuracy of the KD student minus its hard-label twin (same architecture, seed and data). "
+             "CPU speed: examples/s on this machine including tokenisation (teacher: measured during caching, "
+             f"on {next(iter(teachers.values()), {}).get('device', '?')}).", "",
+             "| model | task | params | size MB | test acc | macro-F1 | agreement | CPU ex/s | train s | KD gain |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, t in teachers.items():
+        lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | – | {_fmt(t['test']['accuracy'])} | "
+                     f"{_fmt(t['test']['macro_f1'])} | 1.0000 | {_fmt(t['inference_examples_per_s_cpu'], '.0f')} | – | – |")
+    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
+        test = r.get("test", {})
+        twin = by_run.get(f"{r['run']}-hard")
+        gain = test.get("accuracy") - twin["test"]["accuracy"] if r["kd"] and twin and test.get("accuracy") is not None \
+            else None
+        lines.append(f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | "
+                     f"{r['parameters']:,} | {_fmt((r.get('size_bytes') or 0) / 1e6, '.2f')} | {_fmt(test.get('accuracy'))} | "
+                     f"{_fmt(test.get('macro_f1'))} | {_fmt(test.get('agreement'))} | "
+                     f"{_fmt(r.get('inference_examples_per_s_cpu'), '.0f')} | {_fmt(r['train_seconds'], '.1f')} | "
+                     f"{_fmt(gain, '+.4f')} |")
+    lines += ["", "![accuracy against size and speed](report.png)", ""]
+    out = runs_dir / "report.md"
+    out.write_text("\n".join(lines))
+    _plot(runs, list(teachers.values()), runs_dir / "report.png")
+    return out
+
+
+def _plot(runs: list[dict], teachers: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, xkey, xlabel in ((axes[0], "parameters", "parameters (log)"),
+                             (axes[1], "inference_examples_per_s_cpu", "CPU inference, examples/s (log)")):
+        for r in runs + teachers:
+            x, y = r.get(xkey), (r.get("test") or {}).get("accuracy")
+            if not x or y is None:
+                continue
+            style = {"marker": "*", "s": 220, "c": "black"} if r in teachers else \
+                {"marker": "o" if r["kd"] else "x", "s": 60, "c": "tab:blue" if r["kd"] else "tab:orange"}
+            ax.scatter(x, y, **style)
+            ax.annotate(r["run"].split(" (")[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy vs size (o = KD, x = hard labels, * = teacher)")
+    axes[1].set_title("accuracy vs CPU speed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
