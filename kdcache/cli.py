@@ -257,15 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from .cache.format import CacheFormatError
-    from .config import ConfigError
-    from .data import DataError
-    from .fingerprint import FingerprintError
-    from .reader import CacheMismatchError  # noqa: F401  (a CacheFormatError)
-    from .teacher import TeacherError
+    from .errors import KdcacheError
     try:
         return args.func(args)
-    except (ConfigError, DataError, CacheFormatError, TeacherError, FingerprintError) as e:
+    except KdcacheError as e:
         print(f"kdcache: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from .errors import KdcacheError
 
-class ConfigError(ValueError):
+
+class ConfigError(KdcacheError):
     """A config file or override is wrong; the message names the file and the key."""
 
 

@@ -20,9 +20,10 @@ from typing import Callable
 import datasets
 
 from .config import DataConfig
+from .errors import KdcacheError
 
 
-class DataError(ValueError):
+class DataError(KdcacheError):
     """Input data is missing or malformed; the message names the file, column or row."""
 
 

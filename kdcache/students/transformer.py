@@ -23,6 +23,7 @@ class TransformerParams:
     max_positions: int = 512
     init_from_teacher: str | None = None   # teacher folder (or hub name / pkg:) whose weights initialise the student
     teacher_layers: tuple[int, ...] = ()   # 0-based teacher encoder layers copied into student layers 0, 1, ...
+    freeze_embeddings: bool = False        # keep the word embeddings fixed (cheaper steps; sensible when inherited)
 
 
 def _teacher_state(path: str) -> dict[str, torch.Tensor]:
@@ -40,7 +41,7 @@ class TransformerStudent(Student):
     def __init__(self, p: TransformerParams, vocab_size: int, num_labels: int, pad_id: int) -> None:
         super().__init__()
         import transformers
-        from ..teacher import resolve_model_name
+        from ..resolve import resolve_model_name
         if p.init_from_teacher:
             path = resolve_model_name(p.init_from_teacher)
             conf = transformers.AutoConfig.from_pretrained(path)
@@ -56,6 +57,8 @@ class TransformerStudent(Student):
                 attention_probs_dropout_prob=p.dropout, max_position_embeddings=p.max_positions,
                 pad_token_id=pad_id, num_labels=num_labels)
             self.model = transformers.AutoModelForSequenceClassification.from_config(conf)
+        if p.freeze_embeddings:
+            self.model.get_input_embeddings().weight.requires_grad_(False)
         self.hidden_sizes = [self.model.config.hidden_size] * (self.model.config.num_hidden_layers + 1)
 
     def _init_from(self, teacher: dict[str, torch.Tensor], layers: list[int]) -> None:

@@ -1,0 +1,117 @@
+"""The streaming reader: every row exactly once per epoch across workers and processes, seeded order, bounded
+memory, fsspec URLs, and refusal of a cache built for other data."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kdcache.cache.format import CacheFormatError, parquet_schema
+from kdcache.cache.writer import CacheWriter
+from kdcache.reader import CacheDataset, CacheMismatchError, collate
+
+
+def synthetic_cache(root, rows: int, shard_rows: int = 500, row_group_rows: int = 100, text_len: int = 200):
+    """A real cache written by the real CacheWriter, with random logits instead of a teacher's."""
+    rng = np.random.default_rng(rows)
+    header = {"pipeline": "synthetic", "task": "t", "head": "sequence-classification", "label_names": ["a", "b", "c"],
+              "text_fields": ["text"], "fingerprint": f"synthetic-{rows}", "fingerprint_inputs": {"rows": rows},
+              "features": None, "config": {"data": {"source": "synthetic"}}}
+    schema = parquet_schema(("text",), 3, {})
+    with CacheWriter(root, header, row_group_rows=row_group_rows) as w:
+        for i, start in enumerate(range(0, rows, shard_rows)):
+            n = min(shard_rows, rows - start)
+            logits = rng.normal(size=(n, 3)).astype(np.float32)
+            table = pa.Table.from_pydict({
+                "row_id": np.arange(start, start + n), "id": [f"r{start + k}" for k in range(n)],
+                "text": ["x" * text_len + str(start + k) for k in range(n)],
+                "label": pa.array(rng.integers(-1, 3, n).astype(np.int32), mask=np.zeros(n, bool)),
+                "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), 3),
+                "input_hash": np.zeros(n, np.int64), "num_tokens": np.ones(n, np.int32),
+                "truncated": np.zeros(n, bool)}, schema=schema)
+            w.submit("train", i, start, table, None, {"rows": n})
+        w.commit({"train": {"rows": rows}}, lambda stats: {"rows": sum(s["rows"] for s in stats)})
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return synthetic_cache(tmp_path_factory.mktemp("syn") / "c", rows=1730)
+
+
+def epoch_ids(cache, epoch, seed=0, ranks=2, workers=2, buffer=64):
+    """row_ids seen by every (rank, DataLoader worker) in one epoch, in the order each rank saw them."""
+    seen = []
+    for rank in range(ranks):
+        ds = CacheDataset(cache, "train", shuffle=True, seed=seed, shuffle_buffer=buffer, rank=rank, world_size=ranks)
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=workers, collate_fn=collate)
+        seen.append([int(i) for b in loader for i in b["row_id"]])
+    return seen
+
+
+def test_every_row_exactly_once_across_2_workers_x_2_processes(cache):
+    per_rank = epoch_ids(cache, epoch=0)
+    flat = [i for r in per_rank for i in r]
+    assert sorted(flat) == list(range(1730)), "each row exactly once per epoch"
+    assert set(per_rank[0]).isdisjoint(per_rank[1]) and min(map(len, per_rank)) > 700
+
+
+def test_order_changes_per_epoch_and_repeats_per_seed(cache):
+    e0, e1 = epoch_ids(cache, 0), epoch_ids(cache, 1)
+    assert e0 != e1 and sorted(e0[0] + e0[1]) == sorted(e1[0] + e1[1])
+    assert epoch_ids(cache, 0) == e0, "same seed and epoch, same order"
+    assert epoch_ids(cache, 0, seed=1) != e0
+    plain = [int(i) for b in torch.utils.data.DataLoader(CacheDataset(cache, "train"), batch_size=100,
+                                                          collate_fn=collate) for i in b["row_id"]]
+    assert plain == list(range(1730)), "without shuffle, rows come in cache order"
+
+
+def test_rows_carry_their_own_targets(cache):
+    import pyarrow.parquet as pq
+    ref = pq.read_table(sorted((cache / "train").glob("*.parquet"))[1])
+    by_id = {r["id"]: r for r in CacheDataset(cache, "train", shuffle=True, shuffle_buffer=300)}
+    for k in (0, 17, 499):
+        row = by_id[ref.column("id")[k].as_py()]
+        assert row["text"] == ref.column("text")[k].as_py()
+        np.testing.assert_array_equal(row["logits"], np.array(ref.column("logits")[k].as_py(), np.float32))
+
+
+def peak_bytes(cache, buffer):
+    tracemalloc.start()
+    n = sum(1 for _ in CacheDataset(cache, "train", shuffle=True, shuffle_buffer=buffer))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return n, peak
+
+
+def test_memory_stays_flat_as_the_cache_grows(tmp_path):
+    small = synthetic_cache(tmp_path / "s", rows=2000, text_len=2000)
+    large = synthetic_cache(tmp_path / "l", rows=8000, text_len=2000)
+    n1, p1 = peak_bytes(small, 256)
+    n4, p4 = peak_bytes(large, 256)
+    assert (n1, n4) == (2000, 8000)
+    assert p4 < 1.5 * p1, f"peak {p1 / 1e6:.1f} MB for 1x vs {p4 / 1e6:.1f} MB for 4x: the reader holds too much"
+    assert p4 < 8000 * 2000 / 2, "far less than the cache's text must be held at once"
+
+
+def test_fsspec_url_reads_the_same_rows(cache):
+    local = [r["id"] for r in CacheDataset(cache, "train")]
+    assert [r["id"] for r in CacheDataset(f"file://{cache}", "train")] == local
+
+
+def test_mismatched_cache_is_refused_with_the_field(cache):
+    with pytest.raises(CacheMismatchError, match=r"task: cache has 't', pipeline expects 'sentiment'.*kdcache cache"):
+        CacheDataset(cache, "train", expect={"task": "sentiment"})
+    with pytest.raises(CacheMismatchError, match=r"label_names"):
+        CacheDataset(cache, "train", expect={"label_names": ["neg", "pos"]})
+    with pytest.raises(CacheMismatchError, match=r"data\.source: cache has 'synthetic'"):
+        CacheDataset(cache, "train", expect={"data": {"source": "rotten_tomatoes"}})
+    with pytest.raises(CacheFormatError, match=r"no split 'dev'"):
+        CacheDataset(cache, "dev")
+    with pytest.raises(CacheFormatError, match=r"teacher layer\(s\) \[3\] are not cached"):
+        CacheDataset(cache, "train", feature_layers=(3,))

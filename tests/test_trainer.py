@@ -1,0 +1,108 @@
+"""Stage two end to end on the tiny pipeline: cached KD equals online KD, students learn, mismatches are
+refused, the teacher is never loaded, and the report compares everyone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import FAST, REPO, build, tiny_pipeline
+from kdcache.reader import CacheMismatchError
+from kdcache.report import build_report
+from kdcache.trainer import train_task
+
+STEPS = ["train.epochs=1", "train.batch_size=16", "train.shuffle_buffer=16"]
+
+
+def test_cached_targets_give_the_same_losses_and_weights_as_online_kd(tmp_path, tiny_cache, teachers_dir):
+    """Same seed, same batches: exact cached logits and the live teacher must train the same student."""
+    pipeline = tiny_pipeline(*STEPS, "students.bilstm.twin=false", "students.textcnn.twin=false")
+    seen: dict[str, list[dict]] = {"cache": [], "live": []}
+    for mode in ("cache", "live"):
+        train_task(pipeline, "topic", ["bilstm", "textcnn"], str(tiny_cache), tmp_path / mode, teacher=mode,
+                   teachers_dir=teachers_dir, on_step=lambda run, parts, m=mode: seen[m].append({"run": run, **parts}))
+    assert len(seen["cache"]) == len(seen["live"]) == 2 * 4  # 60 rows / 16 = 4 steps, 2 students
+    for a, b in zip(seen["cache"], seen["live"]):
+        assert a["run"] == b["run"]
+        for key in ("loss", "ce", "kd", "feat0"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
+    for run in ("bilstm", "textcnn"):
+        w_cache = torch.load(tmp_path / "cache" / run / "checkpoint" / "student.pt")
+        w_live = torch.load(tmp_path / "live" / run / "checkpoint" / "student.pt")
+        for k in w_cache:
+            torch.testing.assert_close(w_cache[k], w_live[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny300(tmp_path_factory):
+    """The shipped tiny pipeline's data size (300 rows per split), with a quickly fine-tuned teacher."""
+    tmp = tmp_path_factory.mktemp("t300")
+    out, _ = build(tmp, "tasks.topic.data.limit=300", "tasks.topic.cache.shard_rows=128",
+                   "tasks.topic.teacher.finetune.epochs=3")
+    return out
+
+
+def test_a_student_learns_and_the_run_directory_is_complete(tmp_path, tiny300):
+    pipeline = tiny_pipeline("tasks.topic.data.limit=300", "tasks.topic.cache.shard_rows=128",
+                             "tasks.topic.teacher.finetune.epochs=3", "train.epochs=10")
+    results = {r["run"]: r for r in train_task(pipeline, "topic", ["bow"], str(tiny300), tmp_path)}
+    assert set(results) == {"bow", "bow-hard"}
+    for name, r in results.items():
+        # 5 balanced-ish topics: chance is ~0.2
+        assert r["test"]["accuracy"] > 0.45, (name, r["test"])
+        assert len(r["epochs"]) == 10 and r["best_epoch"] in range(1, 11)
+        run_dir = tmp_path / name
+        assert json.loads((run_dir / "metrics.json").read_text())["test"] == r["test"]
+        assert json.loads((run_dir / "cache.json").read_text())["fingerprint"] == r["cache_fingerprint"]
+        assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint" / "student.pt").is_file()
+        assert r["size_bytes"] == (run_dir / "checkpoint" / "student.pt").stat().st_size
+        assert r["inference_examples_per_s_cpu"] > 0
+    assert results["bow"]["kd"] and not results["bow-hard"]["kd"]
+
+    report = build_report(tmp_path, tiny300.parent)
+    text = report.read_text()
+    for name in ("teacher (from_config)", "bow (bow, KD)", "bow-hard (bow, hard labels)", "KD gain"):
+        assert name in text
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_is_reproducible(tmp_path, tiny_cache):
+    pipeline = tiny_pipeline(*STEPS, "students.bow.twin=false")
+    a = train_task(pipeline, "topic", ["bow"], str(tiny_cache), tmp_path / "a")[0]
+    b = train_task(pipeline, "topic", ["bow"], str(tiny_cache), tmp_path / "b")[0]
+    assert a["epochs"] == b["epochs"] and a["test"] == b["test"]
+
+
+def test_a_cache_of_other_data_is_refused(tmp_path, tiny_cache):
+    pipeline = tiny_pipeline("tasks.topic.data.limit=61", *STEPS)
+    with pytest.raises(CacheMismatchError, match=r"data\.limit: cache has 60, pipeline expects 61"):
+        train_task(pipeline, "topic", ["bow"], str(tiny_cache), tmp_path)
+
+
+def test_stage_two_never_imports_or_loads_the_teacher(tmp_path, tiny_cache):
+    """In a fresh interpreter: train from the cache with model loading booby-trapped, then check the modules."""
+    script = textwrap.dedent(f"""
+        import sys, transformers
+        def trap(*a, **k):
+            raise AssertionError("stage two tried to load a pretrained model")
+        for name in dir(transformers):
+            if name.startswith("AutoModel"):
+                setattr(getattr(transformers, name), "from_pretrained", trap)
+        from kdcache.config import load_pipeline
+        from kdcache.trainer import train_task
+        p = load_pipeline({str(REPO / "pipelines" / "tiny" / "pipeline.yaml")!r},
+                          {FAST!r} + ["train.epochs=1", "students.bow.twin=false"])
+        train_task(p, "topic", ["bow", "bilstm"], {str(tiny_cache)!r}, __import__("pathlib").Path({str(tmp_path)!r}))
+        loaded = sorted(m for m in sys.modules if m in ("kdcache.teacher", "kdcache.capture", "kdcache.finetune"))
+        print("TEACHER_MODULES", loaded)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TEACHER_MODULES []" in proc.stdout
+    assert (tmp_path / "bow" / "metrics.json").is_file()
