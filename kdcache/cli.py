@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -97,14 +98,18 @@ def cmd_train(args) -> int:
     by_task: dict[str, list[str]] = {}
     for s in students:
         by_task.setdefault(pipeline.student_task(s), []).append(s)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, rank 0 reports
     for task, names in by_task.items():
         for r in train_task(pipeline, task, names, str(cache_root / task), runs_dir, teacher=args.teacher,
                             teachers_dir=args.teachers_dir):
+            if not main_process:
+                continue
             t = r.get("test", {})
             print(f"{r['run']:<24} test acc {t.get('accuracy', float('nan')):.4f}  macro-F1 "
                   f"{t.get('macro_f1', float('nan')):.4f}  agreement {t.get('agreement', float('nan')):.4f}  "
                   f"{r['parameters']:,} params  {r['train_seconds']:.1f} s")
-    print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
+    if main_process:
+        print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
     return 0
 
 

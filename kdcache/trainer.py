@@ -4,6 +4,7 @@ task (one read, N optimisers), each with its hard-label twin when asked. The tea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.distributed.algorithms.join import Join
 
 from . import config as C
 from .losses import distillation_loss, feature_loss
@@ -188,7 +190,9 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
                on_step: Callable[[str, dict], None] | None = None) -> list[dict[str, Any]]:
     """Train `students` (all of one task) from `cache` in one pass per epoch; returns each run's metrics."""
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
     train = pipeline.train
+    # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
     accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
     expect = {"task": task, "label_names": None, "data": C.to_dict(pipeline.tasks[task].data)}
     losses = {s: pipeline.students[s].loss or train.loss for s in students}
@@ -220,11 +224,17 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
     for epoch in range(train.epochs):
         train_ds.set_epoch(epoch)
         sums = {r.name: 0.0 for r in runs}
-        n_batches = 0
-        with progress(math.ceil(train_ds.num_rows / accelerator.num_processes),
-                      desc=f"train {task} epoch {epoch + 1}/{train.epochs} ({len(runs)} students)",
-                      disable=not accelerator.is_local_main_process) as bar:
+        n_batches, seen = 0, []
+        # Processes may get unequal numbers of batches (row groups are dealt round-robin): DDP's Join lets the
+        # ones that finish early shadow the others' all-reduces instead of hanging.
+        # (torch's Join directly: accelerate's join_uneven_inputs is a no-op on CPU processes.)
+        ddp = [r.model for r in runs if isinstance(r.model, torch.nn.parallel.DistributedDataParallel)]
+        uneven = Join(ddp) if ddp else contextlib.nullcontext()
+        with uneven, progress(math.ceil(train_ds.num_rows / accelerator.num_processes),
+                              desc=f"train {task} epoch {epoch + 1}/{train.epochs} ({len(runs)} students)",
+                              disable=not accelerator.is_local_main_process) as bar:
             for batch in loader:
+                seen += batch["row_id"].tolist()
                 if live is not None:
                     batch["logits"], feats = live(batch)
                     if layers:
@@ -238,11 +248,15 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
                         on_step(run.name, parts)
                 n_batches += 1
                 bar.update(len(batch["id"]))
+        per_process = gather_object([seen])
+        rows_info = {"train_rows_per_process": [len(x) for x in per_process],
+                     "train_rows_distinct": len(set().union(*map(set, per_process)))}
         for run in runs:
             t0 = time.perf_counter()
             model = accelerator.unwrap_model(run.model).student
             ev = evaluate(model, run.tokenizer, eval_ds, 256, train.max_length, accelerator.device)
-            run.history.append({"epoch": epoch + 1, "train_loss": sums[run.name] / max(1, n_batches), "eval": ev})
+            run.history.append({"epoch": epoch + 1, "train_loss": sums[run.name] / max(1, n_batches), "eval": ev,
+                                **rows_info})
             if run.best is None or (ev[best_key] or 0) > (run.best["eval"][best_key] or 0):
                 run.best = run.history[-1]
                 run.best_state = copy.deepcopy(model.state_dict())

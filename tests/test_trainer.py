@@ -106,3 +106,24 @@ def test_stage_two_never_imports_or_loads_the_teacher(tmp_path, tiny_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TEACHER_MODULES []" in proc.stdout
     assert (tmp_path / "bow" / "metrics.json").is_file()
+
+
+def test_two_processes_read_disjoint_parts_of_the_cache(tmp_path, tiny_cache):
+    """A real 2-process `accelerate launch` (gloo on CPU): every row once per epoch, split between the ranks."""
+    import shutil
+    root = tmp_path / "caches"
+    shutil.copytree(tiny_cache, root / "topic")
+    sets = [a for o in FAST for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "kdcache.cli", "train", str(REPO / "pipelines" / "tiny" / "pipeline.yaml"), "--cache", str(root),
+           "--runs", str(tmp_path / "runs"), "--students", "bow", *sets, "--set", "train.epochs=2",
+           "--set", "students.bow.twin=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "bow" / "metrics.json").read_text())
+    for epoch in metrics["epochs"]:
+        per_process = epoch["train_rows_per_process"]
+        assert len(per_process) == 2 and min(per_process) > 0
+        assert sum(per_process) == epoch["train_rows_distinct"] == 60
+    assert proc.stdout.count("test acc") == 1, "only rank 0 reports"
