@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import config as C
+from . import distributed
 from .cache.format import FORMAT_VERSION, parquet_schema, read_manifest
 from .cache.writer import CacheWriter
 from .data import TaskData, load_task_data
@@ -102,12 +104,19 @@ def fingerprint_inputs(task_name: str, task: C.TaskConfig, data: TaskData, ident
 
 def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Path, teachers_dir: Path,
                         overwrite: bool = False) -> dict[str, Any]:
-    """Cache one task: load data, load the teacher, write every shard not already written, commit."""
+    """Cache one task: load data, load the teacher, write every shard not already written, commit.
+
+    Under `accelerate launch` each process takes the shards dealt to it (the n-th missing shard goes to
+    process n mod N); process 0 prepares the teacher and opens the cache first, and commits the manifest last.
+    """
     task = pipeline.tasks[task_name]
+    dist = distributed.state()
     data = load_task_data(task.data)
-    model, tokenizer, identity = prepare_teacher(pipeline.name, task_name, task, data, teachers_dir)
+    model, tokenizer, identity = distributed.main_first(
+        lambda: prepare_teacher(pipeline.name, task_name, task, data, teachers_dir))
+    device = task.teacher.device if task.teacher.device != "auto" or dist.num_processes == 1 else str(dist.device)
     runner = TeacherRunner(model, tokenizer, task.cache.max_length, task.cache.batch_size, task.cache.sort_window,
-                           task.cache.features, task.teacher.precision, task.teacher.device)
+                           task.cache.features, task.teacher.precision, device)
     inputs = fingerprint_inputs(task_name, task, data, identity, tokenizer, runner)
     fields = task.data.text_fields
     meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": hash_obj(inputs)}
@@ -117,30 +126,50 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
               "fingerprint": meta["fingerprint"], "fingerprint_inputs": inputs, "data_origin": data.origin,
               "features": dict(inputs["features"] or {}, hidden_size=getattr(model.config, "hidden_size", None))
               if runner.layers else None,
-              "config": C.to_dict(task), "device": str(runner.device)}
+              "config": C.to_dict(task), "device": str(runner.device), "processes": dist.num_processes}
 
-    with CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows) as writer:
-        if writer.complete:
-            log.info("%s: already complete with this fingerprint; nothing to do", out_dir)
-            return read_manifest(out_dir)
-        for split, ds in data.splits.items():
-            starts = range(0, len(ds), task.cache.shard_rows)
-            todo = [(i, s, min(s + task.cache.shard_rows, len(ds))) for i, s in enumerate(starts)
-                    if not writer.shard_done(split, i, s, min(s + task.cache.shard_rows, len(ds)) - s)]
-            if len(todo) < len(starts):
-                log.info("%s/%s: %d of %d shards already written; resuming", task_name, split,
-                         len(starts) - len(todo), len(starts))
-            with progress(sum(b - a for _, a, b in todo), desc=f"cache {task_name}/{split}") as bar:
-                for index, start, stop in todo:
-                    rows = ds[start:stop]
-                    t0 = time.perf_counter()
-                    out = runner.run(rows[fields[0]], rows[fields[1]] if len(fields) > 1 else None,
-                                     on_batch=bar.update, row_ids=rows["id"])
-                    stats = shard_stats(np.asarray(rows["label"]), out, time.perf_counter() - t0)
-                    writer.submit(split, index, start, shard_table(rows, out, start, schema, fields),
-                                  out.features or None, stats)
-        return writer.commit({s: {"rows": len(ds), "dataset_sha256": inputs["data"]["splits"][s]}
-                              for s, ds in data.splits.items()}, summarise)
+    def open_writer() -> CacheWriter:
+        return CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows,
+                           role="owner" if dist.is_main_process else "worker").__enter__()
+
+    writer = distributed.main_first(open_writer)
+    try:
+        manifest = _capture(writer, data, runner, task, task_name, schema, inputs, dist, out_dir)
+    except BaseException:
+        writer.__exit__(*sys.exc_info())
+        raise
+    writer.__exit__(None, None, None)
+    return manifest
+
+
+def _capture(writer: CacheWriter, data: TaskData, runner: TeacherRunner, task: C.TaskConfig, task_name: str,
+             schema: pa.Schema, inputs: dict[str, Any], dist: Any, out_dir: Path) -> dict[str, Any]:
+    """The shard loop of build_teacher_cache: this process's missing shards, then the commit."""
+    if distributed.share(writer.complete):
+        log.info("%s: already complete with this fingerprint; nothing to do", out_dir)
+        return read_manifest(out_dir)
+    fields = task.data.text_fields
+    plan = [(split, i, s, min(s + task.cache.shard_rows, len(ds)))
+            for split, ds in data.splits.items() for i, s in enumerate(range(0, len(ds), task.cache.shard_rows))]
+    todo = [p for p in plan if not writer.shard_done(p[0], p[1], p[2], p[3] - p[2])]
+    if len(todo) < len(plan):
+        log.info("%s: %d of %d shards already written; resuming", out_dir, len(plan) - len(todo), len(plan))
+    mine = todo[dist.process_index::dist.num_processes]
+    with progress(sum(b - a for _, _, a, b in mine), desc=f"cache {task_name}",
+                  disable=not dist.is_local_main_process) as bar:
+        for split, index, start, stop in mine:
+            rows = data.splits[split][start:stop]
+            t0 = time.perf_counter()
+            out = runner.run(rows[fields[0]], rows[fields[1]] if len(fields) > 1 else None,
+                             on_batch=bar.update, row_ids=rows["id"])
+            stats = shard_stats(np.asarray(rows["label"]), out, time.perf_counter() - t0)
+            writer.submit(split, index, start, shard_table(rows, out, start, schema, fields),
+                          out.features or None, stats)
+    writer.flush()
+    distributed.barrier()
+    splits = {s: {"rows": len(ds), "dataset_sha256": inputs["data"]["splits"][s]} for s, ds in data.splits.items()}
+    return distributed.main_first(
+        lambda: writer.commit(splits, summarise) if dist.is_main_process else read_manifest(out_dir))
 
 
 def with_limit(pipeline: C.PipelineConfig, limit: int | None) -> C.PipelineConfig:

@@ -154,6 +154,7 @@ class TrainConfig:
     train_split: str = _f("train", help="Cached split to train on.")
     eval_split: str = _f("validation", help="Cached split for per-epoch evaluation and best-checkpoint choice.")
     test_split: str | None = _f("test", help="Cached split for the final report (null: none).")
+    verify: bool = _f(True, help="Re-check every checksum of a local cache before training (~300 MB/s).")
     loss: LossConfig = _f(LossConfig(), help="Default loss for every student.")
 
 

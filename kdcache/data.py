@@ -121,6 +121,17 @@ def _sst2(cfg: DataConfig) -> TaskData:
     return TaskData(splits, ("negative", "positive"), str(root), "id")
 
 
+def _check_utf8(path: Path) -> None:
+    """Text files must be UTF-8; name the line of the first bad byte rather than fail deep inside a parser."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _files(cfg: DataConfig) -> TaskData:
     """Local csv/json/jsonl/parquet files, one per split."""
     if not cfg.files:
@@ -135,7 +146,12 @@ def _files(cfg: DataConfig) -> TaskData:
         if fmt is None:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use csv, tsv, json, jsonl or parquet")
         kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        splits[split] = datasets.load_dataset(fmt, data_files=str(path), split="train", **kw)
+        if fmt != "parquet":
+            _check_utf8(path)
+        try:
+            splits[split] = datasets.load_dataset(fmt, data_files=str(path), split="train", **kw)
+        except ValueError as e:  # datasets' words for an empty or unparsable file
+            raise DataError(f"{path} split `{split}`: no rows could be read ({e}); check the file") from None
     return TaskData(splits, tuple(cfg.label_names), ", ".join(cfg.files.values()))
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .config import FeaturesConfig, TeacherConfig
 from .errors import KdcacheError
+from .failpoints import failpoint
 from .fingerprint import FingerprintError, hash_ids, hash_state_dict, hash_tokenizer, hash_weight_files
 from .resolve import ModelNotFound, resolve_model_name
 
@@ -207,6 +208,7 @@ class TeacherRunner:
                 raise TeacherError(f"teacher produced NaN/inf logits for rows {rows[:10]}; nothing was written. "
                                    "Check the teacher weights, or use precision fp32")
             logits_dev.append((batch, logits))
+            failpoint("teacher-batch")
             for j in self.layers:
                 feats_dev[f"layer_{j}"].append(self._pool(out.hidden_states[j], mask))
             if on_batch:

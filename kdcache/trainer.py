@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.algorithms.join import Join
 
 from . import config as C
+from .cache.format import CacheFormatError
 from .losses import distillation_loss, feature_loss
 from .progress import progress
 from .reader import CacheDataset, collate, read_column
@@ -195,6 +196,12 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
     # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
     accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
     expect = {"task": task, "label_names": None, "data": C.to_dict(pipeline.tasks[task].data)}
+    if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
+        from .cache.verify import verify_cache
+        report = verify_cache(cache)
+        if not report.ok:
+            raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
+    accelerator.wait_for_everyone()
     losses = {s: pipeline.students[s].loss or train.loss for s in students}
     layers = tuple(sorted({f.teacher_layer for s in students for f in losses[s].features}))
     train_ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import build
 from kdcache.cache.format import MANIFEST, PROGRESS_DIR, CacheFormatError, read_manifest
-from kdcache.cache.writer import CacheConflictError
+from kdcache.cache.writer import CacheConflictError, CacheWriteError
 from kdcache.fingerprint import hash_ids, hash_obj, hash_weight_files
 
 
@@ -140,7 +140,7 @@ def test_interrupted_run_resumes_to_the_same_cache(tmp_path, teachers_dir, monke
 
     monkeypatch.setattr(writer, "_write_parquet", crash_on_third)
     out = tmp_path / "b"
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CacheWriteError, match=r"shard-00002 failed: simulated crash.*rerun the same command"):
         build(tmp_path / "b", teachers=teachers_dir, out=out)
     assert not (out / MANIFEST).exists()
     with pytest.raises(CacheFormatError, match="resume"):

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from .. import __version__
+from ..failpoints import failpoint
 from ..fingerprint import diff_fields, hash_file, hash_tree
 from .format import (BUILD_STATE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PROGRESS_DIR, CacheFormatError,
                      features_relpath, fsync_dir, parquet_relpath, parquet_write_options, shard_name, write_json_atomic)
@@ -71,12 +72,17 @@ def acquire_lock(root: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- writing
 
+class CacheWriteError(CacheFormatError):
+    """Writing a shard failed (disk full, permissions, I/O); nothing half-written is trusted."""
+
+
 def _write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         pq.write_table(table, f, **parquet_write_options(table.schema, row_group_rows))
         f.flush()
         os.fsync(f.fileno())
+    failpoint("parquet-written")  # a complete temporary file, not yet renamed
     os.replace(tmp, path)
 
 
@@ -90,6 +96,7 @@ def _write_features(path: Path, features: dict[str, np.ndarray], attrs: dict[str
         a = group.create_array(name, shape=arr.shape, dtype=arr.dtype,
                                chunks=(chunk_rows, *arr.shape[1:]) if arr.ndim > 1 else (chunk_rows,))
         a[...] = arr
+    failpoint("zarr-written")
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -103,12 +110,12 @@ class CacheWriter:
     """
 
     def __init__(self, root: str | Path, header: dict[str, Any], overwrite: bool = False,
-                 row_group_rows: int = 2048, lock: bool = True) -> None:
+                 row_group_rows: int = 2048, role: str = "owner") -> None:
         self.root = Path(root)
         self.header = header
         self.overwrite = overwrite
         self.row_group_rows = row_group_rows
-        self.use_lock = lock
+        self.role = role  # "owner" locks, checks and cleans the folder; a "worker" (another rank) only writes
         self.complete = False  # True when a finished cache with this fingerprint is already there
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
@@ -116,9 +123,11 @@ class CacheWriter:
 
     # -- opening: refuse other settings, resume our own
     def __enter__(self) -> "CacheWriter":
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+        if self.role == "worker":
+            return self
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.use_lock:
-            self._lock = acquire_lock(self.root)
+        self._lock = acquire_lock(self.root)
         try:
             self._check_existing()
             if self.complete:
@@ -131,7 +140,6 @@ class CacheWriter:
         except BaseException:
             self._release()
             raise
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
         return self
 
     def _existing_fingerprint(self) -> tuple[dict | None, str]:
@@ -154,6 +162,8 @@ class CacheWriter:
             return
         if old.get("fingerprint") == self.header["fingerprint"]:
             self.complete = what == "finished cache"
+            if self.complete:  # a run killed right after its commit leaves its progress records behind
+                shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
             return
         if self.overwrite:
             for p in self.root.iterdir():
@@ -165,9 +175,9 @@ class CacheWriter:
             f"{self.root}: holds a {what} built with other settings (changed: {', '.join(changed) or 'unknown'}); "
             "pass --overwrite to replace it, or choose another --out")
 
-    def _clean_temporaries(self) -> None:
-        """Delete half-written files a killed run left under temporary names (we hold the lock)."""
-        for p in self.root.rglob(".*.tmp-*"):
+    def _clean_temporaries(self, pid: int | None = None) -> None:
+        """Delete half-written files left under temporary names: every process's (we hold the lock), or one's."""
+        for p in self.root.rglob(f".*.tmp-{pid or '*'}"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     # -- shards
@@ -203,6 +213,16 @@ class CacheWriter:
 
     def _write_shard(self, split: str, index: int, row_start: int, table: pa.Table,
                      features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
+        try:
+            self._write_shard_files(split, index, row_start, table, features, stats)
+        except OSError as e:
+            self._clean_temporaries(os.getpid())
+            raise CacheWriteError(
+                f"{self.root}: writing {split}/{shard_name(index)} failed: {e}. Nothing half-written is trusted; "
+                "fix the cause (e.g. free disk space) and rerun the same command to resume") from e
+
+    def _write_shard_files(self, split: str, index: int, row_start: int, table: pa.Table,
+                           features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
         (self.root / split).mkdir(exist_ok=True)
         record: dict[str, Any] = {"name": shard_name(index), "row_start": row_start, "rows": table.num_rows,
                                   "stats": stats}
@@ -210,7 +230,10 @@ class CacheWriter:
             rel = features_relpath(split, index)
             parent = (self.root / rel).parent
             if not (parent / "zarr.json").is_file():  # the split's group, so zarr.open_group lists every shard
-                zarr.open_group(str(parent), mode="a")
+                try:
+                    zarr.open_group(str(parent), mode="a")
+                except zarr.errors.ContainsGroupError:
+                    pass  # another process of a multi-process capture created it first
             _write_features(self.root / rel, features, {"row_start": row_start, "rows": table.num_rows})
             size = sum(p.stat().st_size for p in (self.root / rel).rglob("*") if p.is_file())
             record["features"] = {"path": rel, "bytes": size, "sha256": hash_tree(self.root / rel),
@@ -222,6 +245,7 @@ class CacheWriter:
                       row_groups=[meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
         rec_path = self._record_path(split, index)
         rec_path.parent.mkdir(parents=True, exist_ok=True)
+        failpoint("before-shard-record")
         write_json_atomic(rec_path, record)
 
     def flush(self) -> None:
@@ -260,7 +284,9 @@ class CacheWriter:
                        "bytes": sum(sh["bytes"] + sh.get("features", {}).get("bytes", 0)
                                     for s in out_splits.values() for sh in s["shards"])},
         }
+        failpoint("before-manifest")
         write_json_atomic(self.root / MANIFEST, manifest)
+        failpoint("after-manifest")
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         fsync_dir(self.root)
         self.complete = True
