@@ -93,14 +93,14 @@ def cmd_train(args) -> int:
     if unknown or not students:
         raise SystemExit(f"kdcache: error: pipeline {pipeline.name!r} has no student(s) {unknown or ''} "
                          f"(students: {', '.join(pipeline.students) or 'none: add a `students:` section'})")
-    cache_root = args.cache or Path("data/cache") / pipeline.name
+    cache_root = str(args.cache or Path("data/cache") / pipeline.name).rstrip("/")  # a folder or an fsspec URL
     runs_dir = args.runs or Path("data/runs") / pipeline.name
     by_task: dict[str, list[str]] = {}
     for s in students:
         by_task.setdefault(pipeline.student_task(s), []).append(s)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, rank 0 reports
     for task, names in by_task.items():
-        for r in train_task(pipeline, task, names, str(cache_root / task), runs_dir, teacher=args.teacher,
+        for r in train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
                             teachers_dir=args.teachers_dir):
             if not main_process:
                 continue
@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`accelerate launch -m kdcache.cli train ...`.")
     _pipeline_args(p)
     p.add_argument("--students", default=None, metavar="A,B", help="comma-separated student names (default: all)")
-    p.add_argument("--cache", type=Path, default=None, help="cache root (default: data/cache/<pipeline>)")
+    p.add_argument("--cache", default=None,
+                   help="cache root, a folder or an fsspec URL such as s3://bucket/caches/default "
+                        "(default: data/cache/<pipeline>); set FSSPEC_S3_ENDPOINT_URL for S3-compatible servers")
     p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
     p.add_argument("--teacher", choices=("cache", "live"), default="cache",
                    help="targets from the cache (default) or from the live teacher every step (online KD)")

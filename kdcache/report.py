@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from .cache.format import find_caches, read_manifest
-from .reader import read_column
+from .cache.format import CacheFormatError
+from .reader import open_manifest, read_column
 from .trainer import classification_metrics
 
 
-def teacher_row(cache: Path, test_split: str) -> dict[str, Any]:
+def teacher_row(cache: str, test_split: str) -> dict[str, Any]:
     """The teacher's line, from the cache alone: test metrics from cached logits, size and speed from the manifest."""
-    m = read_manifest(cache)
+    m = open_manifest(cache)[2]
     logits = np.stack(read_column(str(cache), test_split, "logits"))
     labels = np.array([-1 if y is None else y for y in read_column(str(cache), test_split, "label")])
     pred = logits.argmax(1)
@@ -35,17 +35,18 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return "–" if v is None else format(v, spec)
 
 
-def build_report(runs_dir: Path, cache_root: Path, test_split: str = "test") -> Path:
+def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test") -> Path:
     """Write report.md and report.png under runs_dir comparing the teacher(s) and every student run."""
     runs = load_runs(runs_dir)
     if not runs:
         raise FileNotFoundError(f"{runs_dir}: no */metrics.json; train students first (`kdcache train`)")
     teachers = {}
-    for c in find_caches(cache_root):
+    for task in sorted({r["task"] for r in runs}):
+        cache = next((r["cache"] for r in runs if r["task"] == task), f"{cache_root}/{task}")
         try:
-            teachers[read_manifest(c)["task"]] = teacher_row(c, test_split)
-        except (KeyError, FileNotFoundError):
-            continue
+            teachers[task] = teacher_row(cache, test_split)
+        except (KeyError, FileNotFoundError, CacheFormatError):
+            continue  # the cache moved: the report shows the students alone
     by_run = {r["run"]: r for r in runs}
     lines = [f"# Student comparison — {runs_dir.name}", "",
              "Test split metrics. Agreement = share of test rows where the student's prediction equals the teacher's. "
