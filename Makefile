@@ -15,7 +15,7 @@ KDCACHE    := $(BIN)/kdcache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install teacher-finetune teacher-cache train-student report verify info test clean-cache
+.PHONY: help install teacher-finetune teacher-cache train-student report bench verify info test clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t22
@@ -41,6 +41,9 @@ train-student: install  ## stage two: train the pipeline's students (STUDENTS=a,
 
 report: install  ## rebuild data/runs/$(PIPELINE)/report.md and report.png
 	$(KDCACHE) report $(PIPELINE)
+
+bench: install  ## measure overheads, speed-up and storage (QUICK=1 for a smoke check); updates docs/benchmarks.md
+	$(KDCACHE) bench $(PIPELINE) $(if $(QUICK),--quick)
 
 verify: install  ## re-check every checksum of data/cache/$(PIPELINE)/
 	$(KDCACHE) verify data/cache/$(PIPELINE)

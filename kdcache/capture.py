@@ -155,6 +155,7 @@ def _capture(writer: CacheWriter, data: TaskData, runner: TeacherRunner, task: C
     if len(todo) < len(plan):
         log.info("%s: %d of %d shards already written; resuming", out_dir, len(plan) - len(todo), len(plan))
     mine = todo[dist.process_index::dist.num_processes]
+    t_loop = time.perf_counter()
     with progress(sum(b - a for _, _, a, b in mine), desc=f"cache {task_name}",
                   disable=not dist.is_local_main_process) as bar:
         for split, index, start, stop in mine:
@@ -166,10 +167,14 @@ def _capture(writer: CacheWriter, data: TaskData, runner: TeacherRunner, task: C
             writer.submit(split, index, start, shard_table(rows, out, start, schema, fields),
                           out.features or None, stats)
     writer.flush()
+    # this run's wall clock for everything (tokenise, forward, pooling, Parquet + Zarr writes), per process
+    rows_now = sum(b - a for _, _, a, b in mine)
+    capture = {"rows": rows_now, "seconds": round(time.perf_counter() - t_loop, 3)}
     distributed.barrier()
     splits = {s: {"rows": len(ds), "dataset_sha256": inputs["data"]["splits"][s]} for s, ds in data.splits.items()}
     return distributed.main_first(
-        lambda: writer.commit(splits, summarise) if dist.is_main_process else read_manifest(out_dir))
+        lambda: writer.commit(splits, summarise, extra={"capture": capture}) if dist.is_main_process
+        else read_manifest(out_dir))
 
 
 def with_limit(pipeline: C.PipelineConfig, limit: int | None) -> C.PipelineConfig:

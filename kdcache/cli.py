@@ -43,6 +43,13 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="where fine-tuned teachers are kept, as <dir>/<pipeline>/<task>/ (default: data/teachers)")
 
 
+def _runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default=None,
+                   help="cache root, a folder or an fsspec URL such as s3://bucket/caches/default "
+                        "(default: data/cache/<pipeline>); set FSSPEC_S3_ENDPOINT_URL for S3-compatible servers")
+    p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
+
+
 def _load(args):
     from .capture import with_limit
     from .config import load_pipeline
@@ -120,6 +127,12 @@ def cmd_report(args) -> int:
     runs_dir = args.runs or Path("data/runs") / pipeline.name
     cache_root = args.cache or Path("data/cache") / pipeline.name
     print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    run_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc)
     return 0
 
 
@@ -216,11 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loaded, unless --teacher live (online KD, for comparison). Multi-GPU/multi-node: "
                                    "`accelerate launch -m kdcache.cli train ...`.")
     _pipeline_args(p)
+    _runs_args(p)
     p.add_argument("--students", default=None, metavar="A,B", help="comma-separated student names (default: all)")
-    p.add_argument("--cache", default=None,
-                   help="cache root, a folder or an fsspec URL such as s3://bucket/caches/default "
-                        "(default: data/cache/<pipeline>); set FSSPEC_S3_ENDPOINT_URL for S3-compatible servers")
-    p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
     p.add_argument("--teacher", choices=("cache", "live"), default="cache",
                    help="targets from the cache (default) or from the live teacher every step (online KD)")
     p.set_defaults(func=cmd_train)
@@ -231,9 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", help="pipeline name or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted key (repeatable)")
-    p.add_argument("--cache", type=Path, default=None, help="cache root (default: data/cache/<pipeline>)")
-    p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
+    _runs_args(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="measure stage-one/stage-two overheads, loader headroom, speed-up and storage",
+                       description="Measure, side by side in one run: capture vs raw teacher forward, reader vs "
+                                   "student consumption (and reader RSS for caches 1x/4x/16x), KD-from-cache vs "
+                                   "hard-labels-from-memory training, cache vs live-teacher training next to the "
+                                   "ideal speed-up, and bytes per example vs naive layouts. Writes "
+                                   "data/bench/bench-<mode>.json and a section of docs/benchmarks.md.")
+    p.add_argument("pipeline", nargs="?", default="default", help="pipeline to measure (default: default)")
+    p.add_argument("--quick", action="store_true", help="smoke-check sizes (512 rows per split)")
+    p.add_argument("--out", type=Path, default=Path("data/bench"), help="scratch and JSON folder (default: data/bench)")
+    p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"), help="markdown file to update")
+    p.add_argument("--no-doc", action="store_true", help="do not touch the markdown file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("verify", help="re-check every checksum, row count and schema of a cache",
                        description="Re-check a cache (or every task cache under a pipeline's folder) against its "

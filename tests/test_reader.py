@@ -6,36 +6,17 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
-from kdcache.cache.format import CacheFormatError, parquet_schema
-from kdcache.cache.writer import CacheWriter
+from kdcache import bench
+from kdcache.cache.format import CacheFormatError
 from kdcache.reader import CacheDataset, CacheMismatchError, collate
 
 
-def synthetic_cache(root, rows: int, shard_rows: int = 500, row_group_rows: int = 100, text_len: int = 200):
+def synthetic_cache(root, rows: int, text_len: int = 200):
     """A real cache written by the real CacheWriter, with random logits instead of a teacher's."""
-    rng = np.random.default_rng(rows)
-    header = {"pipeline": "synthetic", "task": "t", "head": "sequence-classification", "label_names": ["a", "b", "c"],
-              "text_fields": ["text"], "fingerprint": f"synthetic-{rows}", "fingerprint_inputs": {"rows": rows},
-              "features": None, "config": {"data": {"source": "synthetic"}}}
-    schema = parquet_schema(("text",), 3, {})
-    with CacheWriter(root, header, row_group_rows=row_group_rows) as w:
-        for i, start in enumerate(range(0, rows, shard_rows)):
-            n = min(shard_rows, rows - start)
-            logits = rng.normal(size=(n, 3)).astype(np.float32)
-            table = pa.Table.from_pydict({
-                "row_id": np.arange(start, start + n), "id": [f"r{start + k}" for k in range(n)],
-                "text": ["x" * text_len + str(start + k) for k in range(n)],
-                "label": pa.array(rng.integers(-1, 3, n).astype(np.int32), mask=np.zeros(n, bool)),
-                "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), 3),
-                "input_hash": np.zeros(n, np.int64), "num_tokens": np.ones(n, np.int32),
-                "truncated": np.zeros(n, bool)}, schema=schema)
-            w.submit("train", i, start, table, None, {"rows": n})
-        w.commit({"train": {"rows": rows}}, lambda stats: {"rows": sum(s["rows"] for s in stats)})
-    return root
+    return bench.synthetic_cache(root, rows, shard_rows=500, row_group_rows=100, text_len=text_len, num_labels=3)
 
 
 @pytest.fixture(scope="module")

@@ -182,3 +182,26 @@ def test_two_process_capture_equals_single_process_and_resumes_after_a_rank_dies
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "shards already written; resuming" in resumed.stderr
     assert_same_rows_and_values(tiny_cache, out2 / "topic")
+
+
+def _mount_tmpfs(path, size):
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_real_full_disk_then_more_space_completes_the_cache(tmp_path, tiny_cache, teachers_dir):
+    """A real ENOSPC: the cache folder is a 128 KiB tmpfs; after growing it, the same command finishes."""
+    disk = tmp_path / "disk"
+    if os.geteuid() != 0 or not _mount_tmpfs(disk, "128k"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        out = disk / "cache"
+        with pytest.raises(CacheWriteError, match=r"No space left on device.*rerun the same command to resume"):
+            build(tmp_path, teachers=teachers_dir, out=out)
+        assert not (out / MANIFEST).exists() and not list(out.rglob(".*.tmp-*"))
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        build(tmp_path, teachers=teachers_dir, out=out)
+        assert shard_sums(out) == shard_sums(tiny_cache) and verify_cache(out).ok
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

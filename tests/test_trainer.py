@@ -127,3 +127,19 @@ def test_two_processes_read_disjoint_parts_of_the_cache(tmp_path, tiny_cache):
         assert len(per_process) == 2 and min(per_process) > 0
         assert sum(per_process) == epoch["train_rows_distinct"] == 60
     assert proc.stdout.count("test acc") == 1, "only rank 0 reports"
+
+
+def test_bench_quick_runs_and_reports_every_figure(tmp_path):
+    """A smoke check that `kdcache bench --quick` still runs end to end (speed goals live in its output, not here)."""
+    from kdcache.bench import run_bench
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nhand-written notes stay\n")
+    res = run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc)
+    assert set(res) >= {"stage_one", "loader", "stage_two", "online_kd", "storage"}
+    assert res["stage_one"]["capture_rows_per_s"] > 0 and res["loader"]["headroom"] > 0
+    assert set(res["online_kd"]) == {"bow", "bilstm"}
+    text = doc.read_text()
+    assert "hand-written notes stay" in text and "<!-- bench:quick -->" in text and "online KD" in text
+    run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc)
+    assert doc.read_text().count("<!-- bench:quick -->") == 1, "a rerun replaces its section"
+    assert json.loads((tmp_path / "bench" / "bench-quick.json").read_text())["mode"] == "quick"

@@ -254,7 +254,7 @@ class CacheWriter:
             self._pending.pop(0).result()
 
     # -- commit
-    def commit(self, splits: dict[str, dict[str, Any]], summarise) -> dict[str, Any]:
+    def commit(self, splits: dict[str, dict[str, Any]], summarise, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the manifest from the shards' commit records.
 
         splits: split -> {"rows": int, "dataset_fingerprint": str}; summarise(list of shard stats) -> dict.
@@ -279,13 +279,18 @@ class CacheWriter:
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kdcache_version": __version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **self.header, "splits": out_splits,
+            **self.header, **(extra or {}), "splits": out_splits,
             "totals": {"rows": sum(s["rows"] for s in out_splits.values()),
                        "bytes": sum(sh["bytes"] + sh.get("features", {}).get("bytes", 0)
                                     for s in out_splits.values() for sh in s["shards"])},
         }
         failpoint("before-manifest")
-        write_json_atomic(self.root / MANIFEST, manifest)
+        try:
+            write_json_atomic(self.root / MANIFEST, manifest)
+        except OSError as e:
+            self._clean_temporaries(os.getpid())
+            raise CacheWriteError(f"{self.root}: writing {MANIFEST} failed: {e}. Every shard is written and kept; "
+                                  "fix the cause and rerun the same command to commit the cache") from e
         failpoint("after-manifest")
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         fsync_dir(self.root)

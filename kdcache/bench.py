@@ -1,0 +1,282 @@
+"""`kdcache bench` (`make bench`): speed and storage of the cache, every figure a ratio measured side by side in
+one run on this machine. Writes data/bench/bench-<mode>.json and a dated section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import config as C
+from .cache.format import parquet_schema, read_manifest
+from .cache.writer import CacheWriter
+from .reader import CacheDataset, collate
+
+STUDENTS = {"bow": C.StudentConfig(arch="bow"),
+            "bilstm": C.StudentConfig(arch="bilstm", params={"embed_dim": 100, "hidden": 64, "mlp": 128})}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core {cpu}, {gpu}, torch {torch.__version__}, {platform.system()}"
+
+
+def synthetic_cache(root: Path, rows: int, shard_rows: int = 4096, row_group_rows: int = 2048, text_len: int = 150,
+                    num_labels: int = 2, seed: int = 0) -> Path:
+    """A cache of `rows` random rows (about `text_len` characters of text each) written by the real CacheWriter,
+    for measuring and testing the reader without a teacher. Some labels are null (unlabelled rows)."""
+    rng = np.random.default_rng(seed)
+    names = [chr(ord("a") + i) for i in range(num_labels)]
+    header = {"pipeline": "synthetic", "task": "t", "head": "sequence-classification", "label_names": names,
+              "text_fields": ["text"], "fingerprint": f"synthetic-{rows}", "fingerprint_inputs": {"rows": rows},
+              "features": None, "config": {"data": {"source": "synthetic"}}}
+    schema = parquet_schema(("text",), num_labels, {})
+    with CacheWriter(root, header, overwrite=True, row_group_rows=row_group_rows) as w:
+        for i, start in enumerate(range(0, rows, shard_rows)):
+            n = min(shard_rows, rows - start)
+            words = rng.integers(0, 5000, size=(n, max(1, text_len // 6)))
+            labels = rng.integers(-1, num_labels, n).astype(np.int32)
+            table = pa.Table.from_pydict({
+                "row_id": np.arange(start, start + n), "id": [f"r{start + k}" for k in range(n)],
+                "text": [" ".join(f"w{x:04d}" for x in row) for row in words],
+                "label": pa.array(labels, mask=labels < 0),
+                "logits": pa.FixedSizeListArray.from_arrays(
+                    pa.array(rng.normal(size=num_labels * n).astype(np.float32)), num_labels),
+                "input_hash": np.zeros(n, np.int64), "num_tokens": np.ones(n, np.int32),
+                "truncated": np.zeros(n, bool)}, schema=schema)
+            w.submit("train", i, start, table, None, {"rows": n})
+        w.commit({"train": {"rows": rows}}, lambda stats: {"rows": sum(s["rows"] for s in stats)})
+    return root
+
+
+def _reader_peak_rss_mb(cache: Path) -> float:
+    """Peak RSS of a fresh process that streams the whole cache with shuffling."""
+    code = ("import resource, sys; from kdcache.reader import CacheDataset\n"
+            f"n = sum(1 for _ in CacheDataset({str(cache)!r}, 'train', shuffle=True, shuffle_buffer=2048))\n"
+            "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[1])
+
+
+def _raw_forward_rows_per_s(model, tokenizer, texts: list[str], cfg: C.CacheConfig, device: str) -> float:
+    """The teacher alone: the same length-sorted batches as capture, logits only, nothing kept or written."""
+    from .teacher import TeacherRunner
+    runner = TeacherRunner(model, tokenizer, cfg.max_length, cfg.batch_size, cfg.sort_window, C.FeaturesConfig(),
+                           device=device)
+    pad = tokenizer.pad_token_id or 0
+    t = 0.0
+    for s0 in range(0, len(texts), cfg.shard_rows):
+        ids, _ = runner.tokenize(texts[s0:s0 + cfg.shard_rows])
+        lengths = np.array([len(x) for x in ids])
+        for batch in runner._batches(lengths):
+            width = int(lengths[batch].max())
+            x = torch.full((len(batch), width), pad, dtype=torch.long)
+            m = torch.zeros_like(x)
+            for r, i in enumerate(batch):
+                x[r, :lengths[i]] = torch.as_tensor(ids[i])
+                m[r, :lengths[i]] = 1
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                runner.model(input_ids=x.to(runner.device), attention_mask=m.to(runner.device)).logits.cpu()
+            t += time.perf_counter() - t0
+    return len(texts) / t
+
+
+def _epoch(run, batches, fields, train, acc, targets=None) -> tuple[float, float, float]:
+    """One pass training `run` on `batches` (an iterable: reading counts): (total, student, teacher) seconds."""
+    from .trainer import train_step
+    t_student = t_teacher = 0.0
+    start = time.perf_counter()
+    for b in batches:
+        if targets is not None:
+            t0 = time.perf_counter()
+            b = dict(b, logits=targets(b)[0])
+            t_teacher += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train_step(run, b, fields, train, acc)
+        t_student += time.perf_counter() - t0
+    return time.perf_counter() - start, t_student, t_teacher
+
+
+def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    from .capture import build_teacher_cache, prepare_teacher
+    from .data import load_task_data
+    from .trainer import live_targets, make_run, make_tokenizer
+    rows = 512 if quick else 4096
+    base = C.load_pipeline(pipeline_name)
+    task_name = next(iter(base.tasks))
+    over = [f"tasks.{task_name}.data.limit={rows}"]
+    if base.tasks[task_name].teacher.finetune is not None:  # speed only: a few fine-tuning steps suffice
+        over += [f"tasks.{task_name}.teacher.finetune.limit=64", f"tasks.{task_name}.teacher.finetune.epochs=1"]
+    pipeline = C.load_pipeline(pipeline_name, over)
+    task = pipeline.tasks[task_name]
+    teachers, cache = out_dir / "teachers", out_dir / "cache" / task_name
+    res: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "mode": "quick" if quick else "full",
+                           "pipeline": pipeline_name, "rows_per_split": rows,
+                           "command": f"kdcache bench {pipeline_name}{' --quick' if quick else ''}"}
+
+    # 1. stage-one overhead (from an empty folder: a finished cache would be reused, not re-measured)
+    shutil.rmtree(cache, ignore_errors=True)
+    m = build_teacher_cache(pipeline, task_name, cache, teachers)
+    capture_rps = m["capture"]["rows"] / m["capture"]["seconds"]
+    data = load_task_data(task.data)
+    model, tok, _ = prepare_teacher(pipeline.name, task_name, task, data, teachers)
+    texts = [t for s in data.splits.values() for t in s[task.data.text_fields[0]][:]]
+    raw_rps = _raw_forward_rows_per_s(model, tok, texts, task.cache, task.teacher.device)
+    res["stage_one"] = {"capture_rows_per_s": capture_rps, "raw_forward_rows_per_s": raw_rps,
+                        "ratio": capture_rps / raw_rps, "goal": 0.95}
+
+    # Training figures use whole epochs over the cached train split (the reader's start-up is part of an epoch).
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    train = pipeline.train
+    fields, num_labels = tuple(m["text_fields"]), len(m["label_names"])
+    ds = CacheDataset(cache, "train", shuffle=True, seed=0, shuffle_buffer=train.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(ds, batch_size=train.batch_size, collate_fn=collate)
+    memory = [dict(b, logits=torch.zeros_like(b["logits"])) for b in loader]  # hard labels, already in memory
+    epoch_rows = sum(len(b["id"]) for b in memory)
+
+    def fresh(name: str, loss: C.LossConfig):
+        st = STUDENTS[name]
+        r = make_run(name, name, st, loss, train, make_tokenizer(st, str(cache), "train", fields), num_labels, {},
+                     10**6, Path())
+        r.model, r.optimizer = acc.prepare(r.model, r.optimizer)
+        _epoch(r, memory[:1], fields, train, acc)  # warm-up step
+        return r
+
+    # 2. loader headroom: a full pass of the reader vs what a BiLSTM consumes (its steps on in-memory batches)
+    t0 = time.perf_counter()
+    n_read = sum(len(b["id"]) for b in loader)
+    reader_rps = n_read / (time.perf_counter() - t0)
+    _, t_student, _ = _epoch(fresh("bilstm", train.loss), memory, fields, train, acc)
+    consume_rps = epoch_rows / t_student
+    sizes = [20_000, 80_000, 320_000] if not quick else [5_000, 20_000, 80_000]
+    rss = {f"{n // sizes[0]}x ({n} rows)": _reader_peak_rss_mb(synthetic_cache(out_dir / f"syn-{n}", n)) for n in sizes}
+    res["loader"] = {"reader_rows_per_s": reader_rps, "bilstm_consumes_rows_per_s": consume_rps,
+                     "headroom": reader_rps / consume_rps, "goal": 5.0, "reader_peak_rss_mb": rss}
+
+    # 3. stage-two overhead: KD reading the cache vs hard labels from memory, same student, one epoch each
+    t_mem, _, _ = _epoch(fresh("bilstm", C.LossConfig(alpha=1.0)), memory, fields, train, acc)
+    t_cache, _, _ = _epoch(fresh("bilstm", train.loss), loader, fields, train, acc)
+    res["stage_two"] = {"cache_rows_per_s": epoch_rows / t_cache, "memory_hard_rows_per_s": epoch_rows / t_mem,
+                        "ratio": t_mem / t_cache, "goal": 0.95}
+
+    # 4. speed-up against online KD, per student: one epoch from the cache vs one with the live teacher
+    live = live_targets(pipeline, task_name, teachers, ())
+    res["online_kd"] = {}
+    for name in STUDENTS:
+        t_c, _, _ = _epoch(fresh(name, train.loss), loader, fields, train, acc)
+        t_l, t_s, t_t = _epoch(fresh(name, train.loss), loader, fields, train, acc, targets=live)
+        ideal = (t_t + t_s) / t_s
+        capture = epoch_rows / capture_rps  # stage one, paid once for every epoch and every student
+        res["online_kd"][name] = {
+            "speedup_per_epoch": t_l / t_c, "ideal": ideal, "fraction_of_ideal": (t_l / t_c) / ideal,
+            "speedup_1_epoch_incl_capture": t_l / (t_c + capture),
+            f"speedup_{train.epochs}_epochs_incl_capture": train.epochs * t_l / (train.epochs * t_c + capture),
+            "teacher_ms_per_batch": 1000 * t_t / len(memory), "student_ms_per_step": 1000 * t_s / len(memory)}
+
+    # 5. storage: kdcache vs one torch.save file per sample vs pyarrow defaults
+    train_shards = m["splits"]["train"]["shards"]
+    n = m["splits"]["train"]["rows"]
+    ours_pq = sum(s["bytes"] for s in train_shards)
+    ours_feat = sum(s.get("features", {}).get("bytes", 0) for s in train_shards)
+    table = pa.concat_tables([pq.read_table(cache / s["parquet"]) for s in train_shards])
+    t0 = time.perf_counter()
+    rows_read = sum(len(b["id"]) for b in torch.utils.data.DataLoader(
+        CacheDataset(cache, "train", feature_layers=tuple(m["features"]["layers"]) if m.get("features") else ()),
+        batch_size=64, collate_fn=collate))
+    ours_read = rows_read / (time.perf_counter() - t0)
+    default = out_dir / "pyarrow-default.parquet"
+    pq.write_table(table, default)
+    t0 = time.perf_counter()
+    pq.read_table(default).to_pylist()
+    default_read = n / (time.perf_counter() - t0)
+    per_sample = out_dir / "per-sample"
+    shutil.rmtree(per_sample, ignore_errors=True)
+    per_sample.mkdir(parents=True)
+    feats = {}
+    if m.get("features"):
+        import zarr
+        for j in m["features"]["layers"]:
+            feats[j] = np.concatenate([zarr.open_group(str(cache / s["features"]["path"]), mode="r")[f"layer_{j}"][:]
+                                       for s in train_shards])
+    rowsd = table.to_pylist()
+    for i, r in enumerate(rowsd):
+        torch.save({"text": r["text"], "label": r["label"], "logits": torch.tensor(r["logits"]),
+                    **{f"layer_{j}": torch.from_numpy(f[i]) for j, f in feats.items()}}, per_sample / f"{i}.pt")
+    ps_bytes = sum(p.stat().st_size for p in per_sample.iterdir())
+    t0 = time.perf_counter()
+    for i in range(n):
+        torch.load(per_sample / f"{i}.pt")
+    ps_read = n / (time.perf_counter() - t0)
+    res["storage"] = {"rows": n, "kdcache_bytes_per_example": (ours_pq + ours_feat) / n,
+                      "kdcache_parquet_only_bytes_per_example": ours_pq / n, "kdcache_read_rows_per_s": ours_read,
+                      "pyarrow_default_bytes_per_example_parquet_only": default.stat().st_size / n,
+                      "pyarrow_default_read_rows_per_s_parquet_only": default_read,
+                      "torch_save_per_sample_bytes_per_example": ps_bytes / n, "torch_save_read_rows_per_s": ps_read}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"bench-{res['mode']}.json").write_text(json.dumps(res, indent=1))
+    text = render(res)
+    print(text)
+    if doc is not None:
+        _update_doc(doc, res["mode"], text)
+    return res
+
+
+def render(r: dict[str, Any]) -> str:
+    s1, ld, s2, st = r["stage_one"], r["loader"], r["stage_two"], r["storage"]
+    ok = lambda v, goal, more=True: "meets" if (v >= goal if more else v <= goal) else "MISSES"  # noqa: E731
+    lines = [f"### {r['date']} — `{r['command']}` ({r['mode']} mode, {r['rows_per_split']} rows per split)", "",
+             f"Machine: {r['machine']}.", "",
+             "| figure | measured | goal |", "|---|---|---|",
+             f"| stage-one overhead: capture ÷ raw teacher forward | {s1['ratio']:.3f} ({s1['capture_rows_per_s']:.0f} vs "
+             f"{s1['raw_forward_rows_per_s']:.0f} rows/s) | ≥ 0.95: {ok(s1['ratio'], 0.95)} |",
+             f"| loader headroom: reader ÷ BiLSTM consumption | {ld['headroom']:.1f}× ({ld['reader_rows_per_s']:.0f} vs "
+             f"{ld['bilstm_consumes_rows_per_s']:.0f} rows/s) | ≥ 5×: {ok(ld['headroom'], 5)} |",
+             "| reader peak RSS | " + ", ".join(f"{k}: {v:.0f} MB" for k, v in ld["reader_peak_rss_mb"].items())
+             + " | flat |",
+             f"| stage-two overhead: KD from cache ÷ hard labels from memory | {s2['ratio']:.3f} | ≥ 0.95: "
+             f"{ok(s2['ratio'], 0.95)} |"]
+    for name, o in r["online_kd"].items():
+        ep = next(k for k in o if k.startswith("speedup_") and k.endswith("_epochs_incl_capture"))
+        lines.append(f"| online KD ÷ cache, {name}: one epoch | {o['speedup_per_epoch']:.1f}× (ideal {o['ideal']:.1f}×, "
+                     f"{o['fraction_of_ideal']:.2f} of it; teacher {o['teacher_ms_per_batch']:.0f} ms, student "
+                     f"{o['student_ms_per_step']:.0f} ms) | ≥ 0.95 of ideal: {ok(o['fraction_of_ideal'], 0.95)} |")
+        lines.append(f"| online KD ÷ cache, {name}: with stage one paid | 1 epoch {o['speedup_1_epoch_incl_capture']:.1f}×, "
+                     f"{ep.split('_')[1]} epochs {o[ep]:.1f}× | |")
+    lines += [f"| storage, kdcache (Parquet + Zarr features) | {st['kdcache_bytes_per_example']:.0f} B/example; "
+              f"reads {st['kdcache_read_rows_per_s']:.0f} rows/s | |",
+              f"| storage, kdcache Parquet only vs pyarrow defaults | {st['kdcache_parquet_only_bytes_per_example']:.0f} vs "
+              f"{st['pyarrow_default_bytes_per_example_parquet_only']:.0f} B/example (defaults read "
+              f"{st['pyarrow_default_read_rows_per_s_parquet_only']:.0f} rows/s to Python) | |",
+              f"| storage, one torch.save file per sample | {st['torch_save_per_sample_bytes_per_example']:.0f} B/example; "
+              f"reads {st['torch_save_read_rows_per_s']:.0f} rows/s | |", ""]
+    return "\n".join(lines)
+
+
+def _update_doc(doc: Path, mode: str, text: str) -> None:
+    """Replace the `bench:<mode>` section of docs/benchmarks.md (appending it the first time)."""
+    start, end = f"<!-- bench:{mode} -->", f"<!-- /bench:{mode} -->"
+    body = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in body and end in body:
+        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip() + f"\n\n## `make bench` ({mode} mode)\n\n{block}\n"
+    doc.write_text(body)
