@@ -44,7 +44,7 @@ def synthetic_cache(root: Path, rows: int, shard_rows: int = 4096, row_group_row
     header = {"pipeline": "synthetic", "task": "t", "head": "sequence-classification", "label_names": names,
               "text_fields": ["text"], "fingerprint": f"synthetic-{rows}", "fingerprint_inputs": {"rows": rows},
               "features": None, "config": {"data": {"source": "synthetic"}}}
-    schema = parquet_schema(("text",), num_labels, {})
+    schema = parquet_schema(("text",), num_labels, {"format_version": 1, "task": "t", "fingerprint": header["fingerprint"]})
     with CacheWriter(root, header, overwrite=True, row_group_rows=row_group_rows) as w:
         for i, start in enumerate(range(0, rows, shard_rows)):
             n = min(shard_rows, rows - start)

@@ -150,8 +150,10 @@ def cmd_verify(args) -> int:
                       + (f" ({d['mb_per_s']} MB/s)" if d["mb_per_s"] else ""))
             else:
                 print(f"BAD {r.root}: {len(r.problems)} problem(s)")
-                for p in r.problems:
+                for p in r.problems[:20]:
                     print(f"  - {p}")
+                if len(r.problems) > 20:
+                    print(f"  ... and {len(r.problems) - 20} more (--json lists them all)")
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,13 @@ def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any
         expected = parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), {})
         if not pf.schema_arrow.remove_metadata().equals(expected.remove_metadata()):
             report.problems.append(f"{where}: columns differ from format v{m['format_version']}: {pf.schema_arrow}")
-        meta = (pf.schema_arrow.metadata or {}).get(SCHEMA_METADATA_KEY)
-        if meta is not None and m["fingerprint"].encode() not in meta:
-            report.problems.append(f"{where}: shard was written for another cache (fingerprint in its metadata differs)")
+        try:
+            meta = json.loads((pf.schema_arrow.metadata or {}).get(SCHEMA_METADATA_KEY, b"{}"))
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("fingerprint") != m["fingerprint"]:
+            report.problems.append(f"{where}: shard was written for another cache (fingerprint in its Parquet "
+                                   f"metadata is {meta.get('fingerprint')!r})")
     feat = shard.get("features")
     if feat:
         fpath = safe_path(root, feat["path"])
