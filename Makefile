@@ -15,7 +15,7 @@ KDCACHE    := $(BIN)/kdcache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install teacher-finetune teacher-cache train-student report bench verify info test clean-cache
+.PHONY: help install teacher-finetune teacher-cache train-student report bench fidelity verify info test clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t22
@@ -44,6 +44,9 @@ report: install  ## rebuild data/runs/$(PIPELINE)/report.md and report.png
 
 bench: install  ## measure overheads, speed-up and storage (QUICK=1 for a smoke check); updates docs/benchmarks.md
 	$(KDCACHE) bench $(PIPELINE) $(if $(QUICK),--quick)
+
+fidelity: install  ## KD vs hard-label students over 3 seeds, all labels and label-scarce; writes docs/fidelity.md
+	$(KDCACHE) fidelity $(PIPELINE)
 
 verify: install  ## re-check every checksum of data/cache/$(PIPELINE)/
 	$(KDCACHE) verify data/cache/$(PIPELINE)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import config as C
-from .cache.format import parquet_schema, read_manifest
+from .cache.format import parquet_schema
 from .cache.writer import CacheWriter
 from .reader import CacheDataset, collate
 

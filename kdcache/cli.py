@@ -136,6 +136,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_fidelity(args) -> int:
+    from .fidelity import run_fidelity
+    run_fidelity(args.pipeline, [int(x) for x in args.seeds.split(",")], args.students.split(","), args.scarce,
+                 args.out, None if args.no_doc else args.doc, args.teachers_dir)
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .cache.format import find_caches
     from .cache.verify import verify_cache
@@ -258,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"), help="markdown file to update")
     p.add_argument("--no-doc", action="store_true", help="do not touch the markdown file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("fidelity", help="KD students vs hard-label twins over seeds, with all labels and label-scarce",
+                       description="Train each listed student and its hard-label twin for every seed, (1) with all "
+                                   "labels and (2) with only --scarce labelled training rows (the teacher is "
+                                   "fine-tuned on those; the cache covers the rest, which only KD can use). "
+                                   "Writes data/fidelity/fidelity.json and docs/fidelity.md (mean ± std).")
+    p.add_argument("pipeline", nargs="?", default="default", help="pipeline (default: default)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--students", default="bow,bilstm", help="comma-separated students of the pipeline")
+    p.add_argument("--scarce", type=int, default=1000, help="labelled training rows in the label-scarce setting")
+    p.add_argument("--out", type=Path, default=Path("data/fidelity"), help="scratch and JSON folder")
+    p.add_argument("--doc", type=Path, default=Path("docs/fidelity.md"), help="markdown file to write")
+    p.add_argument("--no-doc", action="store_true", help="do not write the markdown file")
+    p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("verify", help="re-check every checksum, row count and schema of a cache",
                        description="Re-check a cache (or every task cache under a pipeline's folder) against its "

@@ -51,6 +51,8 @@ class DataConfig:
     id_field: str | None = _f(None, help="Stable example id column; default `<split>-<row index>`.")
     label_names: tuple[str, ...] = _f((), help="Label names in id order; taken from the source when it has them.")
     limit: int | None = _f(None, help="Keep at most this many rows per split (first rows), for quick runs.")
+    labelled_limit: int | None = _f(None, help="Keep gold labels for only the first N training rows; the rest "
+                                              "become unlabelled (label-scarce experiments: only KD learns from them).")
 
 
 @dataclass(frozen=True)

@@ -247,4 +247,8 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         if cfg.limit is not None:
             ds = ds.select(range(min(cfg.limit, len(ds))))
         out[split] = _normalise(ds, split, cfg, label_names, raw.origin, cfg.id_field or raw.id_field)
+        if split == "train" and cfg.labelled_limit is not None:
+            labels = out[split]["label"][:]
+            out[split] = out[split].remove_columns("label").add_column(
+                "label", labels[:cfg.labelled_limit] + [-1] * max(0, len(labels) - cfg.labelled_limit))
     return TaskData(out, label_names, raw.origin, "id")

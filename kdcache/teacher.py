@@ -19,8 +19,8 @@ import torch
 from .config import FeaturesConfig, TeacherConfig
 from .errors import KdcacheError
 from .failpoints import failpoint
-from .fingerprint import FingerprintError, hash_ids, hash_state_dict, hash_tokenizer, hash_weight_files
-from .resolve import ModelNotFound, resolve_model_name
+from .fingerprint import FingerprintError, hash_ids, hash_state_dict, hash_weight_files
+from .resolve import resolve_model_name
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 class TeacherError(KdcacheError):
     """The teacher cannot be loaded or produced bad outputs; the message says which and what to do."""
 
-
-__all__ = ["TeacherError", "TeacherRunner", "ModelNotFound", "resolve_model_name"]
 
 
 def auto_class(head: str):

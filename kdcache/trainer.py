@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,14 +156,13 @@ def inference_speed(model: Student, tokenizer: Any, texts: list[str], max_length
     return len(texts) / (time.perf_counter() - t0)
 
 
-def _save(run: StudentRun, accelerator, state: dict[str, Any]) -> Path:
+def _save(run: StudentRun, state: dict[str, Any]) -> Path:
     ckpt = run.run_dir / "checkpoint"
     tmp = run.run_dir / ".checkpoint.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp / "student.pt")
     run.tokenizer.save(tmp)
     if ckpt.exists():
-        import shutil
         shutil.rmtree(ckpt)
     os.replace(tmp, ckpt)
     return ckpt / "student.pt"
@@ -288,7 +288,7 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
                                                                             train.max_length), 1)
         if accelerator.is_main_process:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            path = _save(run, accelerator, run.best_state)
+            path = _save(run, run.best_state)
             metrics["size_bytes"] = path.stat().st_size
             (run.run_dir / "config.yaml").write_text(yaml.safe_dump(
                 {"pipeline": pipeline.name, "student": run.student, "run": run.name, "train": C.to_dict(train),

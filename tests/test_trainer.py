@@ -17,6 +17,7 @@ from kdcache.report import build_report
 from kdcache.trainer import train_task
 
 STEPS = ["train.epochs=1", "train.batch_size=16", "train.shuffle_buffer=16"]
+TINY_PATH = str(REPO / "pipelines" / "tiny" / "pipeline.yaml")
 
 
 def test_cached_targets_give_the_same_losses_and_weights_as_online_kd(tmp_path, tiny_cache, teachers_dir):
@@ -143,3 +144,16 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path):
     run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc)
     assert doc.read_text().count("<!-- bench:quick -->") == 1, "a rerun replaces its section"
     assert json.loads((tmp_path / "bench" / "bench-quick.json").read_text())["mode"] == "quick"
+
+
+def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
+    """`kdcache fidelity` on the tiny pipeline: both settings, paired KD/hard results per seed, a markdown table."""
+    from kdcache.fidelity import run_fidelity
+    doc = tmp_path / "fidelity.md"
+    res = run_fidelity(TINY_PATH, [0], ["bow"], 40, tmp_path / "fid", doc, teachers_dir=tmp_path / "teachers",
+                       cache_root=tmp_path / "caches", overrides=[*FAST, "train.epochs=2"])
+    scarce = res["settings"]["40 labelled training rows"]
+    assert scarce["labelled_train_rows"] == 40 < scarce["train_rows"]
+    for s in res["settings"].values():
+        assert len(s["students"]["bow"]["kd"]) == len(s["students"]["bow"]["hard"]) == 1
+    assert "| bow |" in doc.read_text() and "KD gain" in doc.read_text()
