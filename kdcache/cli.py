@@ -181,6 +181,10 @@ def cmd_info(args) -> int:
             f = i["features"]
             print(f"  features     layers {f['layers']} pooled {f['pooling']} as {f['dtype']} (hidden {f['hidden_size']})")
         print(f"  total        {i['rows']} rows, {i['bytes'] / 1e6:.2f} MB, {i['bytes_per_example']} B/example")
+        c = i.get("capture")
+        if c and c.get("seconds"):
+            print(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({c['rows'] / c['seconds']:.0f} rows/s, "
+                  f"everything included) on {i['device']} x {i['processes']} process(es), last run")
         for split, s in i["splits"].items():
             acc = f"{s['teacher_accuracy']:.4f}" if s["teacher_accuracy"] is not None else "n/a"
             print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_example']:>8} B/ex  "

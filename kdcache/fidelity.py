@@ -32,16 +32,24 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                                                      out_dir / "teachers-scarce", out_dir / "cache-scarce" / task)}
     results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": pipeline_name,
                                "seeds": seeds, "students": students, "settings": {}}
+    train_rows = None
     for name, (over, teachers, cache) in settings.items():
+        ft = base.tasks[task].teacher.finetune
+        if ft is not None and train_rows and "labelled_limit" in " ".join(over):
+            # the small-label teacher gets about as many steps as the full one (up to 10 epochs), not 1/N of them
+            over = [*over, f"tasks.{task}.teacher.finetune.epochs={min(10.0, ft.epochs * train_rows / scarce):.2f}"]
         pipeline = C.load_pipeline(pipeline_name, over)
         manifest = build_teacher_cache(pipeline, task, cache, teachers)
+        train_rows = train_rows or manifest["splits"]["train"]["rows"]
         rows: dict[str, dict[str, list[float]]] = {s: {"kd": [], "hard": []} for s in students}
         for seed in seeds:
-            seeded = C.load_pipeline(pipeline_name, over + [f"train.seed={seed}"] +
+            seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
                                      [f"students.{s}.twin=true" for s in students])
             for r in train_task(seeded, task, students, str(cache), out_dir / "runs" / name.replace(" ", "-") / str(seed)):
                 rows[r["student"]]["kd" if r["kd"] else "hard"].append(r["test"]["accuracy"])
         results["settings"][name] = {"teacher_test_accuracy": manifest["splits"]["test"]["stats"]["teacher_accuracy"],
+                                     "teacher_finetune_epochs": (pipeline.tasks[task].teacher.finetune.epochs
+                                                                 if pipeline.tasks[task].teacher.finetune else None),
                                      "labelled_train_rows": manifest["splits"]["train"]["stats"]["labelled_rows"],
                                      "train_rows": manifest["splits"]["train"]["rows"], "students": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +71,8 @@ def render(r: dict[str, Any]) -> str:
              "(`tests/test_trainer.py::test_cached_targets_give_the_same_losses_and_weights_as_online_kd`).", ""]
     for name, s in r["settings"].items():
         lines += [f"## {name}", "",
-                  f"Teacher test accuracy {s['teacher_test_accuracy']:.4f}; {s['labelled_train_rows']} of "
+                  f"Teacher test accuracy {s['teacher_test_accuracy']:.4f} (fine-tuned for "
+                  f"{s.get('teacher_finetune_epochs')} epochs); {s['labelled_train_rows']} of "
                   f"{s['train_rows']} training rows labelled (hard-label twins learn from those only; KD students "
                   "learn from every row's cached soft labels).", "",
                   "| student | KD | hard labels | KD gain |", "|---|---:|---:|---:|"]

@@ -137,4 +137,5 @@ def cache_info(root: str | Path) -> dict[str, Any]:
             "teacher": m["fingerprint_inputs"]["teacher"], "labels": m["label_names"], "features": m.get("features"),
             "rows": total_rows, "bytes": m["totals"]["bytes"],
             "bytes_per_example": round(m["totals"]["bytes"] / max(total_rows, 1), 1), "splits": splits,
-            "created_at": m.get("created_at")}
+            "created_at": m.get("created_at"), "capture": m.get("capture"), "device": m.get("device"),
+            "processes": m.get("processes")}
