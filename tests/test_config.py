@@ -82,3 +82,17 @@ def test_help_explains_every_command():
         assert cmd in out
         sub = subprocess.run([sys.executable, "-m", "kdcache.cli", cmd, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and len(sub.stdout) > 200
+
+
+def test_example_pipelines_in_the_docs_parse(tmp_path):
+    """Every ```yaml block in README.md and docs/ that is a whole pipeline must load with the real config code."""
+    import re
+    found = 0
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S):
+            if re.search(r"^name:", block, re.M) and re.search(r"^tasks:", block, re.M):
+                path = tmp_path / f"example{found}.yaml"
+                path.write_text(block)
+                assert load_pipeline(str(path)).tasks, f"{doc.name}: example pipeline does not load"
+                found += 1
+    assert found >= 1
