@@ -50,6 +50,13 @@ def _runs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
 
 
+def _experiment_args(p: argparse.ArgumentParser, folder: str, doc: str) -> None:
+    p.add_argument("pipeline", nargs="?", default="default", help="pipeline (default: default)")
+    p.add_argument("--out", type=Path, default=Path("data") / folder, help=f"scratch and JSON folder (default: data/{folder})")
+    p.add_argument("--doc", type=Path, default=Path("docs") / f"{doc}.md", help=f"markdown file to write (docs/{doc}.md)")
+    p.add_argument("--no-doc", action="store_true", help="leave the markdown file alone")
+
+
 def _load(args):
     from .capture import with_limit
     from .config import load_pipeline
@@ -263,11 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "hard-labels-from-memory training, cache vs live-teacher training next to the "
                                    "ideal speed-up, and bytes per example vs naive layouts. Writes "
                                    "data/bench/bench-<mode>.json and a section of docs/benchmarks.md.")
-    p.add_argument("pipeline", nargs="?", default="default", help="pipeline to measure (default: default)")
+    _experiment_args(p, "bench", "benchmarks")
     p.add_argument("--quick", action="store_true", help="smoke-check sizes (512 rows per split)")
-    p.add_argument("--out", type=Path, default=Path("data/bench"), help="scratch and JSON folder (default: data/bench)")
-    p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"), help="markdown file to update")
-    p.add_argument("--no-doc", action="store_true", help="do not touch the markdown file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("fidelity", help="KD students vs hard-label twins over seeds, with all labels and label-scarce",
@@ -275,13 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "labels and (2) with only --scarce labelled training rows (the teacher is "
                                    "fine-tuned on those; the cache covers the rest, which only KD can use). "
                                    "Writes data/fidelity/fidelity.json and docs/fidelity.md (mean ± std).")
-    p.add_argument("pipeline", nargs="?", default="default", help="pipeline (default: default)")
+    _experiment_args(p, "fidelity", "fidelity")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--students", default="bow,bilstm", help="comma-separated students of the pipeline")
     p.add_argument("--scarce", type=int, default=1000, help="labelled training rows in the label-scarce setting")
-    p.add_argument("--out", type=Path, default=Path("data/fidelity"), help="scratch and JSON folder")
-    p.add_argument("--doc", type=Path, default=Path("docs/fidelity.md"), help="markdown file to write")
-    p.add_argument("--no-doc", action="store_true", help="do not write the markdown file")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
     p.set_defaults(func=cmd_fidelity)
 
