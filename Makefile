@@ -46,7 +46,7 @@ bench: install  ## measure overheads, speed-up and storage (QUICK=1 for a smoke 
 	$(KDCACHE) bench $(PIPELINE) $(if $(QUICK),--quick)
 
 fidelity: install  ## KD vs hard-label students over 3 seeds, all labels and label-scarce; writes docs/fidelity.md
-	$(KDCACHE) fidelity $(PIPELINE)
+	$(KDCACHE) fidelity $(PIPELINE) $(ARGS)
 
 verify: install  ## re-check every checksum of data/cache/$(PIPELINE)/
 	$(KDCACHE) verify data/cache/$(PIPELINE)

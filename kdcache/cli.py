@@ -146,7 +146,7 @@ def cmd_bench(args) -> int:
 def cmd_fidelity(args) -> int:
     from .fidelity import run_fidelity
     run_fidelity(args.pipeline, [int(x) for x in args.seeds.split(",")], args.students.split(","), args.scarce,
-                 args.out, None if args.no_doc else args.doc, args.teachers_dir)
+                 args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
     return 0
 
 
@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(p, "fidelity", "fidelity")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--students", default="bow,bilstm", help="comma-separated students of the pipeline")
-    p.add_argument("--scarce", type=int, default=1000, help="labelled training rows in the label-scarce setting")
+    p.add_argument("--scarce", type=int, default=1000, help="labelled training rows in the label-scarce setting (0: all-labels setting only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline value (repeatable), e.g. tasks.sst2.data.limit=null for the full set")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
     p.set_defaults(func=cmd_fidelity)
 

@@ -157,3 +157,13 @@ def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
     for s in res["settings"].values():
         assert len(s["students"]["bow"]["kd"]) == len(s["students"]["bow"]["hard"]) == 1
     assert "| bow |" in doc.read_text() and "KD gain" in doc.read_text()
+
+
+def test_fidelity_doc_keeps_other_pipelines_sections():
+    """Each pipeline owns one marked section of docs/fidelity.md; a rerun replaces it and leaves the others."""
+    from kdcache.fidelity import update_doc
+    doc = update_doc("", "default", "## default v1")
+    doc = update_doc(doc, "sst2", "## sst2 v1")
+    doc = update_doc(doc, "default", "## default v2")
+    assert "default v2" in doc and "default v1" not in doc and "sst2 v1" in doc
+    assert doc.count("<!-- fidelity:default -->") == 1 and doc.index("default v2") < doc.index("sst2 v1")
