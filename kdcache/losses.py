@@ -27,11 +27,14 @@ class TopKTargets:
     """Teacher targets for N rows at one temperature.
 
     ids: [N, k] int64 class/token ids; logprobs: [N, k] float32 teacher log-probabilities of those ids at
-    temperature T (normalised over the FULL teacher output, so exp(logprobs).sum(-1) <= 1; the rest is the tail).
+    temperature T (normalised over the FULL teacher output, so exp(logprobs).sum(-1) <= 1; the rest is the tail);
+    tail: [N] float32 exact log-mass of every other id, or None to derive it as log(1 - Σ exp(logprobs)) (fine
+    for a few classes; for a vocabulary the cache stores it, because that difference cancels when the tail is small).
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
+    tail: torch.Tensor | None = None
 
     @classmethod
     def from_logits(cls, teacher_logits: torch.Tensor, temperature: float, k: int | None = None) -> "TopKTargets":
@@ -41,7 +44,30 @@ class TopKTargets:
             ids = torch.arange(teacher_logits.shape[-1], device=teacher_logits.device).expand_as(logp)
             return cls(ids, logp)
         _, ids = teacher_logits.topk(k, dim=-1)
-        return cls(ids, logp.gather(-1, ids))
+        return cls(ids, logp.gather(-1, ids), torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1))
+
+    @classmethod
+    def from_cached(cls, ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, tail: torch.Tensor,
+                    temperature: float) -> "TopKTargets":
+        """From an LM cache row at one cached temperature T: raw top-k logits [N, k] (float16 on disk),
+        logsumexp(z / T) of the FULL logits [N] and the tail's exact log-mass [N] (both float32).
+        log p_i = z_i / T - lse_T, exact up to the float16 rounding of z_i (<= 2^-8 / T relative per id)."""
+        logprobs = (logits.float() / temperature - lse.float()[:, None]).clamp(max=0.0)
+        return cls(ids.long(), logprobs, tail.float())
+
+
+@dataclass
+class SampledTargets:
+    """Random-sampling KD targets: for each of N rows, n draws from the teacher at the cache's sampling
+    temperature, kept as distinct ids [N, m] with their counts [N, m] (padding: count 0)."""
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+
+    def weights(self) -> torch.Tensor:
+        """counts / draws per row: an unbiased estimate of the teacher's probabilities of those ids."""
+        c = self.counts.float()
+        return c / c.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -57,15 +83,63 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
                        torch.log1p(-torch.exp(torch.where(near, safe, x))))
 
 
-def _buckets(student_logits: torch.Tensor, t: TopKTargets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _scaled(x: torch.Tensor, temperature: float, exclude: torch.Tensor | None) -> torch.Tensor:
+    z = x.float() / temperature
+    return z if exclude is None else z.scatter(-1, exclude, float("-inf"))
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """logsumexp(x / T) over the last dim (ids in `exclude` left out), row chunk by row chunk, saving only x and the
+    result [N]: the backward recomputes softmax per chunk, so no [N, V] intermediate outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, x, temperature, chunk, exclude):
+        out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        for a in range(0, x.shape[0], chunk):
+            ex = None if exclude is None else exclude[a:a + chunk]
+            out[a:a + chunk] = torch.logsumexp(_scaled(x[a:a + chunk], temperature, ex), dim=-1)
+        ctx.save_for_backward(x, out, exclude if exclude is not None else torch.empty(0))
+        ctx.temperature, ctx.chunk, ctx.has_exclude = temperature, chunk, exclude is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out, exclude = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        gx = torch.empty_like(x)
+        for a in range(0, x.shape[0], chunk):
+            ex = exclude[a:a + chunk] if ctx.has_exclude else None
+            p = torch.exp(_scaled(x[a:a + chunk], T, ex) - out[a:a + chunk, None])
+            p = torch.nan_to_num(p, nan=0.0)  # rows whose every id is excluded (-inf - -inf)
+            gx[a:a + chunk] = (p * (grad[a:a + chunk, None] / T)).to(x.dtype)
+        return gx, None, None, None
+
+
+def logsumexp_t(x: torch.Tensor, temperature: float = 1.0, chunk: int | None = None,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """logsumexp(x / T, -1) of [N, V], leaving out the ids `exclude` [N, k] when given. With `chunk`, the
+    memory-lean chunked version (same value and gradient, no second [N, V] tensor kept for backward)."""
+    if chunk is None:
+        return torch.logsumexp(_scaled(x, temperature, exclude), dim=-1)
+    return _ChunkedLogSumExp.apply(x, float(temperature), int(chunk), exclude)
+
+
+_LOG_TINY = -80.0  # log of a mass below float32 resolution: an empty tail, kept finite so 0·log0 stays 0
+
+
+def _buckets(student_logits: torch.Tensor, t: TopKTargets, temperature: float,
+             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities over k+1 buckets (the k ids, then the tail) for teacher and student: both [N, k+1].
 
-    The student is normalised over its full output; its tail is log(1 - Σ_topk q). Only [N, k] extra memory.
+    The student is normalised over its full output (its log-sum-exp over every class/token); its tail is the
+    log-sum-exp over the ids NOT in the top-k (exact even when the top-k holds nearly all of the student's mass,
+    where log(1 - Σ q) would cancel). Extra memory is [N, k], plus [chunk, V] transiently when `chunk` is given.
     """
-    s_logp_full = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, C]
-    s_top = s_logp_full.gather(-1, t.ids)                                       # [N, k]
-    s_tail = _log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True))
-    t_tail = _log1mexp(torch.logsumexp(t.logprobs, dim=-1, keepdim=True))
+    s_lse = logsumexp_t(student_logits, temperature, chunk)                          # [N]
+    s_top = student_logits.gather(-1, t.ids).float() / temperature - s_lse[:, None]   # [N, k]
+    s_tail = (logsumexp_t(student_logits, temperature, chunk, exclude=t.ids) - s_lse).clamp(min=_LOG_TINY)[:, None]
+    t_tail = (t.tail.clamp(min=_LOG_TINY)[:, None] if t.tail is not None
+              else _log1mexp(torch.logsumexp(t.logprobs, dim=-1, keepdim=True)))
     return torch.cat([t.logprobs, t_tail], -1), torch.cat([s_top, s_tail], -1)
 
 
@@ -76,16 +150,16 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 def kd_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, kind: str = "kl",
-                    temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+                    temperature: float = 1.0, beta: float = 0.5, chunk: int | None = None) -> torch.Tensor:
     """Distillation loss per row [N] (T² scaled) between student logits [N, C] and teacher top-k targets.
 
     kinds: kl = KL(teacher || student) (forward); reverse_kl = KL(student || teacher); jsd = generalised
     Jensen-Shannon with weight beta on the teacher, β·KL(p||m) + (1-β)·KL(q||m), m = β·p + (1-β)·q;
-    soft_ce = -Σ p log q (KL plus the teacher's entropy).
+    soft_ce = -Σ p log q (KL plus the teacher's entropy). `chunk`: memory-lean student normalisation.
     """
     if kind == "mse":
         raise ValueError("mse works on logits, not distributions: use mse_logits_loss")
-    logp, logq = _buckets(student_logits, targets, temperature)
+    logp, logq = _buckets(student_logits, targets, temperature, chunk)
     if kind == "kl":
         loss = _kl(logp, logq)
     elif kind == "reverse_kl":
@@ -100,6 +174,23 @@ def kd_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, kind: st
     else:
         raise ValueError(f"unknown KD loss {kind!r}; one of {KINDS}")
     return loss * temperature ** 2
+
+
+def sampled_kd_loss_per_row(student_logits: torch.Tensor, targets: SampledTargets, temperature: float = 1.0,
+                            chunk: int | None = None) -> torch.Tensor:
+    """Unbiased estimate (value and gradient) of the soft cross-entropy -Σ p log q per row [N], T² scaled, from
+    sampled targets; it equals forward KL plus the teacher's entropy, a constant. `temperature` must be the
+    one the samples were drawn at. The student is normalised over its full output."""
+    s_lse = logsumexp_t(student_logits, temperature, chunk)
+    s_logq = student_logits.gather(-1, targets.ids.long()).float() / temperature - s_lse[:, None]
+    return -(targets.weights() * s_logq).sum(-1) * temperature ** 2
+
+
+def token_ce_per_row(student_logits: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Cross-entropy per row [N] against hard ids [N] (rows with label < 0 give 0), full normalisation."""
+    lse = logsumexp_t(student_logits, 1.0, chunk)
+    picked = student_logits.gather(-1, labels.clamp_min(0)[:, None]).float()[:, 0]
+    return torch.where(labels >= 0, lse - picked, torch.zeros_like(lse))
 
 
 def mse_logits_loss_per_row(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -142,3 +142,152 @@ def test_feature_losses():
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
     torch.testing.assert_close(feature_loss(a, b, "cosine").double(), (1 - cos).mean(), atol=1e-6, rtol=1e-6)
     assert feature_loss(a, a * 3, "cosine").item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ LM-sized (sparse) targets
+
+from kdcache.losses import (SampledTargets, logsumexp_t, sampled_kd_loss_per_row,  # noqa: E402
+                            token_ce_per_row)
+
+
+def lm_logits(n=12, v=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g) * 4).float(), (torch.randn(n, v, generator=g) * 4).float()
+
+
+def cached(t, k, T, fp16=False):
+    """What an LM cache row holds: top-k ids and raw logits (float16 on disk) plus logsumexp(z / T)."""
+    vals, ids = t.topk(k, -1)
+    if fp16:
+        vals = vals.half()
+    z = t.double() / T
+    lse = torch.logsumexp(z, -1)
+    tail = torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1) - lse
+    return TopKTargets.from_cached(ids, vals, lse.float(), tail.float(), T)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_logsumexp_matches_value_and_gradient(chunk):
+    x, _ = lm_logits()
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    w = torch.randn(x.shape[0])
+    (logsumexp_t(a, 2.0, chunk) * w).sum().backward()
+    (torch.logsumexp(b / 2.0, -1) * w).sum().backward()
+    torch.testing.assert_close(logsumexp_t(x, 2.0, chunk), torch.logsumexp(x / 2.0, -1))
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "jsd", "soft_ce"])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_lm_topk_with_k_equal_vocab_equals_dense(kind, chunk):
+    s, t = lm_logits()
+    T = 2.0
+    a = s.clone().requires_grad_()
+    sparse = kd_loss_per_row(a, cached(t, t.shape[1], T), kind, T, chunk=chunk)
+    b = s.clone().requires_grad_()
+    dense = reference(kind, b.double(), t.double(), T)
+    torch.testing.assert_close(sparse.double(), dense, atol=1e-5, rtol=1e-5)
+    sparse.sum().backward()
+    dense.sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad.double(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 8, 64])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_lm_topk_error_is_exactly_the_within_tail_divergence(k, T):
+    """The documented bound: dense KL - sparse KL = P_tail · KL(teacher's tail shape || student's tail shape) >= 0
+    (and the same with roles swapped for reverse KL), so the sparse loss never overstates and is exact when the
+    student's tail is shaped like the teacher's."""
+    s, t = lm_logits(seed=k)
+    for kind in ("kl", "reverse_kl"):
+        sparse = kd_loss_per_row(s, cached(t, k, T), kind, T, chunk=5).double()
+        dense = reference(kind, s.double(), t.double(), T)
+        p, q = F.softmax(t.double() / T, -1), F.softmax(s.double() / T, -1)
+        tail = torch.ones_like(p, dtype=torch.bool).scatter(-1, t.topk(k, -1).indices, False)
+        if kind == "reverse_kl":
+            p, q = q, p
+        pt, qt = (p * tail).sum(-1), (q * tail).sum(-1)
+        inner = (torch.where(tail, p / pt[:, None] * ((p / pt[:, None]).log() - (q / qt[:, None]).log()), 0.0)).sum(-1)
+        torch.testing.assert_close(dense - sparse, pt * inner * T * T, atol=5e-5, rtol=1e-4)  # float32 loss
+        assert (dense - sparse >= -1e-5).all()
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_cached_topk_and_lse_reconstruct_the_full_softmax(T):
+    """Probabilities of the top-k ids and the tail mass at each temperature, from float16 logits + float32 lse."""
+    _, t = lm_logits(n=20, v=1000)
+    k = 16
+    tg = cached(t, k, T, fp16=True)
+    full = F.softmax(t.double() / T, -1)
+    want = full.gather(-1, tg.ids)
+    # float16 keeps ~11 bits: |z| <= 16 rounds by <= 2^-7, so log p moves by at most that / T
+    torch.testing.assert_close(tg.logprobs.double().exp(), want, rtol=2 ** -7 / T * 1.1, atol=1e-7)
+    torch.testing.assert_close(1 - tg.logprobs.double().exp().sum(-1), 1 - want.sum(-1), atol=2 ** -7 / T, rtol=0)
+    # the stored tail is exact (not 1 - Σ of rounded top-k probabilities), and it is kept, not renormalised away
+    torch.testing.assert_close(tg.tail.double().exp(), 1 - want.sum(-1), rtol=1e-5, atol=1e-9)
+    assert (tg.tail.exp() > 1e-4).all()
+
+
+def test_sparse_loss_temperature_is_applied_at_training_time():
+    """Top-k targets from one capture serve any cached temperature; T² scaling holds there too."""
+    s, t = lm_logits()
+    for T in (1.0, 3.0):
+        got = kd_loss_per_row(s, cached(t, t.shape[1], T), "kl", T)
+        torch.testing.assert_close(got.double(), reference("kl", s.double(), t.double(), T), atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_estimator_is_unbiased_in_value_and_gradient():
+    s, t = lm_logits(n=4, v=50)
+    T, draws, reps = 2.0, 64, 400
+    p = F.softmax(t / T, -1)
+    g = torch.Generator().manual_seed(0)
+    vals, grads = [], []
+    for _ in range(reps):
+        idx = torch.multinomial(p, draws, replacement=True, generator=g)
+        counts = torch.zeros_like(p).scatter_add_(-1, idx, torch.ones_like(idx, dtype=torch.float))
+        m = int((counts > 0).sum(-1).max())
+        c, ids = counts.topk(m, -1)
+        a = s.clone().requires_grad_()
+        v = sampled_kd_loss_per_row(a, SampledTargets(ids, c), T, chunk=3)
+        v.sum().backward()
+        vals.append(v.detach().double())
+        grads.append(a.grad.double())
+    vals, grads = torch.stack(vals), torch.stack(grads)
+    b = s.clone().requires_grad_()
+    dense = reference("soft_ce", b.double(), t.double(), T)
+    dense.sum().backward()
+    se = vals.std(0) / reps ** 0.5
+    assert ((vals.mean(0) - dense).abs() <= 4 * se + 1e-6).all()
+    gse = grads.std(0) / reps ** 0.5
+    # ids too rare to be drawn in reps·draws samples have a constant gradient; allow their tiny p there
+    assert ((grads.mean(0) - b.grad).abs() <= 4 * gse + 5e-4).all()
+
+
+def test_token_ce_matches_cross_entropy_and_ignores_negative_labels():
+    s, _ = lm_logits()
+    y = torch.randint(0, s.shape[1], (s.shape[0],))
+    y[3] = -100
+    got = token_ce_per_row(s, y, chunk=5)
+    want = F.cross_entropy(s, y, reduction="none", ignore_index=-100)
+    torch.testing.assert_close(got, want)
+
+
+def test_memory_lean_path_saves_no_second_vocab_sized_tensor():
+    """With `chunk`, autograd keeps the student logits and [N, k]-sized tensors only (no [N, V] log-softmax)."""
+    s, t = lm_logits(n=64, v=2000)
+    tg = cached(t, 8, 2.0)
+
+    def saved_elements(chunk):
+        a = s.clone().requires_grad_()
+        sizes = []
+
+        def pack(x):
+            if x.data_ptr() != a.data_ptr():
+                sizes.append(x.numel())
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            kd_loss_per_row(a, tg, "kl", 2.0, chunk=chunk).sum()
+        return max(sizes)
+    assert saved_elements(None) >= 64 * 2000          # the plain path keeps a full [N, V] tensor
+    assert saved_elements(16) <= 64 * 9               # the lean one: nothing bigger than [N, k+1]
