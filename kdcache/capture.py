@@ -110,6 +110,9 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     process n mod N); process 0 prepares the teacher and opens the cache first, and commits the manifest last.
     """
     task = pipeline.tasks[task_name]
+    if task.teacher.head == "causal-lm":
+        from .lm_capture import build_lm_cache
+        return build_lm_cache(pipeline, task_name, out_dir, teachers_dir, overwrite)
     dist = distributed.state()
     data = load_task_data(task.data)
     model, tokenizer, identity = distributed.main_first(
@@ -128,13 +131,36 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
               if runner.layers else None,
               "config": C.to_dict(task), "device": str(runner.device), "processes": dist.num_processes}
 
+    def produce(split: str, start: int, stop: int, bar) -> tuple[pa.Table, dict | None, dict]:
+        rows = data.splits[split][start:stop]
+        t0 = time.perf_counter()
+        out = runner.run(rows[fields[0]], rows[fields[1]] if len(fields) > 1 else None,
+                         on_batch=bar.update, row_ids=rows["id"])
+        stats = shard_stats(np.asarray(rows["label"]), out, time.perf_counter() - t0)
+        return shard_table(rows, out, start, schema, fields), out.features or None, stats
+
+    sizes = {split: len(ds) for split, ds in data.splits.items()}
+    return write_shards(out_dir, header, task, task_name, sizes, inputs["data"]["splits"], produce, summarise,
+                        overwrite)
+
+
+def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task_name: str, sizes: dict[str, int],
+                 dataset_sha: dict[str, str], produce, summarise, overwrite: bool = False) -> dict[str, Any]:
+    """The shard loop of every cache head: open the writer (process 0 first), write this process's missing
+    shards with `produce(split, start, stop, progress_bar) -> (table, features, stats)`, then commit.
+
+    Under `accelerate launch` the n-th missing shard goes to process n mod N; process 0 commits the manifest.
+    """
+    dist = distributed.state()
+
     def open_writer() -> CacheWriter:
         return CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows,
                            role="owner" if dist.is_main_process else "worker").__enter__()
 
     writer = distributed.main_first(open_writer)
     try:
-        manifest = _capture(writer, data, runner, task, task_name, schema, inputs, dist, out_dir)
+        manifest = _shard_loop(writer, sizes, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
+                               dist, out_dir)
     except BaseException:
         writer.__exit__(*sys.exc_info())
         raise
@@ -142,15 +168,14 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     return manifest
 
 
-def _capture(writer: CacheWriter, data: TaskData, runner: TeacherRunner, task: C.TaskConfig, task_name: str,
-             schema: pa.Schema, inputs: dict[str, Any], dist: Any, out_dir: Path) -> dict[str, Any]:
-    """The shard loop of build_teacher_cache: this process's missing shards, then the commit."""
+def _shard_loop(writer: CacheWriter, sizes: dict[str, int], dataset_sha: dict[str, str], shard_rows: int, produce,
+                summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
+    """This process's missing shards, then the commit."""
     if distributed.share(writer.complete):
         log.info("%s: already complete with this fingerprint; nothing to do", out_dir)
         return read_manifest(out_dir)
-    fields = task.data.text_fields
-    plan = [(split, i, s, min(s + task.cache.shard_rows, len(ds)))
-            for split, ds in data.splits.items() for i, s in enumerate(range(0, len(ds), task.cache.shard_rows))]
+    plan = [(split, i, s, min(s + shard_rows, n))
+            for split, n in sizes.items() for i, s in enumerate(range(0, n, shard_rows))]
     todo = [p for p in plan if not writer.shard_done(p[0], p[1], p[2], p[3] - p[2])]
     if len(todo) < len(plan):
         log.info("%s: %d of %d shards already written; resuming", out_dir, len(plan) - len(todo), len(plan))
@@ -159,19 +184,14 @@ def _capture(writer: CacheWriter, data: TaskData, runner: TeacherRunner, task: C
     with progress(sum(b - a for _, _, a, b in mine), desc=f"cache {task_name}",
                   disable=not dist.is_local_main_process) as bar:
         for split, index, start, stop in mine:
-            rows = data.splits[split][start:stop]
-            t0 = time.perf_counter()
-            out = runner.run(rows[fields[0]], rows[fields[1]] if len(fields) > 1 else None,
-                             on_batch=bar.update, row_ids=rows["id"])
-            stats = shard_stats(np.asarray(rows["label"]), out, time.perf_counter() - t0)
-            writer.submit(split, index, start, shard_table(rows, out, start, schema, fields),
-                          out.features or None, stats)
+            table, features, stats = produce(split, start, stop, bar)
+            writer.submit(split, index, start, table, features, stats)
     writer.flush()
     # this run's wall clock for everything (tokenise, forward, pooling, Parquet + Zarr writes), per process
     rows_now = sum(b - a for _, _, a, b in mine)
     capture = {"rows": rows_now, "seconds": round(time.perf_counter() - t_loop, 3)}
     distributed.barrier()
-    splits = {s: {"rows": len(ds), "dataset_sha256": inputs["data"]["splits"][s]} for s, ds in data.splits.items()}
+    splits = {s: {"rows": n, "dataset_sha256": dataset_sha[s]} for s, n in sizes.items()}
     return distributed.main_first(
         lambda: writer.commit(splits, summarise, extra={"capture": capture}) if dist.is_main_process
         else read_manifest(out_dir))

@@ -76,9 +76,12 @@ def cmd_cache(args) -> int:
     for t in tasks:
         m = build_teacher_cache(pipeline, t, out / t, args.teachers_dir, overwrite=args.overwrite)
         for split, s in m["splits"].items():
-            acc = s["stats"]["teacher_accuracy"]
-            print(f"{out / t}: {split}: {s['rows']} rows in {len(s['shards'])} shard(s)"
-                  + (f", teacher accuracy {acc:.4f}" if acc is not None else ""))
+            st = s["stats"]
+            if "teacher_perplexity" in st:
+                what = f", {st['tokens']} tokens, teacher perplexity {st['teacher_perplexity']:.2f}"
+            else:
+                what = f", teacher accuracy {st['teacher_accuracy']:.4f}" if st["teacher_accuracy"] is not None else ""
+            print(f"{out / t}: {split}: {s['rows']} rows in {len(s['shards'])} shard(s){what}")
     return 0
 
 
@@ -114,11 +117,23 @@ def cmd_train(args) -> int:
         by_task.setdefault(pipeline.student_task(s), []).append(s)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, rank 0 reports
     for task, names in by_task.items():
-        for r in train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
-                            teachers_dir=args.teachers_dir):
+        if pipeline.tasks[task].teacher.head == "causal-lm":
+            if args.teacher == "live":
+                raise SystemExit("kdcache: error: --teacher live is for classification tasks only")
+            from .lm_trainer import lm_train_task
+            results = lm_train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir)
+        else:
+            results = train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
+                                 teachers_dir=args.teachers_dir)
+        for r in results:
             if not main_process:
                 continue
             t = r.get("test", {})
+            if r.get("head") == "causal-lm":
+                print(f"{r['run']:<24} test perplexity {t.get('perplexity', float('nan')):.2f}  KL to teacher "
+                      f"{t.get('kl_to_teacher') or float('nan'):.4f}  {r['parameters']:,} params  "
+                      f"{r['train_seconds']:.1f} s")
+                continue
             print(f"{r['run']:<24} test acc {t.get('accuracy', float('nan')):.4f}  macro-F1 "
                   f"{t.get('macro_f1', float('nan')):.4f}  agreement {t.get('agreement', float('nan')):.4f}  "
                   f"{r['parameters']:,} params  {r['train_seconds']:.1f} s")
@@ -183,7 +198,13 @@ def cmd_info(args) -> int:
         print(f"{i['cache']}  task={i['task']}  head={i['head']}  format v{i['format_version']}")
         print(f"  teacher      {t['name']} ({t['class']}, weights {t['weights_sha256'][:12]})")
         print(f"  fingerprint  {i['fingerprint']}")
-        print(f"  labels       {', '.join(i['labels'])}")
+        if i.get("lm"):
+            lm = i["lm"]
+            print(f"  targets      top-{lm['top_k']} of {lm['vocab_size']} ({lm['id_dtype']} ids, float16 logits), "
+                  f"lse + exact tail at T={lm['temperatures']}, {lm['samples']} samples/position, "
+                  f"{lm['seq_len']} tokens/row")
+        else:
+            print(f"  labels       {', '.join(i['labels'])}")
         if i["features"]:
             f = i["features"]
             print(f"  features     layers {f['layers']} pooled {f['pooling']} as {f['dtype']} (hidden {f['hidden_size']})")
@@ -193,6 +214,11 @@ def cmd_info(args) -> int:
             print(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({c['rows'] / c['seconds']:.0f} rows/s, "
                   f"everything included) on {i['device']} x {i['processes']} process(es), last run")
         for split, s in i["splits"].items():
+            if "teacher_perplexity" in s:
+                print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_token']:>8} B/token  "
+                      f"teacher ppl {s['teacher_perplexity']:.2f}  top-1 {s['teacher_top1_accuracy']:.3f}  "
+                      f"tail mass {s['mean_tail_mass']:.4f}")
+                continue
             acc = f"{s['teacher_accuracy']:.4f}" if s["teacher_accuracy"] is not None else "n/a"
             print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_example']:>8} B/ex  "
                   f"teacher acc {acc}  entropy {s['mean_entropy_nats']:.3f}  truncated {s['truncated_rows']}")

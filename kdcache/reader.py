@@ -142,6 +142,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
         if table.num_rows != u.rows:
             raise CacheFormatError(f"{path}: row group {u.row_group} has {table.num_rows} rows, manifest says "
                                    f"{u.rows}; the shard changed since it was written: run `kdcache verify`")
+        if self.manifest["head"] == "causal-lm":
+            return lm_columns(table, self.manifest["lm"])
         cols = {
             "row_id": table.column("row_id").to_numpy(),
             "id": table.column("id").to_pylist(),
@@ -194,8 +196,46 @@ class CacheDataset(torch.utils.data.IterableDataset):
         yield from buf
 
 
+def _flat(table, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(table.column(name).combine_chunks().values.to_numpy(zero_copy_only=False)).reshape(shape)
+
+
+def lm_columns(table, lm: dict[str, Any]) -> dict[str, Any]:
+    """A causal-LM row group as arrays: input_ids [n, L]; topk_ids / topk_logits [n, L, k]; lse / tail [n, L, nT];
+    with samples, per-row flat sample_ids / sample_counts and sample_lengths [n, L]."""
+    n, L, k, nT = table.num_rows, lm["seq_len"], lm["top_k"], len(lm["temperatures"])
+    cols: dict[str, Any] = {
+        "row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
+        "input_ids": _flat(table, "input_ids", (n, L)).astype(np.int64),
+        "topk_ids": _flat(table, "topk_ids", (n, L, k)), "topk_logits": _flat(table, "topk_logits", (n, L, k)),
+        "lse": _flat(table, "lse", (n, L, nT)), "tail": _flat(table, "tail", (n, L, nT)),
+    }
+    if lm.get("samples"):
+        ids, counts = table.column("sample_ids").combine_chunks(), table.column("sample_counts").combine_chunks()
+        off = ids.offsets.to_numpy()
+        flat_ids, flat_counts = ids.values.to_numpy(), counts.values.to_numpy()
+        cols["sample_ids"] = [flat_ids[off[i]:off[i + 1]] for i in range(n)]
+        cols["sample_counts"] = [flat_counts[off[i]:off[i + 1]] for i in range(n)]
+        cols["sample_lengths"] = _flat(table, "sample_lengths", (n, L))
+    return cols
+
+
+_STACKED = ("input_ids", "topk_ids", "topk_logits", "lse", "tail", "sample_lengths")
+
+
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch rows: texts stay lists; labels [B] int64; logits [B, C] float32; features {name: [B, H]}."""
+    """Batch rows: texts stay lists; labels [B] int64; logits [B, C] float32; features {name: [B, H]};
+    causal-LM arrays stacked to [B, ...] (sample ids/counts concatenated in row order)."""
+    if "input_ids" in rows[0]:
+        out = {k: torch.as_tensor(np.stack([r[k] for r in rows]).astype(np.int64 if k.endswith(("ids", "lengths"))
+                                                                       else np.float32))
+               for k in _STACKED if k in rows[0]}
+        out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
+        out["id"] = [r["id"] for r in rows]
+        if "sample_ids" in rows[0]:
+            out["sample_ids"] = torch.as_tensor(np.concatenate([r["sample_ids"] for r in rows]).astype(np.int64))
+            out["sample_counts"] = torch.as_tensor(np.concatenate([r["sample_counts"] for r in rows]).astype(np.int64))
+        return out
     out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0] if k not in ("label", "logits", "features", "row_id")}
     out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
     out["label"] = torch.as_tensor(np.array([r["label"] for r in rows], dtype=np.int64))

@@ -37,9 +37,13 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test") -> Path:
     """Write report.md and report.png under runs_dir comparing the teacher(s) and every student run."""
-    runs = load_runs(runs_dir)
-    if not runs:
+    all_runs = load_runs(runs_dir)
+    if not all_runs:
         raise FileNotFoundError(f"{runs_dir}: no */metrics.json; train students first (`kdcache train`)")
+    runs = [r for r in all_runs if r.get("head") != "causal-lm"]
+    lm_runs = [r for r in all_runs if r.get("head") == "causal-lm"]
+    if not runs:
+        return _lm_report(runs_dir, lm_runs, cache_root, test_split)
     teachers = {}
     for task in sorted({r["task"] for r in runs}):
         cache = next((r["cache"] for r in runs if r["task"] == task), f"{cache_root}/{task}")
@@ -72,6 +76,43 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
     out = runs_dir / "report.md"
     out.write_text("\n".join(lines))
     _plot(runs, list(teachers.values()), runs_dir / "report.png")
+    return out
+
+
+def _lm_report(runs_dir: Path, runs: list[dict[str, Any]], cache_root: str | Path, test_split: str) -> Path:
+    """report.md / report.png for causal-LM students (perplexity instead of accuracy)."""
+    from .lm_trainer import lm_report_lines, teacher_lm_row
+    teachers = {}
+    for task in sorted({r["task"] for r in runs}):
+        try:
+            teachers[task] = teacher_lm_row(next(r["cache"] for r in runs if r["task"] == task), test_split)
+        except (KeyError, FileNotFoundError, CacheFormatError):
+            continue
+    lines = [f"# Student comparison — {runs_dir.name}", "", *lm_report_lines(runs, teachers), "",
+             "![perplexity against size](report.png)", ""]
+    out = runs_dir / "report.md"
+    out.write_text("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for r in runs + list(teachers.values()):
+        x, y = r.get("parameters"), (r.get("test") or {}).get("perplexity")
+        if not x or y is None:
+            continue
+        teacher = r in teachers.values()
+        ax.scatter(x, y, marker="*" if teacher else ("o" if r["kd"] else "x"), s=200 if teacher else 60,
+                   c="black" if teacher else ("tab:blue" if r["kd"] else "tab:orange"))
+        ax.annotate(r["run"].split(" (")[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (log)")
+    ax.set_ylabel("test perplexity (log)")
+    ax.set_title("perplexity vs size (o = KD, x = next-token CE, * = teacher)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(runs_dir / "report.png", dpi=110)
+    plt.close(fig)
     return out
 
 

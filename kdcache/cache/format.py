@@ -26,7 +26,7 @@ PROGRESS_DIR = "_progress"
 BUILD_STATE = "build.json"
 LOCK_FILE = ".kdcache.lock"
 FEATURES_DIR = "features.zarr"
-HEADS = ("sequence-classification",)
+HEADS = ("sequence-classification", "causal-lm")
 SCHEMA_METADATA_KEY = b"kdcache"
 
 
@@ -69,6 +69,42 @@ def parquet_schema(text_fields: tuple[str, ...], num_labels: int, meta: dict[str
         pa.field("truncated", pa.bool_(), nullable=False),       # input was longer than max_length
     ]
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def token_id_type(vocab_size: int) -> pa.DataType:
+    """uint16 when every id fits (vocabularies up to 65,536), else int32."""
+    return pa.uint16() if vocab_size <= 1 << 16 else pa.int32()
+
+
+def lm_parquet_schema(seq_len: int, k: int, num_temperatures: int, vocab_size: int, samples: bool,
+                      meta: dict[str, Any]) -> pa.Schema:
+    """Columns of a causal-LM shard: one row per packed sequence of `seq_len` tokens, per-position arrays flattened
+    position-major (position p's top-k ids are topk_ids[p*k:(p+1)*k]; its value at temperature j is lse[p*nT+j])."""
+    ids = token_id_type(vocab_size)
+    fields = [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(ids, seq_len), nullable=False),
+        pa.field("topk_ids", pa.list_(ids, seq_len * k), nullable=False),            # descending logit order
+        pa.field("topk_logits", pa.list_(pa.float16(), seq_len * k), nullable=False),  # raw logits, no temperature
+        pa.field("lse", pa.list_(pa.float32(), seq_len * num_temperatures), nullable=False),   # logsumexp(z/T)
+        pa.field("tail", pa.list_(pa.float32(), seq_len * num_temperatures), nullable=False),  # log mass outside top-k
+        pa.field("input_hash", pa.int64(), nullable=False),
+    ]
+    if samples:
+        fields += [pa.field("sample_ids", pa.list_(ids), nullable=False),           # distinct ids, position-major
+                   pa.field("sample_counts", pa.list_(pa.uint16()), nullable=False),
+                   pa.field("sample_lengths", pa.list_(pa.uint16(), seq_len), nullable=False)]  # distinct per position
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def expected_schema(m: dict[str, Any]) -> pa.Schema:
+    """The shard schema a manifest's head and settings call for (metadata aside)."""
+    if m["head"] == "causal-lm":
+        lm = m["lm"]
+        return lm_parquet_schema(lm["seq_len"], lm["top_k"], len(lm["temperatures"]), lm["vocab_size"],
+                                 lm["samples"] > 0, {})
+    return parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), {})
 
 
 def parquet_write_options(schema: pa.Schema, row_group_rows: int) -> dict[str, Any]:

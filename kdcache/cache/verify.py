@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from ..fingerprint import hash_file, hash_tree
-from .format import (FEATURES_DIR, LOCK_FILE, MANIFEST, SCHEMA_METADATA_KEY, CacheFormatError, parquet_schema,
+from .format import (FEATURES_DIR, LOCK_FILE, MANIFEST, SCHEMA_METADATA_KEY, CacheFormatError, expected_schema,
                      read_manifest, safe_path)
 
 
@@ -56,7 +56,7 @@ def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any
             return
         if pf.metadata.num_rows != shard["rows"]:
             report.problems.append(f"{where}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
-        expected = parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), {})
+        expected = expected_schema(m)
         if not pf.schema_arrow.remove_metadata().equals(expected.remove_metadata()):
             report.problems.append(f"{where}: columns differ from format v{m['format_version']}: {pf.schema_arrow}")
         try:
@@ -131,6 +131,8 @@ def cache_info(root: str | Path) -> dict[str, Any]:
         splits[split] = {"rows": s["rows"], "shards": len(s["shards"]), "parquet_bytes": pq_bytes,
                          "feature_bytes": feat_bytes,
                          "bytes_per_example": round((pq_bytes + feat_bytes) / max(s["rows"], 1), 1), **s["stats"]}
+        if "tokens" in s["stats"]:
+            splits[split]["bytes_per_token"] = round(pq_bytes / max(s["stats"]["tokens"], 1), 1)
     total_rows = m["totals"]["rows"]
     return {"cache": str(root), "task": m["task"], "pipeline": m.get("pipeline"), "head": m["head"],
             "format_version": m["format_version"], "fingerprint": m["fingerprint"],
@@ -138,4 +140,4 @@ def cache_info(root: str | Path) -> dict[str, Any]:
             "rows": total_rows, "bytes": m["totals"]["bytes"],
             "bytes_per_example": round(m["totals"]["bytes"] / max(total_rows, 1), 1), "splits": splits,
             "created_at": m.get("created_at"), "capture": m.get("capture"), "device": m.get("device"),
-            "processes": m.get("processes")}
+            "processes": m.get("processes"), "lm": m.get("lm")}
