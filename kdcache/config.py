@@ -149,8 +149,9 @@ class LossConfig:
     targets: str = _f("topk", help="Causal-LM students: `topk` (top-k + exact tail bucket), `sampled` (random-sampling "
                                    "KD, unbiased; temperature must be the cache's sample_temperature) or `topk-renorm` "
                                    "(the naive baseline that drops the tail, for comparison only).")
-    chunk: int | None = _f(1024, help="Causal-LM students: token rows per chunk of the memory-lean student "
-                                      "normalisation (no second [tokens, vocab] tensor); null = plain path.")
+    chunk: int | None = _f(32, help="Causal-LM students: token rows per chunk of the memory-lean student "
+                                    "normalisation (no second [tokens, vocab] tensor; small chunks stay in CPU "
+                                    "cache, ~5x faster than the plain path); null = plain path.")
 
 
 @dataclass(frozen=True)

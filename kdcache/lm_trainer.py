@@ -112,18 +112,18 @@ def evaluate_lm(model: torch.nn.Module, ds: CacheDataset, lm: dict[str, Any], ba
     """Perplexity on next tokens, and KL(teacher || student) over the cached top-k + tail buckets at T=1."""
     model.eval()
     nll, tokens, kl, positions = 0.0, 0, 0.0, 0
-    at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=1024)
+    at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
     for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate):
         logits = model(input_ids=batch["input_ids"].to(device)).logits.float()
         flat = logits.reshape(-1, logits.shape[-1])
         ids = batch["input_ids"]
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).reshape(-1).to(device)
-        ce = token_ce_per_row(flat, labels, 1024)
+        ce = token_ce_per_row(flat, labels, 32)
         nll += float(ce[labels >= 0].sum())
         tokens += int((labels >= 0).sum())
         if 1.0 in lm["temperatures"]:
             t = lm_targets(batch, at1, lm, ds.url)
-            kl += float(kd_loss_per_row(flat, t.to(device), "kl", 1.0, chunk=1024).sum())
+            kl += float(kd_loss_per_row(flat, t.to(device), "kl", 1.0, chunk=32).sum())
             positions += flat.shape[0]
     return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1), "tokens": tokens,
             "kl_to_teacher": kl / positions if positions else None}

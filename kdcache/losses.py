@@ -90,45 +90,55 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
                        torch.log1p(-torch.exp(torch.where(near, safe, x))))
 
 
-def _scaled(x: torch.Tensor, temperature: float, exclude: torch.Tensor | None) -> torch.Tensor:
-    z = x.float() / temperature
-    return z if exclude is None else z.scatter(-1, exclude, float("-inf"))
-
-
 class _ChunkedLogSumExp(torch.autograd.Function):
-    """logsumexp(x / T) over the last dim (ids in `exclude` left out), row chunk by row chunk, saving only x and the
-    result [N]: the backward recomputes softmax per chunk, so no [N, V] intermediate outlives a chunk."""
+    """logsumexp(x / T) over the last dim and, when `exclude` ids are given, also the log-sum-exp of every other id,
+    row chunk by row chunk in one pass, saving only x and the results [N]: the backward recomputes the softmaxes
+    per chunk, so no [N, V] intermediate outlives a chunk (and small chunks stay in cache: faster too)."""
 
     @staticmethod
     def forward(ctx, x, temperature, chunk, exclude):
-        out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        full = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        rest = torch.empty_like(full) if exclude is not None else None
         for a in range(0, x.shape[0], chunk):
-            ex = None if exclude is None else exclude[a:a + chunk]
-            out[a:a + chunk] = torch.logsumexp(_scaled(x[a:a + chunk], temperature, ex), dim=-1)
-        ctx.save_for_backward(x, out, exclude if exclude is not None else torch.empty(0))
-        ctx.temperature, ctx.chunk, ctx.has_exclude = temperature, chunk, exclude is not None
-        return out
+            z = x[a:a + chunk].float() / temperature
+            full[a:a + chunk] = torch.logsumexp(z, dim=-1)
+            if exclude is not None:
+                rest[a:a + chunk] = torch.logsumexp(z.scatter_(-1, exclude[a:a + chunk], float("-inf")), dim=-1)
+        ctx.save_for_backward(x, full, *(() if exclude is None else (rest, exclude)))
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return (full, rest) if exclude is not None else full
 
     @staticmethod
-    def backward(ctx, grad):
-        x, out, exclude = ctx.saved_tensors
+    def backward(ctx, g_full, g_rest=None):
+        x, full, *more = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         gx = torch.empty_like(x)
         for a in range(0, x.shape[0], chunk):
-            ex = exclude[a:a + chunk] if ctx.has_exclude else None
-            p = torch.exp(_scaled(x[a:a + chunk], T, ex) - out[a:a + chunk, None])
-            p = torch.nan_to_num(p, nan=0.0)  # rows whose every id is excluded (-inf - -inf)
-            gx[a:a + chunk] = (p * (grad[a:a + chunk, None] / T)).to(x.dtype)
+            z = x[a:a + chunk].float() / T
+            g = torch.exp(z - full[a:a + chunk, None]).mul_(g_full[a:a + chunk, None] / T)
+            if more and g_rest is not None:
+                rest, exclude = more
+                p = torch.exp(z.scatter_(-1, exclude[a:a + chunk], float("-inf")) - rest[a:a + chunk, None])
+                g.add_(p.nan_to_num_(nan=0.0).mul_(g_rest[a:a + chunk, None] / T))  # NaN: every id excluded
+            gx[a:a + chunk] = g.to(x.dtype)
         return gx, None, None, None
 
 
-def logsumexp_t(x: torch.Tensor, temperature: float = 1.0, chunk: int | None = None,
-                exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """logsumexp(x / T, -1) of [N, V], leaving out the ids `exclude` [N, k] when given. With `chunk`, the
-    memory-lean chunked version (same value and gradient, no second [N, V] tensor kept for backward)."""
+def logsumexp_t(x: torch.Tensor, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """logsumexp(x / T, -1) of [N, V]. With `chunk`, the memory-lean chunked version (same value and gradient,
+    no second [N, V] tensor kept for backward)."""
     if chunk is None:
-        return torch.logsumexp(_scaled(x, temperature, exclude), dim=-1)
-    return _ChunkedLogSumExp.apply(x, float(temperature), int(chunk), exclude)
+        return torch.logsumexp(x.float() / temperature, dim=-1)
+    return _ChunkedLogSumExp.apply(x, float(temperature), int(chunk), None)
+
+
+def logsumexp_split(x: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                    chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp(x / T) over every id, logsumexp over the ids NOT in `ids` [N, k]), both [N], in one pass."""
+    if chunk is None:
+        z = x.float() / temperature
+        return torch.logsumexp(z, dim=-1), torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)
+    return _ChunkedLogSumExp.apply(x, float(temperature), int(chunk), ids)
 
 
 _LOG_TINY = -80.0  # log of a mass below float32 resolution: an empty tail, kept finite so 0·log0 stays 0
@@ -142,9 +152,9 @@ def _buckets(student_logits: torch.Tensor, t: TopKTargets, temperature: float,
     log-sum-exp over the ids NOT in the top-k (exact even when the top-k holds nearly all of the student's mass,
     where log(1 - Σ q) would cancel). Extra memory is [N, k], plus [chunk, V] transiently when `chunk` is given.
     """
-    s_lse = logsumexp_t(student_logits, temperature, chunk)                          # [N]
+    s_lse, s_rest = logsumexp_split(student_logits, t.ids, temperature, chunk)        # [N], [N]
     s_top = student_logits.gather(-1, t.ids).float() / temperature - s_lse[:, None]   # [N, k]
-    s_tail = (logsumexp_t(student_logits, temperature, chunk, exclude=t.ids) - s_lse).clamp(min=_LOG_TINY)[:, None]
+    s_tail = (s_rest - s_lse).clamp(min=_LOG_TINY)[:, None]
     t_tail = (t.tail.clamp(min=_LOG_TINY)[:, None] if t.tail is not None
               else _log1mexp(torch.logsumexp(t.logprobs, dim=-1, keepdim=True)))
     return torch.cat([t.logprobs, t_tail], -1), torch.cat([s_top, s_tail], -1)
