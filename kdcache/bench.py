@@ -22,6 +22,7 @@ import torch
 from . import config as C
 from .cache.format import parquet_schema
 from .cache.writer import CacheWriter
+from .docsections import write_section
 from .reader import CacheDataset, collate
 
 STUDENTS = {"bow": C.StudentConfig(arch="bow"),
@@ -235,7 +236,7 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) 
     text = render(res)
     print(text)
     if doc is not None:
-        _update_doc(doc, res["mode"], text)
+        write_section(doc, f"bench:{res['mode']}", text, f"## `make bench` ({res['mode']} mode)", "# Benchmarks\n")
     return res
 
 
@@ -268,15 +269,3 @@ def render(r: dict[str, Any]) -> str:
               f"| storage, one torch.save file per sample | {st['torch_save_per_sample_bytes_per_example']:.0f} B/example; "
               f"reads {st['torch_save_read_rows_per_s']:.0f} rows/s | |", ""]
     return "\n".join(lines)
-
-
-def _update_doc(doc: Path, mode: str, text: str) -> None:
-    """Replace the `bench:<mode>` section of docs/benchmarks.md (appending it the first time)."""
-    start, end = f"<!-- bench:{mode} -->", f"<!-- /bench:{mode} -->"
-    body = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in body and end in body:
-        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
-    else:
-        body = body.rstrip() + f"\n\n## `make bench` ({mode} mode)\n\n{block}\n"
-    doc.write_text(body)

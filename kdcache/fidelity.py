@@ -13,6 +13,7 @@ import numpy as np
 
 from . import config as C
 from .bench import machine
+from .docsections import write_section
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -59,7 +60,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     text = render(results)
     print(text)
     if doc is not None:
-        doc.write_text(update_doc(doc.read_text() if doc.exists() else "", base.name, text))
+        write_section(doc, f"fidelity:{base.name}", text, header=HEADER)
     return results
 
 
@@ -77,17 +78,6 @@ student trained with the live teacher give the same losses and weights
 
 # Tang et al. (2019), "Distilling task-specific knowledge from BERT into simple neural networks", Table 1, SST-2
 TANG_2019 = {"bilstm": 0.867, "bilstm (distilled)": 0.907}
-
-
-def update_doc(old: str, pipeline: str, section: str) -> str:
-    """Replace (or append) the generated section of `pipeline` between its markers, keeping the others."""
-    begin, end = f"<!-- fidelity:{pipeline} -->", f"<!-- /fidelity:{pipeline} -->"
-    block = f"{begin}\n{section.rstrip()}\n{end}"
-    if not old.strip() or "<!-- fidelity:" not in old:
-        old = HEADER
-    if begin in old and end in old:
-        return old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    return old.rstrip() + "\n\n" + block + "\n"
 
 
 def render(r: dict[str, Any]) -> str:

@@ -161,9 +161,9 @@ def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
 
 def test_fidelity_doc_keeps_other_pipelines_sections():
     """Each pipeline owns one marked section of docs/fidelity.md; a rerun replaces it and leaves the others."""
-    from kdcache.fidelity import update_doc
-    doc = update_doc("", "default", "## default v1")
-    doc = update_doc(doc, "sst2", "## sst2 v1")
-    doc = update_doc(doc, "default", "## default v2")
-    assert "default v2" in doc and "default v1" not in doc and "sst2 v1" in doc
+    from kdcache.docsections import replace_section
+    doc = replace_section("# hand-written", "fidelity:default", "## default v1")
+    doc = replace_section(doc, "fidelity:sst2", "## sst2 v1")
+    doc = replace_section(doc, "fidelity:default", "## default v2")
+    assert "default v2" in doc and "default v1" not in doc and "sst2 v1" in doc and "# hand-written" in doc
     assert doc.count("<!-- fidelity:default -->") == 1 and doc.index("default v2") < doc.index("sst2 v1")
