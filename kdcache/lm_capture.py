@@ -118,43 +118,51 @@ class LMTeacherRunner:
         return contextlib.nullcontext()
 
     @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full teacher logits [B, L, V] (float32) for token ids [B, L], refusing NaN/inf."""
+        with self._autocast():
+            z = self.model(input_ids=x.to(self.device)).logits.float()
+        if not torch.isfinite(z).all():
+            raise TeacherError("teacher produced NaN/inf logits; nothing was written. Check the teacher weights, "
+                               "or use precision fp32")
+        return z
+
+    @torch.inference_mode()
+    def targets(self, z: torch.Tensor, x: torch.Tensor, k: int, temperatures) -> dict[str, torch.Tensor]:
+        """On the device: top-k ids and raw logits (before any softmax or temperature), and per temperature the
+        full log-sum-exp and the exact log-mass outside the top-k; plus the teacher's next-token loss and hits."""
+        x = x.to(z.device)
+        vals, ids = z.topk(min(k, z.shape[-1]), dim=-1)
+        lse, tail = [], []
+        for T in temperatures:
+            zt = z / T
+            lse_t = torch.logsumexp(zt, -1)
+            lse.append(lse_t)
+            tail.append(torch.logsumexp(zt.scatter_(-1, ids, float("-inf")), -1) - lse_t)
+        lse1 = lse[list(temperatures).index(1.0)] if 1.0 in temperatures else torch.logsumexp(z, -1)
+        nll = lse1[:, :-1] - z[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+        return {"topk_ids": ids, "topk_logits": vals.half(), "lse": torch.stack(lse, -1),
+                "tail": torch.stack(tail, -1), "nll": nll, "top1": ids[:, :-1, 0] == x[:, 1:]}
+
     def run(self, seqs: np.ndarray, seed: int = 0, on_batch=None) -> dict[str, np.ndarray]:
         """Targets for sequences [n, L]; arrays are [n, L, ...] (samples: flat ids/counts plus lengths [n, L])."""
-        k, temps, c = self.cache.top_k, self.cache.temperatures, self.cache
-        out: dict[str, list] = {key: [] for key in ("topk_ids", "topk_logits", "lse", "tail", "nll", "top1",
-                                                      "sample_ids", "sample_counts", "sample_lengths")}
+        c = self.cache
+        out: dict[str, list] = {}
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for b in range(0, len(seqs), c.batch_size):
-            x = torch.as_tensor(seqs[b:b + c.batch_size], device=self.device)
-            with self._autocast():
-                z = self.model(input_ids=x).logits.float()                      # [B, L, V]
-            if not torch.isfinite(z).all():
-                raise TeacherError(f"teacher produced NaN/inf logits in sequences {b}..{b + len(x) - 1}; nothing "
-                                   "was written. Check the teacher weights, or use precision fp32")
-            vals, ids = z.topk(min(k, z.shape[-1]), dim=-1)                     # raw logits, before any softmax
-            lse, tail = [], []
-            for T in temps:
-                zt = z / T
-                lse_t = torch.logsumexp(zt, -1)
-                lse.append(lse_t)
-                tail.append(torch.logsumexp(zt.scatter_(-1, ids, float("-inf")), -1) - lse_t)
-            lse1 = lse[0] if temps[0] == 1.0 else torch.logsumexp(z, -1)
-            nll = lse1[:, :-1] - z[:, :-1].gather(-1, x[:, 1:, None])[..., 0]  # next-token loss of the teacher
-            out["topk_ids"].append(ids.cpu().numpy())
-            out["topk_logits"].append(vals.half().cpu().numpy())
-            out["lse"].append(torch.stack(lse, -1).cpu().numpy())
-            out["tail"].append(torch.stack(tail, -1).cpu().numpy())
-            out["nll"].append(nll.cpu().numpy())
-            out["top1"].append((ids[:, :-1, 0] == x[:, 1:]).cpu().numpy())
+            x = torch.as_tensor(seqs[b:b + c.batch_size])
+            z = self.forward(x)
+            for key, v in self.targets(z, x, c.top_k, c.temperatures).items():
+                out.setdefault(key, []).append(v.cpu().numpy())
             if c.samples:
                 self._sample(z, c.samples, c.sample_temperature, gen, out)
             failpoint("teacher-batch")
             if on_batch:
                 on_batch(len(x))
-        return {key: (np.concatenate(v) if key != "sample_ids" and key != "sample_counts" else v)
-                for key, v in out.items() if v}
+        return {key: (v if key in ("sample_ids", "sample_counts") else np.concatenate(v)) for key, v in out.items()}
 
     @staticmethod
+    @torch.inference_mode()
     def _sample(z: torch.Tensor, n: int, T: float, gen: torch.Generator, out: dict[str, list]) -> None:
         """n draws per position from softmax(z / T), kept as distinct ids with counts (ascending id order)."""
         B, L, V = z.shape
@@ -167,9 +175,9 @@ class LMTeacherRunner:
         lengths = new.sum(-1).reshape(B, L)
         ids = draws.ravel()[starts]
         bounds = np.concatenate([[0], np.cumsum(lengths.sum(-1))])
-        out["sample_ids"] += [ids[bounds[i]:bounds[i + 1]] for i in range(B)]
-        out["sample_counts"] += [counts[bounds[i]:bounds[i + 1]] for i in range(B)]
-        out["sample_lengths"].append(lengths)
+        out.setdefault("sample_ids", []).extend(ids[bounds[i]:bounds[i + 1]] for i in range(B))
+        out.setdefault("sample_counts", []).extend(counts[bounds[i]:bounds[i + 1]] for i in range(B))
+        out.setdefault("sample_lengths", []).append(lengths)
 
 
 def lm_shard_table(seqs: np.ndarray, t: dict[str, Any], row_start: int, split: str, schema: pa.Schema) -> pa.Table:
