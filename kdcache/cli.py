@@ -153,6 +153,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .config import load_pipeline
+    if any(t.teacher.head == "causal-lm" for t in load_pipeline(args.pipeline).tasks.values()):
+        from .lm_bench import run_lm_bench
+        run_lm_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.teachers_dir)
+        return 0
     from .bench import run_bench
     run_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc)
     return 0
@@ -295,9 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "student consumption (and reader RSS for caches 1x/4x/16x), KD-from-cache vs "
                                    "hard-labels-from-memory training, cache vs live-teacher training next to the "
                                    "ideal speed-up, and bytes per example vs naive layouts. Writes "
-                                   "data/bench/bench-<mode>.json and a section of docs/benchmarks.md.")
+                                   "data/bench/bench-<mode>.json and a section of docs/benchmarks.md. For a "
+                                   "causal-LM pipeline (e.g. `kdcache bench lm`): bytes per token, reconstruction "
+                                   "KL and student perplexity for top-k in {8..128}, sampled targets and naive "
+                                   "top-128 (data/bench/bench-lm-<mode>.json).")
     _experiment_args(p, "bench", "benchmarks")
     p.add_argument("--quick", action="store_true", help="smoke-check sizes (512 rows per split)")
+    p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"),
+                   help="where converted/fine-tuned teachers are kept (default: data/teachers)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("fidelity", help="KD students vs hard-label twins over seeds, with all labels and label-scarce",

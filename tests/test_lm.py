@@ -147,3 +147,17 @@ def test_lm_loss_settings_the_cache_cannot_serve_are_refused(lm_cache, tmp_path,
     cache, _ = lm_cache
     with pytest.raises(CacheFormatError, match=message):
         lm_train_task(lm_pipeline(override), "news", ["llama"], str(cache), tmp_path)
+
+
+def test_lm_bench_quick_reports_storage_and_fidelity_per_k(tmp_path):
+    """`kdcache bench <lm pipeline> --quick`: every k, sampled and naive rows, bytes grow with k, the exact-tail
+    reconstruction gets closer to the teacher as k grows, and the naive layout is bigger than ours at k = 128."""
+    from kdcache.lm_bench import KS, run_lm_bench
+    doc = tmp_path / "benchmarks.md"
+    r = run_lm_bench(LM_TINY, True, tmp_path / "bench", doc, teachers_dir=tmp_path / "teachers")
+    st, kl = r["storage_bytes_per_token"], r["reconstruction_kl"]
+    sizes = [st[f"top-{k}"] for k in KS]
+    assert sizes == sorted(sizes) and all(np.isfinite(x["perplexity"]) for x in r["fidelity"].values())
+    assert kl[str(KS[-1])] <= kl[str(KS[0])]
+    assert st[f"naive top-{KS[-1]} (int32 + float32, pyarrow defaults)"] > st[f"top-{KS[-1]}"]
+    assert "<!-- bench:lm-quick -->" in doc.read_text() and "| top-16 + exact tail |" in doc.read_text()

@@ -1,0 +1,219 @@
+"""`kdcache bench <causal-lm pipeline>`: storage against fidelity for LM targets, measured side by side in one run.
+
+One teacher pass over packed training and held-out sequences gives, for every k in KS and for sampled targets:
+bytes per token of the real Parquet layout; KL(teacher ‖ reconstruction) on held-out positions (the stored top-k
+probabilities plus the tail mass spread evenly over the other ids); and the held-out perplexity of the same small
+student trained for the same budget on those targets. Baselines in the same run: naive top-128 (int32 ids, float32
+logits, pyarrow defaults, tail dropped and the top-k renormalised) and next-token CE alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import config as C
+from .bench import machine
+from .cache.format import lm_parquet_schema, parquet_write_options
+from .data import load_task_data
+from .docsections import write_section
+from .lm_capture import LMTeacherRunner, lm_shard_table, pack, prepare_lm_teacher
+from .lm_trainer import evaluate_lm, lm_loss
+from .students.llama import build_lm_student
+
+KS = (8, 16, 32, 64, 128)
+SAMPLES = 32
+
+
+def _parquet_bytes(table: pa.Table, tuned: bool = True) -> int:
+    buf = io.BytesIO()
+    if tuned:
+        pq.write_table(table, buf, **parquet_write_options(table.schema, 1 << 20))
+    else:
+        pq.write_table(table, buf)
+    return buf.tell()
+
+
+def _recon_kl(z: torch.Tensor, t: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """KL(teacher ‖ reconstruction) per position at T=1: stored top-k probabilities (float16 logits, float32 lse)
+    and the exact tail mass spread evenly over the V-k other ids."""
+    logp = torch.log_softmax(z.float(), -1)
+    V = z.shape[-1]
+    ids = t["topk_ids"][..., :k].long()
+    rec = (t["tail"][..., :1] - math.log(max(V - k, 1))).expand_as(logp).clone()
+    rec.scatter_(-1, ids, t["topk_logits"][..., :k].float() - t["lse"][..., :1])
+    return (logp.exp() * (logp - rec)).sum(-1)
+
+
+def _batches(seqs: np.ndarray, targets: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator):
+    order = rng.permutation(len(seqs))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        batch = {"input_ids": torch.as_tensor(seqs[idx])}
+        for key, v in targets.items():
+            if key in ("sample_ids", "sample_counts"):
+                batch[key] = torch.as_tensor(np.concatenate([v[i] for i in idx]).astype(np.int64))
+            else:
+                batch[key] = torch.as_tensor(v[idx].astype(np.int64 if key.endswith(("ids", "lengths")) else np.float32))
+        yield batch
+
+
+class _Held(torch.utils.data.IterableDataset):
+    """Held-out sequences in the shape CacheDataset yields, for evaluate_lm."""
+
+    def __init__(self, seqs: np.ndarray, t: dict[str, np.ndarray]) -> None:
+        self.seqs, self.t, self.url = seqs, t, "held-out"
+
+    def __iter__(self):
+        for i in range(len(self.seqs)):
+            yield {"row_id": i, "id": str(i), "input_ids": self.seqs[i],
+                   **{k: self.t[k][i] for k in ("topk_ids", "topk_logits", "lse", "tail")}}
+
+
+def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None,
+                 teachers_dir: Path = Path("data/teachers"), overrides: list[str] = ()) -> dict[str, Any]:
+    pipeline = C.load_pipeline(pipeline_name, list(overrides))
+    task_name = next(iter(pipeline.tasks))
+    task = pipeline.tasks[task_name]
+    student = next((s for s in pipeline.students.values() if s.arch == "llama"), C.StudentConfig(arch="llama"))
+    n_train, n_held, epochs = (32, 8, 1) if quick else (160, 32, 3)
+    model, tok, _ = prepare_lm_teacher(pipeline.name, task_name, task, teachers_dir)
+    data = load_task_data(task.data)
+    L = task.cache.max_length
+    train_seqs = pack(tok, data.splits["train"]["text"][:], L)[:n_train]
+    held_seqs = pack(tok, data.splits["validation"]["text"][:], L)[:n_held]
+    cache_cfg = dataclasses.replace(task.cache, top_k=max(KS), temperatures=(1.0,), samples=SAMPLES,
+                                    sample_temperature=1.0)
+    runner = LMTeacherRunner(model, cache_cfg, task.teacher.precision, task.teacher.device)
+    V = int(model.get_output_embeddings().weight.shape[0])
+
+    def capture(seqs: np.ndarray, held: bool):
+        """Per k: targets [n, L, ...] as numpy; plus sampled targets and (held-out) reconstruction KL per k."""
+        per_k: dict[int, dict[str, list]] = {k: {} for k in KS}
+        samples: dict[str, list] = {}
+        kl = {k: [] for k in KS}
+        gen = torch.Generator(device=runner.device).manual_seed(0)
+        t0 = time.perf_counter()
+        for b in range(0, len(seqs), cache_cfg.batch_size):
+            x = torch.as_tensor(seqs[b:b + cache_cfg.batch_size])
+            z = runner.forward(x)
+            for k in KS:
+                t = runner.targets(z, x, k, (1.0,))  # the tail depends on k: computed per k from the full logits
+                for key in ("topk_ids", "topk_logits", "lse", "tail"):
+                    per_k[k].setdefault(key, []).append(t[key].cpu().numpy())
+                if held:
+                    kl[k].append(_recon_kl(z, t, k).cpu())
+            runner._sample(z, SAMPLES, 1.0, gen, samples)
+        seconds = time.perf_counter() - t0
+        out = {k: {key: np.concatenate(v) for key, v in d.items()} for k, d in per_k.items()}
+        smp = {"sample_ids": samples["sample_ids"], "sample_counts": samples["sample_counts"],
+               "sample_lengths": np.concatenate(samples["sample_lengths"])}
+        return out, smp, {str(k): float(torch.cat(v).mean()) for k, v in kl.items()} if held else None, seconds
+
+    train_t, train_s, _, teacher_s = capture(train_seqs, held=False)
+    held_t, held_s, recon_kl, _ = capture(held_seqs, held=True)
+    tokens = train_seqs.size
+
+    # storage: the real shard layout per k; sampled = the sample columns with input_ids; naive baseline
+    storage = {}
+    for k in KS:
+        schema = lm_parquet_schema(L, k, 1, V, False, {})
+        storage[f"top-{k}"] = _parquet_bytes(lm_shard_table(train_seqs, train_t[k], 0, "train", schema)) / tokens
+    s_schema = lm_parquet_schema(L, 1, 1, V, True, {})
+    s_table = lm_shard_table(train_seqs, {**train_t[KS[0]], **{"topk_ids": train_t[KS[0]]["topk_ids"][..., :1],
+                                                              "topk_logits": train_t[KS[0]]["topk_logits"][..., :1]},
+                                          **train_s}, 0, "train", s_schema)
+    storage[f"sampled ({SAMPLES} draws)"] = _parquet_bytes(
+        s_table.select(["input_ids", "sample_ids", "sample_counts", "sample_lengths"])) / tokens
+    k_max = max(KS)
+    naive = pa.table({"input_ids": pa.array(list(train_seqs.astype(np.int32))),
+                      "topk_ids": pa.array(list(train_t[k_max]["topk_ids"].reshape(len(train_seqs), -1).astype(np.int32))),
+                      "topk_logits": pa.array(list(train_t[k_max]["topk_logits"].reshape(len(train_seqs), -1)
+                                                   .astype(np.float32)))})
+    storage[f"naive top-{k_max} (int32 + float32, pyarrow defaults)"] = _parquet_bytes(naive, tuned=False) / tokens
+
+    # fidelity: the same student, same seed and batches, per target kind
+    lm = {"temperatures": [1.0], "samples": SAMPLES, "sample_temperature": 1.0}
+    variants = {f"top-{k}": (C.LossConfig(alpha=0.5, temperature=1.0), train_t[k]) for k in KS}
+    variants[f"sampled ({SAMPLES} draws)"] = (C.LossConfig(alpha=0.5, temperature=1.0, targets="sampled"),
+                                              {**train_s, **train_t[KS[0]]})
+    variants[f"naive top-{k_max} (tail dropped)"] = (C.LossConfig(alpha=0.5, temperature=1.0, targets="topk-renorm"),
+                                                     train_t[k_max])
+    variants["next-token CE only"] = (C.LossConfig(alpha=1.0), train_t[KS[0]])
+    held_ds = _Held(held_seqs, held_t[k_max])
+    fidelity = {}
+    for name, (loss, targets) in variants.items():
+        torch.manual_seed(0)
+        net = build_lm_student(student.params, V, L, "bench student")
+        opt = torch.optim.AdamW(net.parameters(), lr=student.learning_rate or pipeline.train.learning_rate)
+        rng = np.random.default_rng(0)
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            for batch in _batches(train_seqs, targets, pipeline.train.batch_size, rng):
+                net.train()
+                value, _ = lm_loss(net(input_ids=batch["input_ids"]).logits, batch, loss, lm, name)
+                value.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        ev = evaluate_lm(net, held_ds, {"temperatures": [1.0]}, 8, torch.device("cpu"))
+        fidelity[name] = {"perplexity": ev["perplexity"], "kl_to_teacher": ev["kl_to_teacher"],
+                          "train_seconds": round(time.perf_counter() - t0, 1)}
+
+    res = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": pipeline.name,
+           "mode": "quick" if quick else "full", "command": f"kdcache bench {pipeline_name}" + (" --quick" if quick else ""),
+           "vocab_size": V, "seq_len": L, "train_tokens": int(tokens), "held_out_tokens": int(held_seqs.size),
+           "epochs": epochs, "teacher_tokens_per_s": tokens / teacher_s, "student": dataclasses.asdict(student),
+           "storage_bytes_per_token": storage, "reconstruction_kl": recon_kl,
+           "held_out_tail_mass": {str(k): float(np.exp(held_t[k]["tail"][..., 0]).mean()) for k in KS},
+           "fidelity": fidelity}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"bench-lm-{res['mode']}.json").write_text(json.dumps(res, indent=1))
+    text = render(res)
+    print(text)
+    if doc is not None:
+        write_section(doc, f"bench:lm-{res['mode']}", text, f"## LM targets: storage against fidelity ({res['mode']} mode)",
+                      "# Benchmarks\n")
+    return res
+
+
+def render(r: dict[str, Any]) -> str:
+    k_max = max(KS)
+    lines = [f"### {r['date']} — `{r['command']}`", "",
+             f"Machine: {r['machine']}. Teacher vocabulary {r['vocab_size']:,}; {r['train_tokens']:,} training and "
+             f"{r['held_out_tokens']:,} held-out tokens in {r['seq_len']}-token sequences; teacher at "
+             f"{r['teacher_tokens_per_s']:.0f} tokens/s. Student: {r['student']['params']} trained {r['epochs']} "
+             "epoch(s), same seed and batches for every row, α = 0.5, T = 1.", "",
+             "Reconstruction KL: KL(teacher ‖ stored top-k probabilities + the tail mass spread evenly over the other "
+             "ids) on held-out positions, nats. Student columns: held-out perplexity and KL(teacher ‖ student) over "
+             "the top-128 ids + tail.", "",
+             "| targets | bytes/token | held-out tail mass | reconstruction KL | student ppl | student KL | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    fid, st = r["fidelity"], r["storage_bytes_per_token"]
+    for k in KS:
+        name = f"top-{k}"
+        lines.append(f"| {name} + exact tail | {st[name]:.1f} | {r['held_out_tail_mass'][str(k)]:.4f} | "
+                     f"{r['reconstruction_kl'][str(k)]:.4f} | "
+                     f"{fid[name]['perplexity']:.1f} | {fid[name]['kl_to_teacher']:.4f} | {fid[name]['train_seconds']} |")
+    sname = f"sampled ({SAMPLES} draws)"
+    lines.append(f"| {sname} | {st[sname]:.1f} | – | – (an unbiased estimator, not a reconstruction) | "
+                 f"{fid[sname]['perplexity']:.1f} | {fid[sname]['kl_to_teacher']:.4f} | {fid[sname]['train_seconds']} |")
+    nname = f"naive top-{k_max} (tail dropped)"
+    naive_bytes = next(v for key, v in st.items() if key.startswith("naive"))
+    lines.append(f"| {nname} | {naive_bytes:.1f} | dropped | ∞ (the tail gets probability 0) | "
+                 f"{fid[nname]['perplexity']:.1f} | {fid[nname]['kl_to_teacher']:.4f} | {fid[nname]['train_seconds']} |")
+    ce = fid["next-token CE only"]
+    lines.append(f"| next-token CE only | 0 | – | – | {ce['perplexity']:.1f} | {ce['kl_to_teacher']:.4f} | "
+                 f"{ce['train_seconds']} |")
+    lines.append("")
+    return "\n".join(lines)
