@@ -113,6 +113,9 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     if task.teacher.head == "causal-lm":
         from .lm_capture import build_lm_cache
         return build_lm_cache(pipeline, task_name, out_dir, teachers_dir, overwrite)
+    if task.teacher.head == "token-classification":
+        from .ner import build_ner_cache
+        return build_ner_cache(pipeline, task_name, out_dir, teachers_dir, overwrite)
     dist = distributed.state()
     data = load_task_data(task.data)
     model, tokenizer, identity = distributed.main_first(

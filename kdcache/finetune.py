@@ -63,6 +63,24 @@ def accuracy(model: torch.nn.Module, tokenizer: Any, ds, text_fields: tuple[str,
     return float((pred[mask] == labels[mask]).mean()) if mask.any() else float("nan")
 
 
+@torch.inference_mode()
+def word_predictions(model: torch.nn.Module, tokenizer: Any, sentences, tags, names, max_length: int,
+                     batch_size: int = 64) -> tuple[list[list[str]], list[list[str]]]:
+    """(gold, predicted) tag names per word for a token classifier; words beyond max_length predicted `O`."""
+    from .ner import align_words
+    model.eval()
+    ids, first, _ = align_words(tokenizer, sentences, max_length)
+    gold, pred = [], []
+    for b in range(0, len(ids), batch_size):
+        rows = np.arange(b, min(b + batch_size, len(ids)))
+        z = model(**_collate(ids, rows, tokenizer.pad_token_id or 0)).logits
+        for r, i in enumerate(rows):
+            p = z[r, first[i]].argmax(-1).tolist() if first[i] else []
+            pred.append([names[t] for t in p] + ["O"] * (len(tags[i]) - len(p)))
+            gold.append([names[t] for t in tags[i]])
+    return gold, pred
+
+
 def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
     """Everything that decides the fine-tuned weights."""
     ft = task.teacher.finetune
@@ -74,7 +92,9 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
     return {"base": task.teacher.model, "from_config": task.teacher.from_config, "revision": task.teacher.revision,
             "tokenizer": task.teacher.tokenizer, "labels": list(data.label_names),
             "train_data": hash_table(train.data.table), "text_fields": list(task.data.text_fields),
-            "max_length": task.cache.max_length, "settings": {k: getattr(ft, k) for k in ft.__dataclass_fields__}}
+            "max_length": task.cache.max_length, "settings": {k: getattr(ft, k) for k in ft.__dataclass_fields__},
+            # (only for other heads, so existing sequence-classification teachers keep their key)
+            **({"head": task.teacher.head} if task.teacher.head != "sequence-classification" else {})}
 
 
 def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, out_dir: Path) -> Path:
@@ -95,12 +115,18 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, out_dir: 
     train = data.splits[ft.train_split]
     if ft.limit is not None:
         train = train.select(range(min(ft.limit, len(train))))
-    labelled = [i for i, y in enumerate(train["label"][:]) if y >= 0]
-    if not labelled:
-        raise TeacherError(f"task {task_name}: split {ft.train_split!r} has no labelled rows to fine-tune on")
-    train = train.select(labelled)
-    ids = _encode(tokenizer, train, task.data.text_fields, task.cache.max_length)
-    labels = torch.as_tensor(train["label"][:])
+    words = task.teacher.head == "token-classification"
+    if words:  # per sub-token labels: each word's tag on its first sub-token, -100 elsewhere
+        from .ner import align_words, token_labels
+        ids, first, _ = align_words(tokenizer, train["words"][:], task.cache.max_length)
+        tok_labels = [token_labels(f, t, len(x)) for f, t, x in zip(first, train["tags"][:], ids)]
+    else:
+        labelled = [i for i, y in enumerate(train["label"][:]) if y >= 0]
+        if not labelled:
+            raise TeacherError(f"task {task_name}: split {ft.train_split!r} has no labelled rows to fine-tune on")
+        train = train.select(labelled)
+        ids = _encode(tokenizer, train, task.data.text_fields, task.cache.max_length)
+        labels = torch.as_tensor(train["label"][:])
     rng = np.random.default_rng(ft.seed)
     steps_per_epoch = math.ceil(len(ids) / ft.batch_size)
     total = max(1, int(round(ft.epochs * steps_per_epoch)))
@@ -115,8 +141,14 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, out_dir: 
             for rows in _batches(len(ids), ft.batch_size, rng):
                 if step >= total:
                     break
-                loss = torch.nn.functional.cross_entropy(
-                    model(**_collate(ids, rows, tokenizer.pad_token_id or 0)).logits, labels[rows])
+                logits = model(**_collate(ids, rows, tokenizer.pad_token_id or 0)).logits
+                if words:
+                    target = torch.full(logits.shape[:2], -100, dtype=torch.long)
+                    for r, i in enumerate(rows):
+                        target[r, :len(tok_labels[i])] = torch.as_tensor(tok_labels[i])
+                    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+                else:
+                    loss = torch.nn.functional.cross_entropy(logits, labels[rows])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -124,7 +156,12 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, out_dir: 
                 bar.update(len(rows))
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     metrics: dict[str, Any] = {"train_rows": len(ids), "steps": total, "seconds": round(time.time() - t0, 1)}
-    if ft.eval_split and ft.eval_split in data.splits:
+    if ft.eval_split and ft.eval_split in data.splits and words:
+        from .ner import entity_f1
+        ev = data.splits[ft.eval_split]
+        metrics[f"{ft.eval_split}_entity_f1"] = entity_f1(*word_predictions(model, tokenizer, ev["words"][:], ev["tags"][:],
+                                                                            data.label_names, task.cache.max_length))["f1"]
+    elif ft.eval_split and ft.eval_split in data.splits:
         metrics[f"{ft.eval_split}_accuracy"] = accuracy(model, tokenizer, data.splits[ft.eval_split],
                                                         task.data.text_fields, task.cache.max_length)
     log.info("teacher for task %s fine-tuned: %s", task_name, metrics)

@@ -144,6 +144,13 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                    f"{u.rows}; the shard changed since it was written: run `kdcache verify`")
         if self.manifest["head"] == "causal-lm":
             return lm_columns(table, self.manifest["lm"])
+        if self.manifest["head"] == "token-classification":
+            c = len(self.manifest["label_names"])
+            return {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
+                    "words": table.column("words").to_pylist(), "tags": table.column("tags").to_pylist(),
+                    "logits": [np.asarray(x, np.float32).reshape(-1, c) for x in
+                               table.column("logits").to_numpy(zero_copy_only=False)],
+                    "covered_words": table.column("covered_words").to_numpy()}
         cols = {
             "row_id": table.column("row_id").to_numpy(),
             "id": table.column("id").to_pylist(),
@@ -226,6 +233,8 @@ _STACKED = ("input_ids", "topk_ids", "topk_logits", "lse", "tail", "sample_lengt
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch rows: texts stay lists; labels [B] int64; logits [B, C] float32; features {name: [B, H]};
     causal-LM arrays stacked to [B, ...] (sample ids/counts concatenated in row order)."""
+    if "words" in rows[0]:  # token classification: ragged per sentence, padded by the trainer
+        return {k: [r[k] for r in rows] for k in rows[0]}
     if "input_ids" in rows[0]:
         out = {k: torch.as_tensor(np.stack([r[k] for r in rows]).astype(np.int64 if k.endswith(("ids", "lengths"))
                                                                        else np.float32))

@@ -40,10 +40,9 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
     all_runs = load_runs(runs_dir)
     if not all_runs:
         raise FileNotFoundError(f"{runs_dir}: no */metrics.json; train students first (`kdcache train`)")
-    runs = [r for r in all_runs if r.get("head") != "causal-lm"]
-    lm_runs = [r for r in all_runs if r.get("head") == "causal-lm"]
+    runs = [r for r in all_runs if r.get("head", "sequence-classification") == "sequence-classification"]
     if not runs:
-        return _lm_report(runs_dir, lm_runs, cache_root, test_split)
+        return _head_report(runs_dir, all_runs, test_split)
     teachers = {}
     for task in sorted({r["task"] for r in runs}):
         cache = next((r["cache"] for r in runs if r["task"] == task), f"{cache_root}/{task}")
@@ -79,37 +78,49 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
     return out
 
 
-def _lm_report(runs_dir: Path, runs: list[dict[str, Any]], cache_root: str | Path, test_split: str) -> Path:
-    """report.md / report.png for causal-LM students (perplexity instead of accuracy)."""
+def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str) -> Path:
+    """report.md / report.png for causal-LM (perplexity) and token-classification (entity F1) students."""
     from .lm_trainer import lm_report_lines, teacher_lm_row
-    teachers = {}
-    for task in sorted({r["task"] for r in runs}):
-        try:
-            teachers[task] = teacher_lm_row(next(r["cache"] for r in runs if r["task"] == task), test_split)
-        except (KeyError, FileNotFoundError, CacheFormatError):
+    from .ner_trainer import ner_report_lines, teacher_ner_row
+    heads = {"causal-lm": (teacher_lm_row, lm_report_lines, "perplexity", "test perplexity (log)"),
+             "token-classification": (teacher_ner_row, ner_report_lines, "f1", "test entity F1")}
+    lines = [f"# Student comparison — {runs_dir.name}", ""]
+    panels = []
+    for head, (teacher_row_of, table, metric, label) in heads.items():
+        mine = [r for r in runs if r.get("head") == head]
+        if not mine:
             continue
-    lines = [f"# Student comparison — {runs_dir.name}", "", *lm_report_lines(runs, teachers), "",
-             "![perplexity against size](report.png)", ""]
+        teachers = {}
+        for task in sorted({r["task"] for r in mine}):
+            try:
+                teachers[task] = teacher_row_of(next(r["cache"] for r in mine if r["task"] == task), test_split)
+            except (KeyError, FileNotFoundError, CacheFormatError):
+                continue  # the cache moved: the report shows the students alone
+        lines += [*table(mine, teachers), ""]
+        panels.append((mine, list(teachers.values()), metric, label))
+    lines += ["![metric against size](report.png)", ""]
     out = runs_dir / "report.md"
     out.write_text("\n".join(lines))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    for r in runs + list(teachers.values()):
-        x, y = r.get("parameters"), (r.get("test") or {}).get("perplexity")
-        if not x or y is None:
-            continue
-        teacher = r in teachers.values()
-        ax.scatter(x, y, marker="*" if teacher else ("o" if r["kd"] else "x"), s=200 if teacher else 60,
-                   c="black" if teacher else ("tab:blue" if r["kd"] else "tab:orange"))
-        ax.annotate(r["run"].split(" (")[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters (log)")
-    ax.set_ylabel("test perplexity (log)")
-    ax.set_title("perplexity vs size (o = KD, x = next-token CE, * = teacher)")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
+    for ax, (mine, teachers, metric, label) in zip(axes[0], panels):
+        for r in mine + teachers:
+            x, y = r.get("parameters"), (r.get("test") or {}).get(metric)
+            if not x or y is None:
+                continue
+            teacher = r in teachers
+            ax.scatter(x, y, marker="*" if teacher else ("o" if r["kd"] else "x"), s=200 if teacher else 60,
+                       c="black" if teacher else ("tab:blue" if r["kd"] else "tab:orange"))
+            ax.annotate(r["run"].split(" (")[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("parameters (log)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs size (o = KD, x = hard labels, * = teacher)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(runs_dir / "report.png", dpi=110)
     plt.close(fig)

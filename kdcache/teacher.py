@@ -33,9 +33,12 @@ class TeacherError(KdcacheError):
 def auto_class(head: str):
     import transformers
     try:
-        return {"sequence-classification": transformers.AutoModelForSequenceClassification}[head]
+        return {"sequence-classification": transformers.AutoModelForSequenceClassification,
+                "token-classification": transformers.AutoModelForTokenClassification,
+                "causal-lm": transformers.AutoModelForCausalLM}[head]
     except KeyError:
-        raise TeacherError(f"unknown teacher head {head!r}; supported: sequence-classification") from None
+        raise TeacherError(f"unknown teacher head {head!r}; supported: sequence-classification, "
+                           "token-classification, causal-lm") from None
 
 
 def load_tokenizer(cfg: TeacherConfig):

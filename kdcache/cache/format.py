@@ -26,7 +26,7 @@ PROGRESS_DIR = "_progress"
 BUILD_STATE = "build.json"
 LOCK_FILE = ".kdcache.lock"
 FEATURES_DIR = "features.zarr"
-HEADS = ("sequence-classification", "causal-lm")
+HEADS = ("sequence-classification", "token-classification", "causal-lm")
 SCHEMA_METADATA_KEY = b"kdcache"
 
 
@@ -98,8 +98,28 @@ def lm_parquet_schema(seq_len: int, k: int, num_temperatures: int, vocab_size: i
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
+def ner_parquet_schema(num_labels: int, meta: dict[str, Any]) -> pa.Schema:
+    """Columns of a token-classification shard: one row per sentence, ragged by its number of words. The teacher's
+    tag logits are PER WORD (its first sub-token), exact float32, flattened word-major, for the first
+    `covered_words` words (the rest fell beyond the teacher's max_length: hard labels only)."""
+    fields = [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("words", pa.list_(pa.string()), nullable=False),
+        pa.field("tags", pa.list_(pa.int32()), nullable=False),                 # gold tag id per word
+        pa.field("logits", pa.list_(pa.float32()), nullable=False),             # covered_words x num_labels
+        pa.field("covered_words", pa.int32(), nullable=False),
+        pa.field("input_hash", pa.int64(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+    ]
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
 def expected_schema(m: dict[str, Any]) -> pa.Schema:
     """The shard schema a manifest's head and settings call for (metadata aside)."""
+    if m["head"] == "token-classification":
+        return ner_parquet_schema(len(m["label_names"]), {})
     if m["head"] == "causal-lm":
         lm = m["lm"]
         return lm_parquet_schema(lm["seq_len"], lm["top_k"], len(lm["temperatures"]), lm["vocab_size"],

@@ -16,6 +16,22 @@ import torch
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
+NUM_SHAPES = 6
+
+
+def word_shape(w: str) -> int:
+    """1 lower, 2 Capitalised, 3 UPPER, 4 has a digit, 5 other (0 = padding)."""
+    if any(c.isdigit() for c in w):
+        return 4
+    if w.isupper():
+        return 3
+    if w[:1].isupper():
+        return 2
+    if w.islower():
+        return 1
+    return 5
+
+
 class WordTokenizer:
     """Lower-cased words and punctuation; id 0 = padding, 1 = unknown word."""
 
@@ -47,6 +63,22 @@ class WordTokenizer:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.as_tensor(r)
         return ids, (ids != self.PAD).long()
+
+    @classmethod
+    def build_from_words(cls, sentences: Sequence[Sequence[str]], size: int) -> "WordTokenizer":
+        """A vocabulary of lower-cased words for word-level taggers (case goes to `shapes`)."""
+        counts = Counter(w.lower() for s in sentences for w in s)
+        return cls([w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]])
+
+    def encode_words(self, sentences: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One id per word: (ids [B, W], shapes [B, W], mask [B, W]); shapes keep what lower-casing drops."""
+        width = max(1, max(len(s) for s in sentences))
+        ids = torch.zeros((len(sentences), width), dtype=torch.long)
+        shapes = torch.zeros_like(ids)
+        for i, s in enumerate(sentences):
+            ids[i, :len(s)] = torch.as_tensor([self.index.get(w.lower(), self.UNK) for w in s], dtype=torch.long)
+            shapes[i, :len(s)] = torch.as_tensor([word_shape(w) for w in s], dtype=torch.long)
+        return ids, shapes, (torch.arange(width)[None, :] < torch.as_tensor([len(s) for s in sentences])[:, None]).long()
 
     def save(self, folder: Path) -> None:
         (Path(folder) / self.FILE).write_text(json.dumps(self.words[2:]))

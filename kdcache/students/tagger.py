@@ -1,0 +1,85 @@
+"""Word-level taggers for token-classification caches: one output per WORD, matching the cache's word-aligned
+teacher logits whatever the teacher's tokenizer was. Inputs: word ids, word shapes (case, digits), mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ..config import ConfigError, build
+from .tokenizers import NUM_SHAPES
+
+
+@dataclass(frozen=True)
+class BiLSTMTaggerParams:
+    embed_dim: int = 100
+    shape_dim: int = 16
+    hidden: int = 128
+    layers: int = 1
+    dropout: float = 0.2
+
+
+class BiLSTMTagger(nn.Module):
+    """Embeddings (word + shape) -> BiLSTM -> linear per word."""
+
+    def __init__(self, p: BiLSTMTaggerParams, vocab_size: int, num_labels: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, p.embed_dim, padding_idx=0)
+        self.shape = nn.Embedding(NUM_SHAPES, p.shape_dim, padding_idx=0)
+        self.lstm = nn.LSTM(p.embed_dim + p.shape_dim, p.hidden, p.layers, batch_first=True, bidirectional=True)
+        self.drop = nn.Dropout(p.dropout)
+        self.out = nn.Linear(2 * p.hidden, num_labels)
+
+    def forward(self, ids, shapes, mask):
+        x = self.drop(torch.cat([self.embed(ids), self.shape(shapes)], -1))
+        lengths = mask.sum(1).clamp_min(1).cpu()
+        h, _ = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        h, _ = pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])
+        return self.out(self.drop(h))
+
+
+@dataclass(frozen=True)
+class TransformerTaggerParams:
+    dim: int = 128
+    shape_dim: int = 16
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 256
+    max_words: int = 256
+    dropout: float = 0.1
+
+
+class TransformerTagger(nn.Module):
+    """A small word-level transformer encoder (its own word vocabulary) -> linear per word."""
+
+    def __init__(self, p: TransformerTaggerParams, vocab_size: int, num_labels: int) -> None:
+        super().__init__()
+        self.max_words = p.max_words
+        self.embed = nn.Embedding(vocab_size, p.dim - p.shape_dim, padding_idx=0)
+        self.shape = nn.Embedding(NUM_SHAPES, p.shape_dim, padding_idx=0)
+        self.pos = nn.Embedding(p.max_words, p.dim)
+        layer = nn.TransformerEncoderLayer(p.dim, p.heads, p.ffn, p.dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, p.layers, enable_nested_tensor=False)
+        self.out = nn.Linear(p.dim, num_labels)
+
+    def forward(self, ids, shapes, mask):
+        width = ids.shape[1]  # words beyond max_words get zero logits (uniform): CoNLL's longest sentence has 124
+        ids, shapes, mask = ids[:, :self.max_words], shapes[:, :self.max_words], mask[:, :self.max_words]
+        x = torch.cat([self.embed(ids), self.shape(shapes)], -1) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        out = self.out(self.encoder(x, src_key_padding_mask=mask == 0))
+        return nn.functional.pad(out, (0, 0, 0, width - out.shape[1])) if width > out.shape[1] else out
+
+
+TAGGERS = {"bilstm-tagger": (BiLSTMTagger, BiLSTMTaggerParams),
+           "transformer-tagger": (TransformerTagger, TransformerTaggerParams)}
+
+
+def build_tagger(arch: str, params: dict, vocab_size: int, num_labels: int, where: str = "student") -> nn.Module:
+    if arch not in TAGGERS:
+        raise ConfigError(f"{where}.arch: {arch!r} cannot learn from a token-classification cache; use one of "
+                          f"{', '.join(TAGGERS)}")
+    cls, params_cls = TAGGERS[arch]
+    return cls(build(params_cls, params, f"{where}.params"), vocab_size, num_labels)
