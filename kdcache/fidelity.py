@@ -82,7 +82,7 @@ TANG_2019 = {"bilstm": 0.867, "bilstm (distilled)": 0.907}
 
 def render(r: dict[str, Any]) -> str:
     """One pipeline's section of docs/fidelity.md."""
-    limit = f", first {r['limit']} rows per split" if r.get("limit") else ""
+    limit = f", at most {r['limit']} rows per split (the first ones)" if r.get("limit") else ""
     lines = [f"## Pipeline `{r['pipeline']}` (data: {r.get('source', '?')}{limit})", "",
              f"`kdcache fidelity {r['pipeline']}` on {r['date']} ({r['machine']}); seeds {r['seeds']}.", ""]
     for name, s in r["settings"].items():
@@ -98,7 +98,7 @@ def render(r: dict[str, Any]) -> str:
         lines.append("")
     if r.get("source") == "sst2":
         lines += ["Next to Tang et al. (2019, full SST-2, BERT-large teacher, 300-d word2vec BiLSTM, "
-                  "training set augmented for distillation): BiLSTM hard labels {TANG_2019['bilstm']:.3f}; BiLSTM distilled "
+                  f"training set augmented for distillation): BiLSTM hard labels {TANG_2019['bilstm']:.3f}; BiLSTM distilled "
                   f"{TANG_2019['bilstm (distilled)']:.3f} (gain +{TANG_2019['bilstm (distilled)'] - TANG_2019['bilstm']:.3f}). "
                   "Ours differ in teacher (MiniLM-L6, 22M), embeddings (random init, no word2vec), no augmentation, "
                   "and the training subset above; the comparison is of the gain's direction and size, not of "
