@@ -148,7 +148,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
             c = len(self.manifest["label_names"])
             return {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
                     "words": table.column("words").to_pylist(), "tags": table.column("tags").to_pylist(),
-                    "logits": [np.asarray(x, np.float32).reshape(-1, c) for x in
+                    "logits": [np.array(x, np.float32).reshape(-1, c) for x in
                                table.column("logits").to_numpy(zero_copy_only=False)],
                     "covered_words": table.column("covered_words").to_numpy()}
         cols = {

@@ -1,0 +1,107 @@
+"""Token classification: CoNLL reading, word alignment against a plain unbatched teacher call (every covered word
+gets exactly its first sub-token's logits; truncated words are counted), entity F1 by conlleval rules, taggers."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+from conftest import REPO
+from kdcache.cache.format import read_manifest
+from kdcache.cache.verify import verify_cache
+from kdcache.capture import build_teacher_cache
+from kdcache.config import DataConfig, load_pipeline
+from kdcache.data import CONLL_TAGS, DataError, load_task_data, read_conll
+from kdcache.ner import entity_f1, entity_spans
+from kdcache.ner_trainer import ner_train_task
+from kdcache.report import build_report
+
+NER_TINY = str(REPO / "pipelines" / "ner-tiny" / "pipeline.yaml")
+
+
+@pytest.fixture(scope="module")
+def ner_cache(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ner")
+    pipeline = load_pipeline(NER_TINY)
+    manifest = build_teacher_cache(pipeline, "conll", tmp / "cache", tmp / "teachers")
+    return tmp, pipeline, manifest
+
+
+def test_conll2003_reads_the_documented_counts():
+    d = load_task_data(DataConfig(source="conll2003"))
+    assert {k: len(v) for k, v in d.splits.items()} == {"train": 14041, "validation": 3250, "test": 3453}
+    assert sum(len(w) for w in d.splits["test"]["words"][:]) == 46435, "-DOCSTART- lines are dropped"
+    assert d.label_names == CONLL_TAGS
+
+
+def test_conll_bad_tag_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.txt.gz"
+    with gzip.open(p, "wt") as f:
+        f.write("-DOCSTART- O\n\nEU B-ORG\nrejects O\nGerman B-MISCC\n\n")
+    with pytest.raises(DataError, match=r"bad.txt.gz:5: tag 'B-MISCC'"):
+        read_conll(p, "x")
+
+
+@pytest.mark.parametrize("tags, spans", [
+    (["B-PER", "I-PER", "O", "B-LOC"], {("PER", 0, 1), ("LOC", 3, 3)}),
+    (["I-ORG", "I-ORG", "O"], {("ORG", 0, 1)}),                       # I- after O starts an entity (conlleval)
+    (["B-PER", "I-LOC", "I-LOC"], {("PER", 0, 0), ("LOC", 1, 2)}),   # a type change ends one, starts another
+    (["B-MISC", "B-MISC"], {("MISC", 0, 0), ("MISC", 1, 1)}),
+    (["O", "O"], set()),
+])
+def test_entity_spans_follow_conlleval(tags, spans):
+    assert entity_spans(tags) == spans
+
+
+def test_entity_f1_counts_exact_matches_only():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG"]]
+    pred = [["B-PER", "O", "O", "B-LOC"], ["B-ORG"]]             # one boundary error
+    r = entity_f1(gold, pred)
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
+    assert entity_f1(gold, gold)["f1"] == 1.0
+
+
+def test_every_word_gets_its_first_subtoken_logits_and_truncation_is_counted(ner_cache):
+    tmp, pipeline, manifest = ner_cache
+    assert verify_cache(tmp / "cache").ok
+    folder = tmp / "teachers" / "ner-tiny" / "conll"
+    model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    m = read_manifest(tmp / "cache")
+    table = pq.read_table([str(tmp / "cache" / s["parquet"]) for s in m["splits"]["validation"]["shards"]])
+    max_length, C = pipeline.tasks["conll"].cache.max_length, len(CONLL_TAGS)
+    uncovered = truncated = 0
+    for words, logits, covered in zip(table.column("words").to_pylist(), table.column("logits").to_pylist(),
+                                      table.column("covered_words").to_pylist()):
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode():
+            ref = model(**enc).logits[0].numpy()            # one sentence, no padding, no batching
+        word_ids = enc.word_ids(0)
+        first = [word_ids.index(w) for w in range(len(words)) if w in word_ids]
+        assert covered == len(first)
+        np.testing.assert_allclose(np.asarray(logits).reshape(-1, C), ref[first], rtol=1e-4, atol=1e-5)
+        uncovered += len(words) - covered
+        truncated += covered < len(words)
+    stats = m["splits"]["validation"]["stats"]
+    assert truncated > 0, "max_length 24 must cut some sentences"
+    assert stats["uncovered_words"] == uncovered and stats["truncated_rows"] == truncated
+
+
+def test_taggers_train_with_twins_and_the_report_shows_entity_f1(ner_cache):
+    tmp, pipeline, _ = ner_cache
+    runs = tmp / "runs"
+    res = {r["run"]: r for r in ner_train_task(pipeline, "conll", ["bilstm-tagger", "transformer-tagger"],
+                                               str(tmp / "cache"), runs)}
+    assert set(res) == {"bilstm-tagger", "bilstm-tagger-hard", "transformer-tagger", "transformer-tagger-hard"}
+    for r in res.values():
+        assert 0.0 <= r["test"]["f1"] <= 1.0 and r["test"]["rows"] == 80
+        assert (runs / r["run"] / "checkpoint" / "student.pt").is_file()
+    assert res["bilstm-tagger"]["kd"] and not res["bilstm-tagger-hard"]["kd"]
+    text = build_report(runs, tmp / "cache", "test").read_text()
+    assert "test entity F1" in text and "bilstm-tagger-hard" in text and "teacher (" in text
+    assert (runs / "report.png").stat().st_size > 0
