@@ -177,7 +177,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_fidelity(args) -> int:
-    from .fidelity import run_fidelity
+    from .fidelity import run_fidelity, run_sweep
+    if args.sweep:
+        run_sweep(args.pipeline, args.sweep, [int(x) for x in args.seeds.split(",")], args.out,
+                  None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
+        return 0
     run_fidelity(args.pipeline, [int(x) for x in args.seeds.split(",")], args.students.split(","), args.scarce,
                  args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
     return 0
@@ -339,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scarce", type=int, default=1000, help="labelled training rows in the label-scarce setting (0: all-labels setting only)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline value (repeatable), e.g. tasks.sst2.data.limit=null for the full set")
+    p.add_argument("--sweep", metavar="STUDENT", default=None,
+                   help="instead: temperature (1/2/4), α (0/0.5/0.9/1) and feature loss on/off for this student, "
+                        "all variants in one pass over the cache, over --seeds")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
     p.set_defaults(func=cmd_fidelity)
 

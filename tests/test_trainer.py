@@ -167,3 +167,18 @@ def test_fidelity_doc_keeps_other_pipelines_sections():
     doc = replace_section(doc, "fidelity:default", "## default v2")
     assert "default v2" in doc and "default v1" not in doc and "sst2 v1" in doc and "# hand-written" in doc
     assert doc.count("<!-- fidelity:default -->") == 1 and doc.index("default v2") < doc.index("sst2 v1")
+
+
+def test_sweep_trains_every_variant_with_its_own_loss(tmp_path):
+    """`kdcache fidelity --sweep`: temperature, α and feature-loss variants of one student in one pass, each run
+    recording the loss it was trained with; the feature row appears because the tiny cache holds features."""
+    from kdcache.fidelity import SWEEP, run_sweep
+    doc = tmp_path / "fidelity.md"
+    res = run_sweep(TINY_PATH, "bow", [0], tmp_path / "fid", doc, teachers_dir=tmp_path / "teachers",
+                    cache_root=tmp_path / "caches", overrides=[*FAST, "train.epochs=1"])
+    assert list(res["rows"]) == list(SWEEP) and all(len(v) == 1 for v in res["rows"].values())
+    runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "fid" / "runs" / "sweep" / "0").glob("*/metrics.json"))]
+    got = sorted((r["loss"]["temperature"], r["loss"]["alpha"], bool(r["loss"]["features"])) for r in runs)
+    want = sorted((c["temperature"], c["alpha"], "features" in c) for c in SWEEP.values())
+    assert got == want
+    assert "<!-- fidelity:tiny-sweep-bow -->" in doc.read_text() and "| T=4 |" in doc.read_text()
