@@ -18,7 +18,11 @@ Stage one runs a Hugging Face teacher ONCE over each task's data and writes a co
 (Parquet shards for logits and inputs, Zarr for hidden features, manifest.json written last). Stage two trains
 many cheap students from that cache without loading the teacher again.
 
-A PIPELINE is a name under pipelines/ (e.g. `default`, `tiny`) or a path to a pipeline YAML file.
+Three teacher heads: sequence classification (exact logits per example), token classification (exact tag logits
+per WORD, e.g. NER) and causal LM (top-k ids + raw logits per position, with the full log-sum-exp and the exact
+tail mass at each configured temperature, optionally sampled targets).
+
+A PIPELINE is a name under pipelines/ (default, tiny, sst2, ner, ner-tiny, lm, lm-tiny) or a path to a YAML file.
 """
 
 EPILOG = """\
@@ -30,6 +34,9 @@ examples:
   kdcache train default --students bilstm --teacher live   # online KD with the live teacher, for comparison
   kdcache verify data/cache/default           # re-check every checksum; exit 1 naming the bad shard
   kdcache info data/cache/default --json
+  kdcache cache ner && kdcache train ner      # CoNLL-2003 NER: word-level taggers, entity F1
+  kdcache bench lm                            # LM targets: bytes/token against fidelity for k = 8..128
+  kdcache fidelity default --sweep bilstm     # temperature / alpha / feature-loss sweep for one student
 """
 
 
