@@ -161,3 +161,26 @@ def test_lm_bench_quick_reports_storage_and_fidelity_per_k(tmp_path):
     assert kl[str(KS[-1])] <= kl[str(KS[0])]
     assert st[f"naive top-{KS[-1]} (int32 + float32, pyarrow defaults)"] > st[f"top-{KS[-1]}"]
     assert "<!-- bench:lm-quick -->" in doc.read_text() and "| top-16 + exact tail |" in doc.read_text()
+
+
+def test_lm_capture_killed_mid_run_resumes_to_the_same_bytes(lm_cache, tmp_path):
+    """kill -9 after one committed shard, rerun: identical shards (sampled draws are seeded per shard)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    cache, _ = lm_cache
+
+    def run(env):
+        return subprocess.run([sys.executable, "-m", "kdcache.cli", "cache", LM_TINY, "--out", str(tmp_path / "c"),
+                               "--teachers-dir", str(tmp_path / "t")], capture_output=True, text=True,
+                              env={**os.environ, **env}, cwd=REPO, timeout=600)
+    killed = run({"KDCACHE_FAILPOINT": "before-shard-record@2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not verify_cache(tmp_path / "c" / "news").ok
+    rerun = run({})
+    assert rerun.returncode == 0 and "1 of" in rerun.stderr and "resuming" in rerun.stderr, rerun.stderr[-2000:]
+
+    def sums(c):
+        return {s: [x["sha256"] for x in v["shards"]] for s, v in read_manifest(c)["splits"].items()}
+    assert sums(tmp_path / "c" / "news") == sums(cache)
