@@ -113,7 +113,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_train(args) -> int:
     from .report import build_report
-    from .trainer import train_task
+    from .trainer import train_students
     pipeline, _ = _load(args)
     students = args.students.split(",") if args.students else list(pipeline.students)
     unknown = [s for s in students if s not in pipeline.students]
@@ -127,18 +127,7 @@ def cmd_train(args) -> int:
         by_task.setdefault(pipeline.student_task(s), []).append(s)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, rank 0 reports
     for task, names in by_task.items():
-        if pipeline.tasks[task].teacher.head == "causal-lm":
-            if args.teacher == "live":
-                raise SystemExit("kdcache: error: --teacher live is for sequence-classification tasks only")
-            from .lm_trainer import lm_train_task
-            results = lm_train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir)
-        elif pipeline.tasks[task].teacher.head == "token-classification":
-            if args.teacher == "live":
-                raise SystemExit("kdcache: error: --teacher live is for sequence-classification tasks only")
-            from .ner_trainer import ner_train_task
-            results = ner_train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir)
-        else:
-            results = train_task(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
+        results = train_students(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
                                  teachers_dir=args.teachers_dir)
         for r in results:
             if not main_process:

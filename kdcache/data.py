@@ -292,8 +292,12 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     if cfg.label_field and not label_names:
         raise DataError(f"{raw.origin}: label names unknown; list them in data.label_names")
     if cfg.source in TOKEN_SOURCES:  # already checked and normalised by the reader
-        return TaskData({split: ds.select(range(min(cfg.limit, len(ds)))) if cfg.limit is not None else ds
-                         for split, ds in raw.splits.items()}, label_names, raw.origin, "id")
+        out = {split: ds.select(range(min(cfg.limit, len(ds)))) if cfg.limit is not None else ds
+               for split, ds in raw.splits.items()}
+        if "train" in out and cfg.labelled_limit is not None:  # tag -1 = word without a gold tag
+            tags = [t if i < cfg.labelled_limit else [-1] * len(t) for i, t in enumerate(out["train"]["tags"][:])]
+            out["train"] = out["train"].remove_columns("tags").add_column("tags", tags)
+        return TaskData(out, label_names, raw.origin, "id")
     selected = raw.splits
     if cfg.splits and cfg.source != "hub":
         missing = [src for src in cfg.splits.values() if src not in raw.splits]

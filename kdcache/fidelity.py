@@ -16,6 +16,12 @@ from .bench import machine
 from .docsections import write_section
 
 
+# head -> (student test metric, teacher statistic in the manifest, words for the doc)
+METRIC = {"sequence-classification": ("accuracy", "teacher_accuracy", "test accuracy"),
+          "token-classification": ("f1", "teacher_entity_f1", "test entity F1"),
+          "causal-lm": ("perplexity", "teacher_perplexity", "test perplexity")}
+
+
 def _mean_std(xs: list[float]) -> str:
     return f"{np.mean(xs):.4f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0.0:.4f}"
 
@@ -25,16 +31,17 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                  overrides: list[str] = ()) -> dict[str, Any]:
     """The all-labels setting reuses the pipeline's own teacher and cache; the label-scarce one builds its own."""
     from .capture import build_teacher_cache
-    from .trainer import train_task
+    from .trainer import train_students
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
+    metric = METRIC[base.tasks[task].teacher.head]
     settings = {"all labels": (list(overrides), teachers_dir, cache_root / base.name / task)}
     if scarce:  # 0 = all-labels setting only
         settings[f"{scarce} labelled training rows"] = ([*overrides, f"tasks.{task}.data.labelled_limit={scarce}"],
                                                          out_dir / "teachers-scarce", out_dir / "cache-scarce" / task)
     results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name,
                                "source": base.tasks[task].data.source, "limit": base.tasks[task].data.limit,
-                               "seeds": seeds, "students": students, "settings": {}}
+                               "seeds": seeds, "students": students, "metric": metric, "settings": {}}
     train_rows = None
     for name, (over, teachers, cache) in settings.items():
         ft = base.tasks[task].teacher.finetune
@@ -48,9 +55,10 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
                                      [f"students.{s}.twin=true" for s in students])
-            for r in train_task(seeded, task, students, str(cache), out_dir / "runs" / name.replace(" ", "-") / str(seed)):
-                rows[r["student"]]["kd" if r["kd"] else "hard"].append(r["test"]["accuracy"])
-        results["settings"][name] = {"teacher_test_accuracy": manifest["splits"]["test"]["stats"]["teacher_accuracy"],
+            for r in train_students(seeded, task, students, str(cache),
+                                    out_dir / "runs" / name.replace(" ", "-") / str(seed)):
+                rows[r["student"]]["kd" if r["kd"] else "hard"].append(r["test"][metric[0]])
+        results["settings"][name] = {"teacher_test_accuracy": manifest["splits"]["test"]["stats"][metric[1]],
                                      "teacher_finetune_epochs": (pipeline.tasks[task].teacher.finetune.epochs
                                                                  if pipeline.tasks[task].teacher.finetune else None),
                                      "labelled_train_rows": manifest["splits"]["train"]["stats"]["labelled_rows"],
@@ -147,11 +155,13 @@ TANG_2019 = {"bilstm": 0.867, "bilstm (distilled)": 0.907}
 def render(r: dict[str, Any]) -> str:
     """One pipeline's section of docs/fidelity.md."""
     limit = f", at most {r['limit']} rows per split (the first ones)" if r.get("limit") else ""
+    words = (r.get("metric") or METRIC["sequence-classification"])[2]
     lines = [f"## Pipeline `{r['pipeline']}` (data: {r.get('source', '?')}{limit})", "",
-             f"`kdcache fidelity {r['pipeline']}` on {r['date']} ({r['machine']}); seeds {r['seeds']}.", ""]
+             f"`kdcache fidelity {r['pipeline']}` on {r['date']} ({r['machine']}); seeds {r['seeds']}; "
+             f"{words}.", ""]
     for name, s in r["settings"].items():
         lines += [f"### {name}", "",
-                  f"Teacher test accuracy {s['teacher_test_accuracy']:.4f} (fine-tuned for "
+                  f"Teacher {words} {s['teacher_test_accuracy']:.4f} (fine-tuned for "
                   f"{s.get('teacher_finetune_epochs')} epochs); {s['labelled_train_rows']} of "
                   f"{s['train_rows']} training rows labelled (hard-label twins learn from those only; KD students "
                   "learn from every row's cached soft labels).", "",

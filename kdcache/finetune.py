@@ -118,6 +118,7 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, out_dir: 
     words = task.teacher.head == "token-classification"
     if words:  # per sub-token labels: each word's tag on its first sub-token, -100 elsewhere
         from .ner import align_words, token_labels
+        train = train.select([i for i, t in enumerate(train["tags"][:]) if t and min(t) >= 0])  # gold-tagged only
         ids, first, _ = align_words(tokenizer, train["words"][:], task.cache.max_length)
         tok_labels = [token_labels(f, t, len(x)) for f, t, x in zip(first, train["tags"][:], ids)]
     else:

@@ -52,7 +52,7 @@ def token_labels(first: list[int], tags: Sequence[int], length: int) -> list[int
     """Per sub-token training labels: the word's tag on its first sub-token, -100 (ignored) elsewhere."""
     out = [-100] * length
     for w, t in enumerate(first):
-        out[t] = int(tags[w])
+        out[t] = int(tags[w]) if tags[w] >= 0 else -100
     return out
 
 
@@ -137,10 +137,11 @@ def ner_shard_stats(rows: dict[str, list], out: dict[str, Any], names: Sequence[
     """Sums that add up across shards: words, covered words, truncated sentences, the teacher's entity counts."""
     gold, pred = [], []
     for tags, lg, c in zip(rows["tags"], out["logits"], out["covered"]):
-        gold.append([names[t] for t in tags])
+        gold.append([names[t] if t >= 0 else "O" for t in tags])  # untagged words (label-scarce): no gold entity
         pred.append([names[t] for t in lg.argmax(-1)] + ["O"] * (len(tags) - int(c)))
     tp = sum(len(entity_spans(g) & entity_spans(p)) for g, p in zip(gold, pred))
     return {"rows": len(rows["id"]), "words": int(sum(len(t) for t in rows["tags"])),
+            "labelled_rows": int(sum(1 for t in rows["tags"] if t and min(t) >= 0)),
             "covered_words": int(out["covered"].sum()), "truncated": int(out["truncated"].sum()),
             "tp": tp, "gold_entities": sum(len(entity_spans(g)) for g in gold),
             "pred_entities": sum(len(entity_spans(p)) for p in pred), "seconds": float(seconds),
@@ -148,11 +149,13 @@ def ner_shard_stats(rows: dict[str, list], out: dict[str, Any], names: Sequence[
 
 
 def ner_summarise(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    tot = {k: sum(s[k] for s in stats) for k in ("rows", "words", "covered_words", "truncated", "tp",
-                                                 "gold_entities", "pred_entities", "seconds", "tokens_sum")}
+    tot = {k: sum(s.get(k, 0) for s in stats) for k in ("rows", "words", "covered_words", "truncated", "tp",
+                                                        "gold_entities", "pred_entities", "seconds", "tokens_sum",
+                                                        "labelled_rows")}
     p = tot["tp"] / tot["pred_entities"] if tot["pred_entities"] else 0.0
     r = tot["tp"] / tot["gold_entities"] if tot["gold_entities"] else 0.0
-    return {"rows": tot["rows"], "words": tot["words"], "uncovered_words": tot["words"] - tot["covered_words"],
+    return {"rows": tot["rows"], "labelled_rows": tot["labelled_rows"], "words": tot["words"],
+            "uncovered_words": tot["words"] - tot["covered_words"],
             "truncated_rows": tot["truncated"], "teacher_entity_f1": 2 * p * r / (p + r) if p + r else 0.0,
             "gold_entities": tot["gold_entities"], "mean_tokens": tot["tokens_sum"] / max(tot["rows"], 1),
             "teacher_rows_per_s": tot["rows"] / tot["seconds"] if tot["seconds"] else None}

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def pad_targets(batch: dict[str, Any], width: int, num_labels: int) -> tuple[torch.Tensor, ...]:
-    """Gold tags [B, W] (-1 = padding), teacher logits [B, W, C] and covered-word mask [B, W] from ragged rows."""
+    """Gold tags [B, W] (-1 = padding or a word without a gold tag), teacher logits [B, W, C] and covered-word
+    mask [B, W] from ragged rows."""
     B = len(batch["tags"])
     tags = torch.full((B, width), -1, dtype=torch.long)
     teacher = torch.zeros((B, width, num_labels))
@@ -42,15 +43,21 @@ def pad_targets(batch: dict[str, Any], width: int, num_labels: int) -> tuple[tor
 
 def tagger_loss(logits: torch.Tensor, tags: torch.Tensor, teacher: torch.Tensor, covered: torch.Tensor,
                 loss: C.LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over real words of α·CE + (1-α)·KD (KD only where the teacher covered the word; CE alone elsewhere)."""
-    real = tags >= 0
-    s, y, t, cov = logits[real].float(), tags[real], teacher[real], covered[real]
-    ce = F.cross_entropy(s, y, reduction="none")
+    """Per word: α·CE + (1-α)·KD where it has a gold tag and teacher logits; CE alone where the teacher did not
+    cover it; KD alone where it has no gold tag (label-scarce data); mean over the words that have a term.
+    α = 1 (the hard-label twin) uses gold-tagged words only."""
+    labelled = tags >= 0
+    use = labelled | covered if loss.alpha < 1.0 else labelled
+    if not use.any():  # e.g. a hard-label twin on a batch of untagged sentences: nothing to learn, no NaN
+        return logits.sum() * 0.0, {"ce": 0.0, "kd": 0.0}
+    s, y, t, cov, lab = logits[use].float(), tags[use], teacher[use], covered[use], labelled[use]
+    ce = F.cross_entropy(s, y.clamp_min(0), reduction="none")
     if loss.alpha >= 1.0:
         return ce.mean(), {"ce": float(ce.detach().mean()), "kd": 0.0}
     kd = dense_kd_loss_per_row(s, t, loss.kind, loss.temperature, loss.beta)
-    per = torch.where(cov, loss.alpha * ce + (1.0 - loss.alpha) * kd, ce)
-    return per.mean(), {"ce": float(ce.detach().mean()), "kd": float(kd.detach()[cov].mean()) if cov.any() else 0.0}
+    per = torch.where(lab, torch.where(cov, loss.alpha * ce + (1.0 - loss.alpha) * kd, ce), kd)
+    return per.mean(), {"ce": float(ce.detach()[lab].mean()) if lab.any() else 0.0,
+                        "kd": float(kd.detach()[cov].mean()) if cov.any() else 0.0}
 
 
 @torch.inference_mode()

@@ -298,3 +298,18 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
             (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         results.append(metrics)
     return results
+
+
+def train_students(pipeline: C.PipelineConfig, task: str, students: list[str], cache: str, runs_dir: Path,
+                   teacher: str = "cache", teachers_dir: Path = Path("data/teachers")) -> list[dict[str, Any]]:
+    """Stage two for any head: the task's teacher head picks the trainer (classification, NER or causal LM)."""
+    head = pipeline.tasks[task].teacher.head
+    if head != "sequence-classification" and teacher == "live":
+        raise CacheFormatError("--teacher live (online KD) is for sequence-classification tasks only")
+    if head == "causal-lm":
+        from .lm_trainer import lm_train_task
+        return lm_train_task(pipeline, task, students, cache, runs_dir)
+    if head == "token-classification":
+        from .ner_trainer import ner_train_task
+        return ner_train_task(pipeline, task, students, cache, runs_dir)
+    return train_task(pipeline, task, students, cache, runs_dir, teacher=teacher, teachers_dir=teachers_dir)

@@ -105,3 +105,47 @@ def test_taggers_train_with_twins_and_the_report_shows_entity_f1(ner_cache):
     text = build_report(runs, tmp / "cache", "test").read_text()
     assert "test entity F1" in text and "bilstm-tagger-hard" in text and "teacher (" in text
     assert (runs / "report.png").stat().st_size > 0
+
+
+def test_tagger_loss_uses_each_word_for_what_it_has():
+    """Gold tag + teacher: α·CE + (1-α)·KD; gold only (beyond max_length): CE; teacher only (label-scarce): KD;
+    a hard-label twin on a batch without gold tags gets a zero loss, not NaN."""
+    import torch.nn.functional as F
+
+    from kdcache.config import LossConfig
+    from kdcache.losses import dense_kd_loss_per_row
+    from kdcache.ner_trainer import tagger_loss
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 4, 3, generator=g), torch.randn(1, 4, 3, generator=g)
+    tags = torch.tensor([[2, 0, -1, -1]])                   # word 3 is padding (no tag, not covered)
+    covered = torch.tensor([[True, False, True, False]])
+    loss = LossConfig(kind="kl", temperature=2.0, alpha=0.3)
+    ce = F.cross_entropy(s[0], tags[0].clamp_min(0), reduction="none")
+    kd = dense_kd_loss_per_row(s[0], t[0], "kl", 2.0)
+    want = ((0.3 * ce[0] + 0.7 * kd[0]) + ce[1] + kd[2]) / 3
+    got, _ = tagger_loss(s, tags, t, covered, loss)
+    torch.testing.assert_close(got, want)
+    hard, _ = tagger_loss(s, tags, t, covered, LossConfig(alpha=1.0))
+    torch.testing.assert_close(hard, (ce[0] + ce[1]) / 2)
+    none, _ = tagger_loss(s, torch.full_like(tags, -1), t, covered, LossConfig(alpha=1.0))
+    assert none.item() == 0.0
+
+
+def test_labelled_limit_keeps_gold_tags_for_the_first_sentences_only():
+    d = load_task_data(DataConfig(source="conll2003", limit=50, labelled_limit=20))
+    tags = d.splits["train"]["tags"][:]
+    assert all(min(t) >= 0 for t in tags[:20]) and all(set(t) == {-1} for t in tags[20:])
+    assert all(min(t) >= 0 for t in d.splits["test"]["tags"][:]), "evaluation splits keep every tag"
+
+
+def test_fidelity_on_a_token_task_compares_entity_f1_in_both_settings(tmp_path):
+    from kdcache.fidelity import run_fidelity
+    res = run_fidelity(NER_TINY, [0], ["bilstm-tagger"], 30, tmp_path / "fid", tmp_path / "f.md",
+                       teachers_dir=tmp_path / "teachers", cache_root=tmp_path / "caches", overrides=["train.epochs=1"])
+    assert res["metric"][0] == "f1"
+    scarce = res["settings"]["30 labelled training rows"]
+    assert scarce["labelled_train_rows"] == 30 < scarce["train_rows"]
+    for s in res["settings"].values():
+        v = s["students"]["bilstm-tagger"]
+        assert len(v["kd"]) == len(v["hard"]) == 1 and 0.0 <= v["kd"][0] <= 1.0
+    assert "test entity F1" in (tmp_path / "f.md").read_text()
