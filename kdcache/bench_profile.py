@@ -1,0 +1,50 @@
+"""Where stage two's time goes (`python -m kdcache.bench_profile`, after `make teacher-cache`): the default BiLSTM
+for 150 batches, KD from the cache against hard labels, each twice, timing tokenisation, forward, loss, backward and
+the optimizer step separately; the numbers behind the stage-two reading in docs/benchmarks.md."""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from . import config as C
+from .bench import STUDENTS
+from .losses import distillation_loss
+from .reader import CacheDataset, collate
+from .trainer import make_run, make_tokenizer, texts_of
+
+
+def main(cache: str = "data/cache/default/sentiment", N: int = 150) -> None:
+    torch.manual_seed(0)
+    train = C.load_pipeline("default").train
+    ds = CacheDataset(cache, "train", shuffle=True, seed=0, shuffle_buffer=train.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=collate)
+    t0 = time.perf_counter()
+    batches = list(itertools.islice(loader, N))  # the reader's cost, kept apart from the steps
+    t_read = time.perf_counter() - t0
+    st = STUDENTS["bilstm"]
+    tok = make_tokenizer(st, cache, "train", ("text",))
+
+    def run(loss_cfg: C.LossConfig, label: str) -> float:
+        r = make_run("b", "b", st, loss_cfg, train, tok, 2, {}, 10**6, Path())
+        T = {"tokenize": 0.0, "forward": 0.0, "loss": 0.0, "backward": 0.0, "step": 0.0}
+        for b in batches:
+            r.model.train()
+            t = time.perf_counter(); ids, mask = tok(texts_of(b, ("text",)), train.max_length); T["tokenize"] += time.perf_counter() - t
+            t = time.perf_counter(); logits, _ = r.model(ids, mask); T["forward"] += time.perf_counter() - t
+            t = time.perf_counter(); loss, _ = distillation_loss(logits, b["logits"], b["label"], loss_cfg.kind, loss_cfg.temperature, loss_cfg.alpha); T["loss"] += time.perf_counter() - t
+            t = time.perf_counter(); loss.backward(); T["backward"] += time.perf_counter() - t
+            t = time.perf_counter(); torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0); r.optimizer.step(); r.scheduler.step(); r.optimizer.zero_grad(set_to_none=True); T["step"] += time.perf_counter() - t
+        tot = sum(T.values())
+        print(label, f"total {tot*1000/N:.1f} ms/step", {k: f"{v*1000/N:.2f}" for k, v in T.items()})
+        return tot
+    for _ in range(2):
+        hard = run(C.LossConfig(alpha=1.0), "hard labels")
+        kd = run(train.loss, "KD (T=2, a=.5)")
+    print(f"reading+collate {t_read*1000/N:.2f} ms/batch; KD/hard step ratio {hard/kd:.3f}")
+
+
+if __name__ == "__main__":
+    main()
