@@ -3,6 +3,7 @@ for 150 batches, KD from the cache against hard labels, each twice, timing token
 the optimizer step separately; the numbers behind the stage-two reading in docs/benchmarks.md."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from pathlib import Path
@@ -14,6 +15,13 @@ from .bench import STUDENTS
 from .losses import distillation_loss
 from .reader import CacheDataset, collate
 from .trainer import make_run, make_tokenizer, texts_of
+
+
+@contextlib.contextmanager
+def _timed(totals: dict[str, float], key: str):
+    t = time.perf_counter()
+    yield
+    totals[key] += time.perf_counter() - t
 
 
 def main(cache: str = "data/cache/default/sentiment", N: int = 150) -> None:
@@ -32,11 +40,20 @@ def main(cache: str = "data/cache/default/sentiment", N: int = 150) -> None:
         T = {"tokenize": 0.0, "forward": 0.0, "loss": 0.0, "backward": 0.0, "step": 0.0}
         for b in batches:
             r.model.train()
-            t = time.perf_counter(); ids, mask = tok(texts_of(b, ("text",)), train.max_length); T["tokenize"] += time.perf_counter() - t
-            t = time.perf_counter(); logits, _ = r.model(ids, mask); T["forward"] += time.perf_counter() - t
-            t = time.perf_counter(); loss, _ = distillation_loss(logits, b["logits"], b["label"], loss_cfg.kind, loss_cfg.temperature, loss_cfg.alpha); T["loss"] += time.perf_counter() - t
-            t = time.perf_counter(); loss.backward(); T["backward"] += time.perf_counter() - t
-            t = time.perf_counter(); torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0); r.optimizer.step(); r.scheduler.step(); r.optimizer.zero_grad(set_to_none=True); T["step"] += time.perf_counter() - t
+            with _timed(T, "tokenize"):
+                ids, mask = tok(texts_of(b, ("text",)), train.max_length)
+            with _timed(T, "forward"):
+                logits, _ = r.model(ids, mask)
+            with _timed(T, "loss"):
+                loss, _ = distillation_loss(logits, b["logits"], b["label"], loss_cfg.kind, loss_cfg.temperature,
+                                            loss_cfg.alpha)
+            with _timed(T, "backward"):
+                loss.backward()
+            with _timed(T, "step"):
+                torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)
+                r.optimizer.step()
+                r.scheduler.step()
+                r.optimizer.zero_grad(set_to_none=True)
         tot = sum(T.values())
         print(label, f"total {tot*1000/N:.1f} ms/step", {k: f"{v*1000/N:.2f}" for k, v in T.items()})
         return tot
