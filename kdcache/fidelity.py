@@ -61,7 +61,9 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
         results["settings"][name] = {"teacher_test_accuracy": manifest["splits"]["test"]["stats"][metric[1]],
                                      "teacher_finetune_epochs": (pipeline.tasks[task].teacher.finetune.epochs
                                                                  if pipeline.tasks[task].teacher.finetune else None),
-                                     "labelled_train_rows": manifest["splits"]["train"]["stats"]["labelled_rows"],
+                                     # caches of token tasks built before kdcache counted labelled rows: all were
+                                     "labelled_train_rows": manifest["splits"]["train"]["stats"].get(
+                                         "labelled_rows", manifest["splits"]["train"]["rows"]),
                                      "train_rows": manifest["splits"]["train"]["rows"], "students": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"fidelity-{base.name}.json").write_text(json.dumps(results, indent=1))
