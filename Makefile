@@ -1,5 +1,6 @@
 # kdcache — run `make help` for the targets.
-# Everything runs inside .venv/ (created on first use). PIPELINE picks pipelines/<name>/pipeline.yaml.
+# Everything runs inside .venv/ (created on first use). PIPELINE picks pipelines/<name>/pipeline.yaml; ARGS passes
+# extra options to the kdcache command, e.g. ARGS="--set tasks.conll.data.limit=null".
 
 PYTHON     ?= python3
 PIPELINE   ?= default
@@ -30,17 +31,17 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed  ## create .venv/ and install kdcache with its dependencies
 
 teacher-finetune: install  ## fine-tune the pipeline's teachers that need it (into data/teachers/$(PIPELINE)/)
-	$(KDCACHE) teacher-finetune $(PIPELINE)
+	$(KDCACHE) teacher-finetune $(PIPELINE) $(ARGS)
 
 teacher-cache: install  ## stage one: run the teacher once, write data/cache/$(PIPELINE)/ and verify it
-	$(KDCACHE) cache $(PIPELINE) --out data/cache/$(PIPELINE)
+	$(KDCACHE) cache $(PIPELINE) --out data/cache/$(PIPELINE) $(ARGS)
 	$(KDCACHE) verify data/cache/$(PIPELINE)
 
 train-student: install  ## stage two: train the pipeline's students (STUDENTS=a,b) from the cache, then report
-	$(KDCACHE) train $(PIPELINE) $(if $(STUDENTS),--students $(STUDENTS))
+	$(KDCACHE) train $(PIPELINE) $(if $(STUDENTS),--students $(STUDENTS)) $(ARGS)
 
 report: install  ## rebuild data/runs/$(PIPELINE)/report.md and report.png
-	$(KDCACHE) report $(PIPELINE)
+	$(KDCACHE) report $(PIPELINE) $(ARGS)
 
 bench: install  ## measure overheads, speed-up and storage (QUICK=1 for a smoke check); updates docs/benchmarks.md
 	$(KDCACHE) bench $(PIPELINE) $(if $(QUICK),--quick)
