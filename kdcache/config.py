@@ -97,7 +97,9 @@ class FeaturesConfig:
     """Which hidden states to keep next to the logits, in Zarr."""
 
     layers: tuple[int, ...] = _f((), help="Hidden-state indices to keep (0 = embeddings, -1 = last layer).")
-    pooling: str = _f("cls", help="`cls` (first token), `mean` (mask-weighted mean) or `tokens` (every token, ragged).")
+    pooling: str = _f("cls", help="Sequence classification: `cls` (first token), `mean` (mask-weighted mean) or "
+                                  "`tokens` (every token, ragged). Token classification: `words` (each covered "
+                                  "word's first sub-token, ragged by sentence, aligned with the cached tag logits).")
     dtype: str = _f("float16", help="Storage dtype: `float16` or `float32`.")
 
 

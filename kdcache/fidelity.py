@@ -93,9 +93,14 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
     import dataclasses
 
     from .capture import build_teacher_cache
-    from .trainer import train_task
+    from .trainer import train_students
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
+    head = base.tasks[task].teacher.head
+    if head == "causal-lm":
+        raise C.ConfigError(f"pipeline {base.name!r}: the sweep covers classification and token-classification "
+                            "students; for causal-LM targets use `kdcache bench lm` (k, sampled, naive top-k)")
+    metric = METRIC[head]
     cache = cache_root / base.name / task
     manifest = build_teacher_cache(base, task, cache, teachers_dir)
     layers = (manifest.get("features") or {}).get("layers") or []
@@ -114,10 +119,10 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
             variants[f"{student}~{len(variants)}"] = (name, dataclasses.replace(st, loss=loss, twin=False))
         pipeline = dataclasses.replace(base, students={k: v for k, (_, v) in variants.items()},
                                        train=dataclasses.replace(base.train, seed=seed))
-        for r in train_task(pipeline, task, list(variants), str(cache), out_dir / "runs" / "sweep" / str(seed)):
-            rows.setdefault(variants[r["run"]][0], []).append(r["test"]["accuracy"])
+        for r in train_students(pipeline, task, list(variants), str(cache), out_dir / "runs" / "sweep" / str(seed)):
+            rows.setdefault(variants[r["run"]][0], []).append(r["test"][metric[0]])
     results = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name, "student": student,
-               "seeds": seeds, "rows": rows}
+               "seeds": seeds, "overrides": list(overrides), "metric": metric, "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"sweep-{base.name}-{student}.json").write_text(json.dumps(results, indent=1))
     text = render_sweep(results)
@@ -129,10 +134,12 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
 
 def render_sweep(r: dict[str, Any]) -> str:
     ref = next(iter(r["rows"].values()))
+    sets = "".join(f" --set {o}" for o in r.get("overrides", []))
+    words = r.get("metric", METRIC["sequence-classification"])[2]
     lines = [f"## Sweep: `{r['student']}` on `{r['pipeline']}`", "",
-             f"`kdcache fidelity {r['pipeline']} --sweep {r['student']}` on {r['date']} ({r['machine']}); seeds "
+             f"`kdcache fidelity {r['pipeline']} --sweep {r['student']}{sets}` on {r['date']} ({r['machine']}); seeds "
              f"{r['seeds']}. Every variant trained in the same pass (same initial weights and batches); Δ is paired "
-             "against the first row.", "", "| variant | test accuracy | Δ vs reference |", "|---|---:|---:|"]
+             "against the first row.", "", f"| variant | {words} | Δ vs reference |", "|---|---:|---:|"]
     for name, accs in r["rows"].items():
         lines.append(f"| {name} | {_mean_std(accs)} | {_mean_std([a - b for a, b in zip(accs, ref)])} |")
     return "\n".join(lines + [""])

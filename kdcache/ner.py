@@ -92,7 +92,11 @@ def entity_f1(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> d
 
 
 class WordTeacherRunner(TeacherRunner):
-    """A token-classification teacher run over word lists; returns each covered word's first-sub-token logits."""
+    """A token-classification teacher run over word lists; returns each covered word's first-sub-token logits and,
+    when feature layers are set, its first-sub-token hidden states (ragged by sentence, with offsets)."""
+
+    HEAD = "token-classification"
+    POOLINGS = ("words",)
 
     @torch.inference_mode()
     def run_words(self, sentences: Sequence[Sequence[str]], on_batch=None) -> dict[str, Any]:
@@ -100,6 +104,7 @@ class WordTeacherRunner(TeacherRunner):
         lengths = np.array([len(x) for x in ids], dtype=np.int32)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         logits: list[np.ndarray | None] = [None] * len(ids)
+        feats: dict[str, list] = {f"layer_{j}": [None] * len(ids) for j in self.layers}
         for batch in self._batches(lengths):
             width = int(lengths[batch].max())
             x = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -108,16 +113,25 @@ class WordTeacherRunner(TeacherRunner):
                 x[r, :lengths[i]] = torch.as_tensor(ids[i])
                 mask[r, :lengths[i]] = 1
             with self._autocast():
-                z = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+                out = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device),
+                                 output_hidden_states=bool(self.layers))
+            z = out.logits.float()
             if not torch.isfinite(z).all():
                 raise TeacherError(f"teacher produced NaN/inf logits for sentences {sorted(batch.tolist())[:10]}; "
                                    "nothing was written. Check the teacher weights, or use precision fp32")
             for r, i in enumerate(batch):  # gather on the device, then one copy per sentence
-                logits[i] = z[r, torch.as_tensor(first[i], dtype=torch.long, device=z.device)].cpu().numpy()
+                at = torch.as_tensor(first[i], dtype=torch.long, device=z.device)
+                logits[i] = z[r, at].cpu().numpy()
+                for j in self.layers:
+                    feats[f"layer_{j}"][i] = out.hidden_states[j][r, at].float().cpu().numpy()
             failpoint("teacher-batch")
             if on_batch:
                 on_batch(len(batch))
-        return {"logits": logits, "covered": np.array([len(f) for f in first], dtype=np.int32),
+        covered = np.array([len(f) for f in first], dtype=np.int32)
+        features = {name: np.concatenate(parts).astype(self.feature_dtype) for name, parts in feats.items()}
+        if features:
+            features["offsets"] = np.concatenate([[0], np.cumsum(covered, dtype=np.int64)])
+        return {"logits": logits, "covered": covered, "features": features,
                 "input_hash": np.array([hash_ids(np.asarray(x)) for x in ids], dtype=np.int64),
                 "num_tokens": lengths, "truncated": truncated}
 
@@ -172,27 +186,32 @@ def build_ner_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Path, t
         lambda: prepare_teacher(pipeline.name, task_name, task, data, teachers_dir))
     device = task.teacher.device if task.teacher.device != "auto" or dist.num_processes == 1 else str(dist.device)
     runner = WordTeacherRunner(model, tokenizer, task.cache.max_length, task.cache.batch_size, task.cache.sort_window,
-                               C.FeaturesConfig(), task.teacher.precision, device)
+                               task.cache.features, task.teacher.precision, device)
+    features = {"layers": runner.layers, "pooling": "words", "dtype": task.cache.features.dtype} \
+        if runner.layers else None
     names = list(data.label_names)
     inputs = {"format_version": FORMAT_VERSION, "task": task_name, "head": "token-classification",
               "teacher": identity, "tokenizer_sha256": hash_tokenizer(tokenizer), "max_length": task.cache.max_length,
               "alignment": "first-subtoken", "compute_dtype": str(runner.dtype).replace("torch.", ""),
               "shard_rows": task.cache.shard_rows,
               "data": {"source": task.data.source, "label_names": names,
-                       "splits": {s: hash_table(ds.data.table) for s, ds in data.splits.items()}}}
+                       "splits": {s: hash_table(ds.data.table) for s, ds in data.splits.items()}},
+              **({"features": features} if features else {})}  # absent when off: older caches keep their fingerprint
     meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": hash_obj(inputs)}
     schema = ner_parquet_schema(len(names), meta)
     header = {"pipeline": pipeline.name, "task": task_name, "head": "token-classification", "label_names": names,
               "text_fields": ["words"], "fingerprint": meta["fingerprint"], "fingerprint_inputs": inputs,
-              "data_origin": data.origin, "features": None, "config": C.to_dict(task), "device": str(runner.device),
+              "data_origin": data.origin,
+              "features": dict(features, hidden_size=getattr(model.config, "hidden_size", None)) if features else None,
+              "config": C.to_dict(task), "device": str(runner.device),
               "processes": dist.num_processes}
 
     def produce(split: str, start: int, stop: int, bar):
         rows = data.splits[split][start:stop]
         t0 = time.perf_counter()
         out = runner.run_words(rows["words"], on_batch=bar.update)
-        return ner_shard_table(rows, out, start, schema), None, ner_shard_stats(rows, out, names,
-                                                                                time.perf_counter() - t0)
+        return (ner_shard_table(rows, out, start, schema), out["features"] or None,
+                ner_shard_stats(rows, out, names, time.perf_counter() - t0))
 
     sizes = {split: len(ds) for split, ds in data.splits.items()}
     return write_shards(out_dir, header, task, task_name, sizes, inputs["data"]["splits"], produce, ner_summarise,

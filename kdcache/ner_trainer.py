@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import config as C
 from .cache.format import CacheFormatError
-from .losses import dense_kd_loss_per_row
+from .config import ConfigError
+from .losses import dense_kd_loss_per_row, feature_loss
 from .ner import entity_f1
 from .progress import progress
 from .reader import CacheDataset, collate, read_column
@@ -39,6 +41,35 @@ def pad_targets(batch: dict[str, Any], width: int, num_labels: int) -> tuple[tor
         teacher[i, :int(c)] = torch.as_tensor(lg)
         covered[i, :int(c)] = True
     return tags, teacher, covered
+
+
+class TaggerWithProjections(nn.Module):
+    """A tagger plus one learned projection (student width -> teacher width) per feature-loss term, as one module."""
+
+    def __init__(self, tagger: nn.Module, terms: tuple[C.FeatureLossConfig, ...], feature_dims: dict[int, int],
+                 where: str) -> None:
+        super().__init__()
+        for f in terms:
+            if f.student_layer not in (0, -1):
+                raise ConfigError(f"{where}.loss.features: student_layer {f.student_layer}: a tagger exposes one "
+                                  "per-word representation (its last layer); use student_layer: -1 (or 0)")
+        self.tagger, self.terms = tagger, terms
+        self.projections = nn.ModuleList(nn.Linear(tagger.hidden_size, feature_dims[f.teacher_layer]) for f in terms)
+
+    def forward(self, ids, shapes, mask):
+        if not self.terms:
+            return self.tagger(ids, shapes, mask), []
+        h = self.tagger.encode(ids, shapes, mask)
+        return self.tagger.head(h), [proj(h) for proj in self.projections]
+
+
+def pad_features(batch: dict[str, Any], layer: int, width: int, dim: int) -> torch.Tensor:
+    """Cached per-word teacher features of one layer, zero-padded to [B, width, dim] (covered words filled)."""
+    out = torch.zeros((len(batch["tags"]), width, dim))
+    for i, f in enumerate(batch["features"]):
+        x = f[f"layer_{layer}"]
+        out[i, :len(x)] = torch.as_tensor(x)
+    return out
 
 
 def tagger_loss(logits: torch.Tensor, tags: torch.Tensor, teacher: torch.Tensor, covered: torch.Tensor,
@@ -90,10 +121,13 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
         if not report.ok:
             raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
     accelerator.wait_for_everyone()
+    losses = {s: pipeline.students[s].loss or train.loss for s in students}
+    layers = tuple(sorted({f.teacher_layer for lo in losses.values() for f in lo.features}))
     train_ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                            expect={"task": task}, rank=accelerator.process_index,
+                            feature_layers=layers, expect={"task": task}, rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
     m = train_ds.manifest
+    feature_dims = {j: m["features"]["hidden_size"] for j in layers}
     if m["head"] != "token-classification":
         raise CacheFormatError(f"{cache}: head {m['head']!r}; taggers need a token-classification cache")
     names = list(m["label_names"])
@@ -106,10 +140,10 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
     for s in students:
         st = pipeline.students[s]
         tok = WordTokenizer.build_from_words(train_words, st.vocab_size)
-        loss = st.loss or train.loss
-        for name, lo in [(s, loss)] + ([(f"{s}-hard", C.LossConfig(alpha=1.0))] if st.twin else []):
+        for name, lo in [(s, losses[s])] + ([(f"{s}-hard", C.LossConfig(alpha=1.0))] if st.twin else []):
             torch.manual_seed(train.seed)  # a KD student and its hard-label twin start from the same weights
-            model = build_tagger(st.arch, st.params, tok.vocab_size, len(names), f"students.{s}")
+            model = TaggerWithProjections(build_tagger(st.arch, st.params, tok.vocab_size, len(names),
+                                                       f"students.{s}"), lo.features, feature_dims, f"students.{s}")
             opt = torch.optim.AdamW(model.parameters(), lr=st.learning_rate or train.learning_rate,
                                     weight_decay=train.weight_decay)
             warm = int(train.warmup_ratio * steps)
@@ -124,6 +158,7 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
     for epoch in range(train.epochs):
         train_ds.set_epoch(epoch)
         sums = {r["name"]: 0.0 for r in runs}
+        feat_sums = {r["name"]: 0.0 for r in runs}
         n_batches = 0
         with progress(math.ceil(train_ds.num_rows / accelerator.num_processes),
                       desc=f"train {task} epoch {epoch + 1}/{train.epochs} ({len(runs)} students)",
@@ -135,8 +170,15 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
                     ids, shapes, mask = r["tok"].encode_words(batch["words"])
                     tags, teacher, covered = pad_targets(batch, ids.shape[1], len(names))
                     dev = accelerator.device
-                    logits = r["model"](ids.to(dev), shapes.to(dev), mask.to(dev))
+                    logits, projected = r["model"](ids.to(dev), shapes.to(dev), mask.to(dev))
                     loss, _ = tagger_loss(logits, tags.to(dev), teacher.to(dev), covered.to(dev), r["loss"])
+                    cov = covered.to(dev)
+                    for f, pred in zip(r["loss"].features, projected):  # on the words the teacher saw
+                        if cov.any():
+                            want = pad_features(batch, f.teacher_layer, ids.shape[1], feature_dims[f.teacher_layer])
+                            term = f.weight * feature_loss(pred[cov], want.to(dev)[cov], f.kind)
+                            loss = loss + term
+                            feat_sums[r["name"]] += float(term.detach())
                     accelerator.backward(loss)
                     if train.grad_clip:
                         accelerator.clip_grad_norm_(r["model"].parameters(), train.grad_clip)
@@ -149,9 +191,11 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
                 bar.update(len(batch["id"]))
         for r in runs:
             t0 = time.perf_counter()
-            model = accelerator.unwrap_model(r["model"])
+            model = accelerator.unwrap_model(r["model"]).tagger
             ev = evaluate_tagger(model, r["tok"], eval_ds, names, accelerator.device)
-            r["history"].append({"epoch": epoch + 1, "train_loss": sums[r["name"]] / max(1, n_batches), "eval": ev})
+            r["history"].append({"epoch": epoch + 1, "train_loss": sums[r["name"]] / max(1, n_batches),
+                                 **({"feature_loss": feat_sums[r["name"]] / max(1, n_batches)}
+                                    if r["loss"].features else {}), "eval": ev})
             if r["best"] is None or ev["f1"] > r["best"]["eval"]["f1"]:
                 r["best"], r["best_state"] = r["history"][-1], copy.deepcopy(model.state_dict())
             r["seconds"] += time.perf_counter() - t0
@@ -160,7 +204,7 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
 
     results = []
     for r in runs:
-        model = accelerator.unwrap_model(r["model"])
+        model = accelerator.unwrap_model(r["model"]).tagger  # the projections serve training only
         model.load_state_dict(r["best_state"])
         metrics = {"run": r["name"], "student": r["student"], "arch": r["cfg"].arch, "task": task,
                    "head": "token-classification", "kd": r["loss"].alpha < 1.0, "loss": C.to_dict(r["loss"]),

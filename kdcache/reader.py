@@ -146,11 +146,14 @@ class CacheDataset(torch.utils.data.IterableDataset):
             return lm_columns(table, self.manifest["lm"])
         if self.manifest["head"] == "token-classification":
             c = len(self.manifest["label_names"])
-            return {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
+            cols = {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
                     "words": table.column("words").to_pylist(), "tags": table.column("tags").to_pylist(),
                     "logits": [np.array(x, np.float32).reshape(-1, c) for x in
                                table.column("logits").to_numpy(zero_copy_only=False)],
                     "covered_words": table.column("covered_words").to_numpy()}
+            if self.feature_layers:
+                cols["features"] = self._word_features(shard, u, cols["covered_words"])
+            return cols
         cols = {
             "row_id": table.column("row_id").to_numpy(),
             "id": table.column("id").to_pylist(),
@@ -163,6 +166,20 @@ class CacheDataset(torch.utils.data.IterableDataset):
             cols["features"] = {f"layer_{j}": np.asarray(group[f"layer_{j}"][u.start:u.start + u.rows], np.float32)
                                 for j in self.feature_layers}
         return cols
+
+    def _word_features(self, shard: dict[str, Any], u: Unit, covered: np.ndarray) -> dict[str, list[np.ndarray]]:
+        """Per-word features of a row group's sentences: {layer_j: [covered_words_r x H] per row}."""
+        group = self._open_features(shard)
+        off = np.asarray(group["offsets"][u.start:u.start + u.rows + 1])
+        if not np.array_equal(np.diff(off), covered):
+            raise CacheFormatError(f"{self.root}/{shard['features']['path']}: word-feature offsets of rows "
+                                   f"{u.start}..{u.start + u.rows - 1} disagree with covered_words in "
+                                   f"{shard['parquet']}; run `kdcache verify`, then rebuild the cache")
+        out = {}
+        for j in self.feature_layers:
+            block = np.asarray(group[f"layer_{j}"][off[0]:off[-1]], np.float32)
+            out[f"layer_{j}"] = np.split(block, (off[1:-1] - off[0]).astype(np.int64))
+        return out
 
     def _open_features(self, shard: dict[str, Any]):
         rel = shard["features"]["path"]

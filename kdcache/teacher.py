@@ -119,6 +119,9 @@ class TeacherOutputs:
 class TeacherRunner:
     """Runs a loaded teacher over rows of text, length-batched, returning `TeacherOutputs`."""
 
+    HEAD = "sequence-classification"
+    POOLINGS = ("cls", "mean", "tokens")
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int, batch_size: int,
                  sort_window: int, features: FeaturesConfig, precision: str = "auto", device: str = "auto") -> None:
         self.device = pick_device(device)
@@ -131,8 +134,9 @@ class TeacherRunner:
         self.features = features
         n_hidden = getattr(model.config, "num_hidden_layers", None)
         self.layers = [self._resolve_layer(i, n_hidden) for i in features.layers]
-        if features.pooling not in ("cls", "mean", "tokens"):
-            raise TeacherError(f"cache.features.pooling {features.pooling!r}: use cls, mean or tokens")
+        if self.layers and features.pooling not in self.POOLINGS:
+            raise TeacherError(f"cache.features.pooling {features.pooling!r}: a {self.HEAD} teacher keeps "
+                               f"{' or '.join(self.POOLINGS)} features; set cache.features.pooling to one of them")
         self.feature_dtype = {"float16": np.float16, "float32": np.float32}.get(features.dtype)
         if self.feature_dtype is None:
             raise TeacherError(f"cache.features.dtype {features.dtype!r}: use float16 or float32")

@@ -4,22 +4,26 @@ gets exactly its first sub-token's logits; truncated words are counted), entity 
 from __future__ import annotations
 
 import gzip
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import zarr
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from conftest import REPO
-from kdcache.cache.format import read_manifest
+from kdcache.cache.format import CacheFormatError, read_manifest
 from kdcache.cache.verify import verify_cache
 from kdcache.capture import build_teacher_cache
 from kdcache.config import DataConfig, load_pipeline
 from kdcache.data import CONLL_TAGS, DataError, load_task_data, read_conll
 from kdcache.ner import entity_f1, entity_spans
 from kdcache.ner_trainer import ner_train_task
+from kdcache.reader import CacheDataset
 from kdcache.report import build_report
+from kdcache.teacher import TeacherError
 
 NER_TINY = str(REPO / "pipelines" / "ner-tiny" / "pipeline.yaml")
 
@@ -92,6 +96,81 @@ def test_every_word_gets_its_first_subtoken_logits_and_truncation_is_counted(ner
     assert stats["uncovered_words"] == uncovered and stats["truncated_rows"] == truncated
 
 
+@pytest.fixture(scope="module")
+def ner_feature_cache(ner_cache):
+    """The same teacher (reused from ner_cache) cached again with per-word features of layers 1 and -1."""
+    tmp, _, _ = ner_cache
+    pipeline = load_pipeline(NER_TINY, ["tasks.conll.cache.features.layers=[1,-1]",
+                                        "tasks.conll.cache.features.pooling=words",
+                                        "tasks.conll.cache.features.dtype=float32"])
+    manifest = build_teacher_cache(pipeline, "conll", tmp / "cache-feat", tmp / "teachers")
+    return tmp, pipeline, manifest
+
+
+def test_word_features_are_each_covered_words_first_subtoken_hidden_state(ner_feature_cache):
+    tmp, pipeline, m = ner_feature_cache
+    cache = tmp / "cache-feat"
+    assert verify_cache(cache).ok
+    assert m["features"]["layers"] == [1, 2] and m["features"]["pooling"] == "words" and m["features"]["hidden_size"] == 32
+    assert m["fingerprint"] != read_manifest(tmp / "cache")["fingerprint"], "features change the fingerprint"
+    folder = tmp / "teachers" / "ner-tiny" / "conll"
+    model = AutoModelForTokenClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    max_length = pipeline.tasks["conll"].cache.max_length
+    split, r = m["splits"]["validation"], 0
+    for shard in split["shards"]:
+        table = pq.read_table(cache / shard["parquet"])
+        g = zarr.open_group(str(cache / shard["features"]["path"]), mode="r")
+        off = g["offsets"][:]
+        assert off[0] == 0 and np.array_equal(np.diff(off), table.column("covered_words").to_numpy())
+        for k, words in enumerate(table.column("words").to_pylist()):
+            enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt")
+            with torch.inference_mode():
+                hidden = model(**enc, output_hidden_states=True).hidden_states  # unbatched reference
+            word_ids = enc.word_ids(0)
+            first = [word_ids.index(w) for w in range(len(words)) if w in word_ids]
+            for j in (1, 2):
+                np.testing.assert_allclose(g[f"layer_{j}"][off[k]:off[k + 1]], hidden[j][0, first].numpy(),
+                                           rtol=1e-4, atol=1e-5)
+            r += 1
+    assert r == split["rows"]
+    # the streaming reader hands each sentence its own [covered_words, H] block
+    ds = CacheDataset(str(cache), "validation", feature_layers=(2,))
+    rows = list(ds)
+    assert len(rows) == split["rows"]
+    flat = np.concatenate([zarr.open_group(str(cache / s["features"]["path"]), mode="r")["layer_2"][:]
+                           for s in split["shards"]])
+    np.testing.assert_array_equal(np.concatenate([x["features"]["layer_2"] for x in rows]), flat)
+    assert all(x["features"]["layer_2"].shape == (x["covered_words"], 32) for x in rows)
+
+
+def test_word_features_need_words_pooling(ner_cache):
+    tmp, _, _ = ner_cache
+    pipeline = load_pipeline(NER_TINY, ["tasks.conll.cache.features.layers=[-1]"])  # pooling left at cls
+    with pytest.raises(TeacherError, match=r"pooling 'cls': a token-classification teacher keeps words"):
+        build_teacher_cache(pipeline, "conll", tmp / "cache-bad", tmp / "teachers")
+
+
+def test_a_tagger_learns_the_cached_word_features(ner_feature_cache):
+    """A feature term (cosine to the teacher's last layer, through a learned projection) trains next to KD; its
+    loss falls over epochs; the checkpoint holds the tagger alone; a layer that is not cached is refused."""
+    tmp, pipeline, _ = ner_feature_cache
+    pipeline = load_pipeline(NER_TINY, [
+        "tasks.conll.cache.features.layers=[1,-1]", "tasks.conll.cache.features.pooling=words",
+        "tasks.conll.cache.features.dtype=float32", "train.epochs=4",
+        'students.bilstm-tagger.loss={"kind": "kl", "temperature": 2.0, "alpha": 0.5, '
+        '"features": [{"teacher_layer": 2, "kind": "cosine", "weight": 1.0}]}'])
+    res = {r["run"]: r for r in ner_train_task(pipeline, "conll", ["bilstm-tagger"], str(tmp / "cache-feat"),
+                                               tmp / "runs-feat")}
+    curve = [e["feature_loss"] for e in res["bilstm-tagger"]["epochs"]]
+    assert curve[-1] < curve[0] * 0.8, curve
+    assert "feature_loss" not in res["bilstm-tagger-hard"]["epochs"][0]
+    state = torch.load(tmp / "runs-feat" / "bilstm-tagger" / "checkpoint" / "student.pt")
+    assert not any(k.startswith("projections") for k in state)
+    with pytest.raises(CacheFormatError, match=r"teacher layer\(s\) \[2\] are not cached"):
+        ner_train_task(pipeline, "conll", ["bilstm-tagger"], str(tmp / "cache"), tmp / "runs-nofeat")
+
+
 def test_taggers_train_with_twins_and_the_report_shows_entity_f1(ner_cache):
     tmp, pipeline, _ = ner_cache
     runs = tmp / "runs"
@@ -149,3 +228,19 @@ def test_fidelity_on_a_token_task_compares_entity_f1_in_both_settings(tmp_path):
         v = s["students"]["bilstm-tagger"]
         assert len(v["kd"]) == len(v["hard"]) == 1 and 0.0 <= v["kd"][0] <= 1.0
     assert "test entity F1" in (tmp_path / "f.md").read_text()
+
+
+def test_the_sweep_runs_on_a_token_task_with_a_per_word_feature_variant(ner_cache):
+    """`kdcache fidelity ner-tiny --sweep bilstm-tagger` with word features cached: every variant, entity F1."""
+    from kdcache.fidelity import SWEEP, run_sweep
+    tmp, _, _ = ner_cache
+    sets = ["tasks.conll.cache.features.layers=[-1]", "tasks.conll.cache.features.pooling=words", "train.epochs=1"]
+    res = run_sweep(NER_TINY, "bilstm-tagger", [0], tmp / "sweep", tmp / "sweep.md", teachers_dir=tmp / "teachers",
+                    cache_root=tmp / "sweep-caches", overrides=sets)
+    assert list(res["rows"]) == list(SWEEP) and res["metric"][0] == "f1"
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (tmp / "sweep" / "runs" / "sweep" / "0").glob("*/metrics.json")}
+    feat = [r for r in runs.values() if r["loss"]["features"]]
+    assert len(feat) == 1 and "feature_loss" in feat[0]["epochs"][0]
+    assert sorted(r["loss"]["alpha"] for r in runs.values()) == sorted(c["alpha"] for c in SWEEP.values())
+    text = (tmp / "sweep.md").read_text()
+    assert "| variant | test entity F1 |" in text and "--set tasks.conll.cache.features.pooling=words" in text

@@ -32,13 +32,21 @@ class BiLSTMTagger(nn.Module):
         self.lstm = nn.LSTM(p.embed_dim + p.shape_dim, p.hidden, p.layers, batch_first=True, bidirectional=True)
         self.drop = nn.Dropout(p.dropout)
         self.out = nn.Linear(2 * p.hidden, num_labels)
+        self.hidden_size = 2 * p.hidden
 
-    def forward(self, ids, shapes, mask):
+    def encode(self, ids, shapes, mask):
+        """Per-word hidden states [B, W, hidden_size] (what a feature loss is taken on)."""
         x = self.drop(torch.cat([self.embed(ids), self.shape(shapes)], -1))
         lengths = mask.sum(1).clamp_min(1).cpu()
         h, _ = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-        h, _ = pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])
+        return pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])[0]
+
+    def head(self, h):
+        """Per-word hidden states -> tag logits."""
         return self.out(self.drop(h))
+
+    def forward(self, ids, shapes, mask):
+        return self.head(self.encode(ids, shapes, mask))
 
 
 @dataclass(frozen=True)
@@ -64,13 +72,22 @@ class TransformerTagger(nn.Module):
         layer = nn.TransformerEncoderLayer(p.dim, p.heads, p.ffn, p.dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, p.layers, enable_nested_tensor=False)
         self.out = nn.Linear(p.dim, num_labels)
+        self.hidden_size = p.dim
 
-    def forward(self, ids, shapes, mask):
-        width = ids.shape[1]  # words beyond max_words get zero logits (uniform): CoNLL's longest sentence has 124
+    def encode(self, ids, shapes, mask):
+        """Per-word hidden states [B, W, dim]; words beyond max_words get zeros (their logits are the output bias)."""
+        width = ids.shape[1]  # CoNLL's longest sentence has 124 words
         ids, shapes, mask = ids[:, :self.max_words], shapes[:, :self.max_words], mask[:, :self.max_words]
         x = torch.cat([self.embed(ids), self.shape(shapes)], -1) + self.pos(torch.arange(ids.shape[1], device=ids.device))
-        out = self.out(self.encoder(x, src_key_padding_mask=mask == 0))
-        return nn.functional.pad(out, (0, 0, 0, width - out.shape[1])) if width > out.shape[1] else out
+        h = self.encoder(x, src_key_padding_mask=mask == 0)
+        return nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) if width > h.shape[1] else h
+
+    def head(self, h):
+        """Per-word hidden states -> tag logits."""
+        return self.out(h)
+
+    def forward(self, ids, shapes, mask):
+        return self.head(self.encode(ids, shapes, mask))
 
 
 TAGGERS = {"bilstm-tagger": (BiLSTMTagger, BiLSTMTaggerParams),
