@@ -20,6 +20,7 @@ import torch
 from .config import TaskConfig
 from .data import TaskData
 from .fingerprint import hash_obj, hash_table
+from .optim import adamw, warmup_linear
 from .progress import progress
 from .teacher import TeacherError, build_model, load_tokenizer
 
@@ -131,10 +132,8 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, out_dir: 
     rng = np.random.default_rng(ft.seed)
     steps_per_epoch = math.ceil(len(ids) / ft.batch_size)
     total = max(1, int(round(ft.epochs * steps_per_epoch)))
-    opt = torch.optim.AdamW(model.parameters(), lr=ft.learning_rate, weight_decay=ft.weight_decay)
-    warm = int(ft.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    opt = adamw(model.parameters(), ft.learning_rate, ft.weight_decay)
+    sched = warmup_linear(opt, total, ft.warmup_ratio)
     model.train()
     t0, step = time.time(), 0
     with progress(total=total * ft.batch_size, desc=f"fine-tune teacher [{task_name}]", unit="rows") as bar:

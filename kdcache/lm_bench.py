@@ -29,6 +29,7 @@ from .data import load_task_data
 from .docsections import write_section
 from .lm_capture import LMTeacherRunner, lm_shard_table, pack, prepare_lm_teacher
 from .lm_trainer import evaluate_lm, lm_loss
+from .optim import adamw
 from .students.llama import build_lm_student
 
 KS = (8, 16, 32, 64, 128)
@@ -155,7 +156,7 @@ def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | Non
     for name, (loss, targets) in variants.items():
         torch.manual_seed(0)
         net = build_lm_student(student.params, V, L, "bench student")
-        opt = torch.optim.AdamW(net.parameters(), lr=student.learning_rate or pipeline.train.learning_rate)
+        opt = adamw(net.parameters(), student.learning_rate or pipeline.train.learning_rate)
         rng = np.random.default_rng(0)
         t0 = time.perf_counter()
         for _ in range(epochs):

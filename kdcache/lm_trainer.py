@@ -18,6 +18,7 @@ from . import config as C
 from .cache.format import CacheFormatError
 from .losses import (_LOG_TINY, SampledTargets, TopKTargets, kd_loss_per_row, sampled_kd_loss_per_row,
                      token_ce_per_row)
+from .optim import adamw, warmup_linear
 from .progress import progress
 from .reader import CacheDataset, collate
 from .students.llama import build_lm_student
@@ -167,11 +168,8 @@ def lm_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], ca
         for name, lo in [(s, loss)] + ([(f"{s}-hard", C.LossConfig(alpha=1.0, chunk=loss.chunk))] if st.twin else []):
             torch.manual_seed(train.seed)  # a KD student and its CE twin start from the same weights
             model = build_lm_student(st.params, lm["vocab_size"], lm["seq_len"], f"students.{s}")
-            opt = torch.optim.AdamW(model.parameters(), lr=st.learning_rate or train.learning_rate,
-                                    weight_decay=train.weight_decay)
-            warm = int(train.warmup_ratio * steps)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda i: (i + 1) / max(1, warm) if i < warm else max(0.0, (steps - i) / max(1, steps - warm)))
+            opt = adamw(model.parameters(), st.learning_rate or train.learning_rate, train.weight_decay)
+            sched = warmup_linear(opt, steps, train.warmup_ratio)
             model, opt = accelerator.prepare(model, opt)
             runs.append({"name": name, "student": s, "cfg": st, "loss": lo, "model": model, "opt": opt,
                          "sched": sched, "history": [], "best": None, "best_state": None, "seconds": 0.0})

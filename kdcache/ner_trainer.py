@@ -21,6 +21,7 @@ from .cache.format import CacheFormatError
 from .config import ConfigError
 from .losses import dense_kd_loss_per_row, feature_loss
 from .ner import entity_f1
+from .optim import adamw, warmup_linear
 from .progress import progress
 from .reader import CacheDataset, collate, read_column
 from .students.tagger import build_tagger
@@ -144,11 +145,8 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
             torch.manual_seed(train.seed)  # a KD student and its hard-label twin start from the same weights
             model = TaggerWithProjections(build_tagger(st.arch, st.params, tok.vocab_size, len(names),
                                                        f"students.{s}"), lo.features, feature_dims, f"students.{s}")
-            opt = torch.optim.AdamW(model.parameters(), lr=st.learning_rate or train.learning_rate,
-                                    weight_decay=train.weight_decay)
-            warm = int(train.warmup_ratio * steps)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda i: (i + 1) / max(1, warm) if i < warm else max(0.0, (steps - i) / max(1, steps - warm)))
+            opt = adamw(model.parameters(), st.learning_rate or train.learning_rate, train.weight_decay)
+            sched = warmup_linear(opt, steps, train.warmup_ratio)
             model, opt = accelerator.prepare(model, opt)
             runs.append({"name": name, "student": s, "cfg": st, "loss": lo, "tok": tok, "model": model, "opt": opt,
                          "sched": sched, "history": [], "best": None, "best_state": None, "seconds": 0.0})

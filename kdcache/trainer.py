@@ -26,6 +26,7 @@ from torch.distributed.algorithms.join import Join
 from . import config as C
 from .cache.format import CacheFormatError
 from .losses import distillation_loss, feature_loss
+from .optim import adamw, warmup_linear
 from .progress import progress
 from .reader import CacheDataset, collate, read_column
 from .students import HFTokenizer, Student, WordTokenizer, build_student
@@ -98,11 +99,9 @@ def make_run(name: str, student: str, st: C.StudentConfig, loss: C.LossConfig, t
     student_model = build_student(st.arch, st.params, tokenizer.vocab_size, num_labels, tokenizer.pad_id,
                                   where=f"students.{student}")
     model = WithProjections(student_model, loss.features, feature_dims)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=st.learning_rate or train.learning_rate,
-                            weight_decay=train.weight_decay)
-    warm = int(train.warmup_ratio * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    opt = adamw([p for p in model.parameters() if p.requires_grad], st.learning_rate or train.learning_rate,
+                train.weight_decay)
+    sched = warmup_linear(opt, steps, train.warmup_ratio)
     return StudentRun(name, student, st, loss, tokenizer, model, opt, sched, run_dir)
 
 
