@@ -97,20 +97,31 @@ def _raw_forward_rows_per_s(model, tokenizer, texts: list[str], cfg: C.CacheConf
     return len(texts) / t
 
 
-def _epoch(run, batches, fields, train, acc, targets=None) -> tuple[float, float, float]:
-    """One pass training `run` on `batches` (an iterable: reading counts): (total, student, teacher) seconds."""
+def _epochs(jobs, fields, train, acc) -> list[tuple[float, float, float]]:
+    """Train each (run, batches, targets) job for one pass, the jobs taking turns batch by batch, so that a shared
+    machine's drift (7% between runs here) falls on all of them alike. Reading a batch counts to its job; `targets`
+    (the live teacher) replaces the cached logits. Per job: (total, student, teacher) seconds."""
     from .trainer import train_step
-    t_student = t_teacher = 0.0
-    start = time.perf_counter()
-    for b in batches:
-        if targets is not None:
+    its = [iter(batches) for _, batches, _ in jobs]
+    times = [[0.0, 0.0, 0.0] for _ in jobs]
+    live = list(range(len(jobs)))
+    while live:
+        for k in list(live):
+            run, _, targets = jobs[k]
             t0 = time.perf_counter()
-            b = dict(b, logits=targets(b)[0])
-            t_teacher += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        train_step(run, b, fields, train, acc)
-        t_student += time.perf_counter() - t0
-    return time.perf_counter() - start, t_student, t_teacher
+            b = next(its[k], None)
+            if b is None:
+                live.remove(k)
+                continue
+            if targets is not None:
+                t1 = time.perf_counter()
+                b = dict(b, logits=targets(b)[0])
+                times[k][2] += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            train_step(run, b, fields, train, acc)
+            times[k][1] += time.perf_counter() - t1
+            times[k][0] += time.perf_counter() - t0
+    return [tuple(t) for t in times]
 
 
 def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) -> dict[str, Any]:
@@ -157,23 +168,24 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) 
         r = make_run(name, name, st, loss, train, make_tokenizer(st, str(cache), "train", fields), num_labels, {},
                      10**6, Path())
         r.model, r.optimizer = acc.prepare(r.model, r.optimizer)
-        _epoch(r, memory[:1], fields, train, acc)  # warm-up step
+        _epochs([(r, memory[:1], None)], fields, train, acc)  # warm-up step
         return r
 
     # 2. loader headroom: a full pass of the reader vs what a BiLSTM consumes (its steps on in-memory batches)
     t0 = time.perf_counter()
     n_read = sum(len(b["id"]) for b in loader)
     reader_rps = n_read / (time.perf_counter() - t0)
-    _, t_student, _ = _epoch(fresh("bilstm", train.loss), memory, fields, train, acc)
+    [(_, t_student, _)] = _epochs([(fresh("bilstm", train.loss), memory, None)], fields, train, acc)
     consume_rps = epoch_rows / t_student
     sizes = [20_000, 80_000, 320_000] if not quick else [5_000, 20_000, 80_000]
     rss = {f"{n // sizes[0]}x ({n} rows)": _reader_peak_rss_mb(synthetic_cache(out_dir / f"syn-{n}", n)) for n in sizes}
     res["loader"] = {"reader_rows_per_s": reader_rps, "bilstm_consumes_rows_per_s": consume_rps,
                      "headroom": reader_rps / consume_rps, "goal": 5.0, "reader_peak_rss_mb": rss}
 
-    # 3. stage-two overhead: KD reading the cache vs hard labels from memory, same student, one epoch each
-    t_mem, _, _ = _epoch(fresh("bilstm", C.LossConfig(alpha=1.0)), memory, fields, train, acc)
-    t_cache, _, _ = _epoch(fresh("bilstm", train.loss), loader, fields, train, acc)
+    # 3. stage-two overhead: KD reading the cache vs hard labels from memory, same student, one epoch each, the two
+    #    runs taking turns batch by batch
+    (t_mem, _, _), (t_cache, _, _) = _epochs([(fresh("bilstm", C.LossConfig(alpha=1.0)), memory, None),
+                                             (fresh("bilstm", train.loss), loader, None)], fields, train, acc)
     res["stage_two"] = {"cache_rows_per_s": epoch_rows / t_cache, "memory_hard_rows_per_s": epoch_rows / t_mem,
                         "ratio": t_mem / t_cache, "goal": 0.95}
 
@@ -181,8 +193,8 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) 
     live = live_targets(pipeline, task_name, teachers, ())
     res["online_kd"] = {}
     for name in STUDENTS:
-        t_c, _, _ = _epoch(fresh(name, train.loss), loader, fields, train, acc)
-        t_l, t_s, t_t = _epoch(fresh(name, train.loss), loader, fields, train, acc, targets=live)
+        (t_c, _, _), (t_l, t_s, t_t) = _epochs([(fresh(name, train.loss), loader, None),
+                                                (fresh(name, train.loss), loader, live)], fields, train, acc)
         ideal = (t_t + t_s) / t_s
         capture = epoch_rows / capture_rps  # stage one, paid once for every epoch and every student
         res["online_kd"][name] = {
