@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -244,3 +247,31 @@ def test_the_sweep_runs_on_a_token_task_with_a_per_word_feature_variant(ner_cach
     assert sorted(r["loss"]["alpha"] for r in runs.values()) == sorted(c["alpha"] for c in SWEEP.values())
     text = (tmp / "sweep.md").read_text()
     assert "| variant | test entity F1 |" in text and "--set tasks.conll.cache.features.pooling=words" in text
+
+
+def test_two_process_capture_of_a_token_task_equals_the_single_process_cache(ner_feature_cache):
+    """`accelerate launch --num_processes 2 kdcache cache ner-tiny`: shards dealt to two real processes give the
+    same rows, tags, per-word logits and per-word features as one process."""
+    tmp, _, _ = ner_feature_cache
+    sets = ["--set", "tasks.conll.cache.features.layers=[1,-1]", "--set", "tasks.conll.cache.features.pooling=words",
+            "--set", "tasks.conll.cache.features.dtype=float32"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "kdcache.cli", "cache", NER_TINY, "--out", str(tmp / "mp"), "--teachers-dir", str(tmp / "teachers"),
+           *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = tmp / "cache-feat", tmp / "mp" / "conll"
+    ma, mb = read_manifest(one), read_manifest(two)
+    assert mb["processes"] == 2 and ma["fingerprint"] == mb["fingerprint"] and verify_cache(two).ok
+    for split, s in ma["splits"].items():
+        shards = mb["splits"][split]["shards"]
+        assert [x["rows"] for x in s["shards"]] == [x["rows"] for x in shards]
+        for x, y in zip(s["shards"], shards):
+            ta, tb = pq.read_table(one / x["parquet"]), pq.read_table(two / y["parquet"])
+            assert ta.drop(["logits"]).equals(tb.drop(["logits"]))
+            np.testing.assert_allclose(np.concatenate(ta.column("logits").to_numpy(zero_copy_only=False)),
+                                       np.concatenate(tb.column("logits").to_numpy(zero_copy_only=False)), atol=1e-5)
+            ga, gb = (zarr.open_group(str(c / sh["features"]["path"]), mode="r") for c, sh in ((one, x), (two, y)))
+            assert np.array_equal(ga["offsets"][:], gb["offsets"][:])
+            np.testing.assert_allclose(ga["layer_2"][:], gb["layer_2"][:], atol=1e-5)
