@@ -1,10 +1,12 @@
-"""Where stage two's time goes (`python -m kdcache.bench_profile`, after `make teacher-cache`): the default BiLSTM
-for 150 batches, KD from the cache against hard labels, each twice, timing tokenisation, forward, loss, backward and
-the optimizer step separately; the numbers behind the stage-two reading in docs/benchmarks.md."""
+"""Where stage two's time goes (`python -m kdcache.bench_profile [CACHE]`, after `make teacher-cache` or `make
+bench`): the default BiLSTM for 150 batches, KD from the cache against hard labels, each twice, timing tokenisation,
+forward, loss, backward and the optimizer step separately, then the optimiser step alone in torch's three AdamW
+implementations on the same parameters; the numbers behind the stage-two reading in docs/benchmarks.md."""
 from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +63,19 @@ def main(cache: str = "data/cache/default/sentiment", N: int = 150) -> None:
         hard = run(C.LossConfig(alpha=1.0), "hard labels")
         kd = run(train.loss, "KD (T=2, a=.5)")
     print(f"reading+collate {t_read*1000/N:.2f} ms/batch; KD/hard step ratio {hard/kd:.3f}")
+    params = [p for p in make_run("b", "b", st, train.loss, train, tok, 2, {}, 10**6, Path()).model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for kind in ("default loop", "foreach", "fused"):
+        opt = torch.optim.AdamW(params, lr=1e-3, foreach=kind == "foreach", fused=kind == "fused")
+        for _ in range(3):
+            opt.step()
+        t = time.perf_counter()
+        for _ in range(30):
+            opt.step()
+        print(f"AdamW {kind}: {(time.perf_counter() - t) * 1000 / 30:.2f} ms/step "
+              f"({sum(p.numel() for p in params):,} parameters)")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])
