@@ -31,6 +31,30 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/metrics.json"))]
 
 
+def stale_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """A warning naming the runs trained on other targets than their cache holds now (the teacher was refreshed or
+    the cache rebuilt with other settings): the teacher row comes from the current cache, so they no longer compare."""
+    current: dict[str, str | None] = {}
+    stale: dict[str, list[str]] = {}
+    for r in runs:
+        cache, fp = r.get("cache"), r.get("cache_fingerprint")
+        if not cache or not fp:
+            continue
+        if cache not in current:
+            try:
+                current[cache] = open_manifest(cache)[2]["fingerprint"]
+            except (KeyError, FileNotFoundError, CacheFormatError):
+                current[cache] = None  # the cache moved: nothing to compare with
+        if current[cache] not in (None, fp):
+            stale.setdefault(cache, []).append(r["run"])
+    lines = []
+    for cache, names in stale.items():
+        lines += [f"> **Stale runs**: {', '.join(sorted(names))} were trained on an earlier cache than the one at "
+                  f"`{cache}` now (fingerprint {current[cache][:12]}; the teacher or its settings changed). Retrain "
+                  f"them (`kdcache train <pipeline> --students ...`) before comparing them with the teacher row.", ""]
+    return lines
+
+
 def _fmt(v: Any, spec: str = ".4f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -51,7 +75,7 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
         except (KeyError, FileNotFoundError, CacheFormatError):
             continue  # the cache moved: the report shows the students alone
     by_run = {r["run"]: r for r in runs}
-    lines = [f"# Student comparison — {runs_dir.name}", "",
+    lines = [f"# Student comparison — {runs_dir.name}", "", *stale_lines(all_runs),
              "Test split metrics. Agreement = share of test rows where the student's prediction equals the teacher's. "
              "KD gain = test accuracy of the KD student minus its hard-label twin (same architecture, seed and data). "
              "CPU speed: examples/s on this machine including tokenisation (teacher: measured during caching, "
@@ -84,7 +108,7 @@ def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str) ->
     from .ner_trainer import ner_report_lines, teacher_ner_row
     heads = {"causal-lm": (teacher_lm_row, lm_report_lines, "perplexity", "test perplexity (log)"),
              "token-classification": (teacher_ner_row, ner_report_lines, "f1", "test entity F1")}
-    lines = [f"# Student comparison — {runs_dir.name}", ""]
+    lines = [f"# Student comparison — {runs_dir.name}", "", *stale_lines(runs)]
     panels = []
     for head, (teacher_row_of, table, metric, label) in heads.items():
         mine = [r for r in runs if r.get("head") == head]

@@ -275,3 +275,23 @@ def test_two_process_capture_of_a_token_task_equals_the_single_process_cache(ner
             ga, gb = (zarr.open_group(str(c / sh["features"]["path"]), mode="r") for c, sh in ((one, x), (two, y)))
             assert np.array_equal(ga["offsets"][:], gb["offsets"][:])
             np.testing.assert_allclose(ga["layer_2"][:], gb["layer_2"][:], atol=1e-5)
+
+
+def test_the_report_flags_runs_trained_before_the_cache_was_refreshed(ner_cache):
+    """Refresh a cache (here: rebuilt with word features, as after a teacher update) under runs trained on the old
+    one: the report names them as stale until they are retrained."""
+    import shutil
+    tmp, pipeline, _ = ner_cache
+    cache, runs = tmp / "refresh", tmp / "runs-refresh"
+    shutil.copytree(tmp / "cache", cache)
+    quick = load_pipeline(NER_TINY, ["train.epochs=1"])
+    ner_train_task(quick, "conll", ["bilstm-tagger"], str(cache), runs)
+    assert "Stale runs" not in build_report(runs, cache, "test").read_text()
+    refreshed = load_pipeline(NER_TINY, ["tasks.conll.cache.features.layers=[-1]",
+                                         "tasks.conll.cache.features.pooling=words"])
+    build_teacher_cache(refreshed, "conll", cache, tmp / "teachers", overwrite=True)
+    text = build_report(runs, cache, "test").read_text()
+    assert "**Stale runs**: bilstm-tagger, bilstm-tagger-hard were trained on an earlier cache" in text
+    assert read_manifest(cache)["fingerprint"][:12] in text
+    ner_train_task(quick, "conll", ["bilstm-tagger"], str(cache), runs)
+    assert "Stale runs" not in build_report(runs, cache, "test").read_text()
