@@ -65,8 +65,10 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
     if not all_runs:
         raise FileNotFoundError(f"{runs_dir}: no */metrics.json; train students first (`kdcache train`)")
     runs = [r for r in all_runs if r.get("head", "sequence-classification") == "sequence-classification"]
+    others = [r for r in all_runs if r not in runs]
     if not runs:
-        return _head_report(runs_dir, all_runs, test_split)
+        return _head_report(runs_dir, others, test_split, [f"# Student comparison — {runs_dir.name}", "",
+                                                           *stale_lines(all_runs)], "report.png")
     teachers = {}
     for task in sorted({r["task"] for r in runs}):
         cache = next((r["cache"] for r in runs if r["task"] == task), f"{cache_root}/{task}")
@@ -96,19 +98,21 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
                      f"{_fmt(r.get('inference_examples_per_s_cpu'), '.0f')} | {_fmt(r['train_seconds'], '.1f')} | "
                      f"{_fmt(gain, '+.4f')} |")
     lines += ["", "![accuracy against size and speed](report.png)", ""]
+    _plot(runs, list(teachers.values()), runs_dir / "report.png")
+    if others:  # a pipeline with classification and token/LM tasks: their tables follow, plotted apart
+        return _head_report(runs_dir, others, test_split, lines, "report-tokens.png")
     out = runs_dir / "report.md"
     out.write_text("\n".join(lines))
-    _plot(runs, list(teachers.values()), runs_dir / "report.png")
     return out
 
 
-def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str) -> Path:
-    """report.md / report.png for causal-LM (perplexity) and token-classification (entity F1) students."""
+def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str, lines: list[str], png: str) -> Path:
+    """report.md (after `lines`) and the plot `png` for causal-LM (perplexity) and token-classification (entity F1)
+    students."""
     from .lm_trainer import lm_report_lines, teacher_lm_row
     from .ner_trainer import ner_report_lines, teacher_ner_row
     heads = {"causal-lm": (teacher_lm_row, lm_report_lines, "perplexity", "test perplexity (log)"),
              "token-classification": (teacher_ner_row, ner_report_lines, "f1", "test entity F1")}
-    lines = [f"# Student comparison — {runs_dir.name}", "", *stale_lines(runs)]
     panels = []
     for head, (teacher_row_of, table, metric, label) in heads.items():
         mine = [r for r in runs if r.get("head") == head]
@@ -122,7 +126,7 @@ def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str) ->
                 continue  # the cache moved: the report shows the students alone
         lines += [*table(mine, teachers), ""]
         panels.append((mine, list(teachers.values()), metric, label))
-    lines += ["![metric against size](report.png)", ""]
+    lines += [f"![metric against size]({png})", ""]
     out = runs_dir / "report.md"
     out.write_text("\n".join(lines))
     import matplotlib
@@ -146,7 +150,7 @@ def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str) ->
         ax.set_title(f"{label} vs size (o = KD, x = hard labels, * = teacher)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(runs_dir / "report.png", dpi=110)
+    fig.savefig(runs_dir / png, dpi=110)
     plt.close(fig)
     return out
 

@@ -295,3 +295,31 @@ def test_the_report_flags_runs_trained_before_the_cache_was_refreshed(ner_cache)
     assert read_manifest(cache)["fingerprint"][:12] in text
     ner_train_task(quick, "conll", ["bilstm-tagger"], str(cache), runs)
     assert "Stale runs" not in build_report(runs, cache, "test").read_text()
+
+
+def test_a_pipeline_of_a_classification_and_a_token_task_caches_trains_and_reports_both(tmp_path):
+    """Several tasks with their own teachers and heads in one pipeline: `kdcache cache` builds a cache per task,
+    `kdcache train` trains each student on its task, and one report holds both tables."""
+    import yaml
+
+    from kdcache.cli import main
+    tiny = yaml.safe_load((REPO / "pipelines" / "tiny" / "pipeline.yaml").read_text())
+    ner = yaml.safe_load((REPO / "pipelines" / "ner-tiny" / "pipeline.yaml").read_text())
+    tiny["tasks"]["topic"]["data"]["limit"] = 60
+    tiny["tasks"]["topic"]["teacher"]["finetune"]["epochs"] = 2
+    mixed = {"name": "mixed", "tasks": {**tiny["tasks"], **ner["tasks"]},
+             "train": {**tiny["train"], "epochs": 1},
+             "students": {"bow": {**tiny["students"]["bow"], "task": "topic"},
+                          "bilstm-tagger": {**ner["students"]["bilstm-tagger"], "task": "conll"}}}
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(mixed))
+    common = ["--teachers-dir", str(tmp_path / "teachers")]
+    assert main(["cache", str(path), "--out", str(tmp_path / "cache"), *common]) == 0
+    assert {read_manifest(tmp_path / "cache" / t)["head"] for t in ("topic", "conll")} == \
+        {"sequence-classification", "token-classification"}
+    assert main(["train", str(path), "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"),
+                 *common]) == 0
+    text = (tmp_path / "runs" / "report.md").read_text()
+    assert "| test acc |" in text and "test entity F1" in text
+    assert "bow (bow, KD)" in text and "bilstm-tagger (bilstm-tagger, KD)" in text
+    assert (tmp_path / "runs" / "report.png").is_file() and (tmp_path / "runs" / "report-tokens.png").is_file()
