@@ -20,6 +20,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t22
+	@echo 'variables: PIPELINE=<name> (default: default)  STUDENTS=a,b  QUICK=1  ARGS="--set key=value ..."  TORCH_SPEC=...'
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
