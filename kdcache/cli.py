@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train each listed student and its hard-label twin for every seed, (1) with all "
                                    "labels and (2) with only --scarce labelled training rows (the teacher is "
                                    "fine-tuned on those; the cache covers the rest, which only KD can use). "
-                                   "Writes data/fidelity/fidelity.json and docs/fidelity.md (mean ± std).")
+                                   "Works on any head (test accuracy, entity F1 or perplexity). Writes "
+                                   "data/fidelity/fidelity-<pipeline>.json and the pipeline's section of "
+                                   "docs/fidelity.md (mean ± std).")
     _experiment_args(p, "fidelity", "fidelity")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--students", default="bow,bilstm", help="comma-separated students of the pipeline")
@@ -341,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a pipeline value (repeatable), e.g. tasks.sst2.data.limit=null for the full set")
     p.add_argument("--sweep", metavar="STUDENT", default=None,
                    help="instead: temperature (1/2/4), α (0/0.5/0.9/1) and feature loss on/off for this student, "
-                        "all variants in one pass over the cache, over --seeds")
+                        "all variants in one pass over the cache, over --seeds (classification and NER "
+                        "pipelines; the feature row appears when the cache holds features)")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
     p.set_defaults(func=cmd_fidelity)
 
