@@ -20,7 +20,7 @@ from .losses import (_LOG_TINY, SampledTargets, TopKTargets, kd_loss_per_row, sa
                      token_ce_per_row)
 from .optim import adamw, warmup_linear
 from .progress import progress
-from .reader import CacheDataset, collate
+from .reader import CacheDataset, collate, expectation
 from .students.llama import build_lm_student
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def lm_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], ca
             raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
     accelerator.wait_for_everyone()
     train_ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                            expect={"task": task}, rank=accelerator.process_index,
+                            expect=expectation(pipeline, task), rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
     m = train_ds.manifest
     if m["head"] != "causal-lm":

@@ -23,7 +23,7 @@ from .losses import dense_kd_loss_per_row, feature_loss
 from .ner import entity_f1
 from .optim import adamw, warmup_linear
 from .progress import progress
-from .reader import CacheDataset, collate, read_column
+from .reader import CacheDataset, collate, expectation, read_column
 from .students.tagger import build_tagger
 from .students.tokenizers import WordTokenizer
 
@@ -125,7 +125,8 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
     losses = {s: pipeline.students[s].loss or train.loss for s in students}
     layers = tuple(sorted({f.teacher_layer for lo in losses.values() for f in lo.features}))
     train_ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                            feature_layers=layers, expect={"task": task}, rank=accelerator.process_index,
+                            feature_layers=layers, expect=expectation(pipeline, task),
+                            rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
     m = train_ds.manifest
     feature_dims = {j: m["features"]["hidden_size"] for j in layers}

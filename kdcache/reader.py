@@ -44,6 +44,13 @@ def _is_local(fs: Any) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
+def expectation(pipeline: Any, task: str) -> dict[str, Any]:
+    """What a student of `task` expects of its cache: that task, its teacher's head and its data settings."""
+    from .config import to_dict
+    t = pipeline.tasks[task]
+    return {"task": task, "head": t.teacher.head, "data": to_dict(t.data)}
+
+
 def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
     """Refuse a cache whose task, head, labels or data config differ from what the student's pipeline expects."""
     got = {"task": manifest["task"], "head": manifest["head"], "label_names": manifest["label_names"],

@@ -28,7 +28,7 @@ from .cache.format import CacheFormatError
 from .losses import distillation_loss, feature_loss
 from .optim import adamw, warmup_linear
 from .progress import progress
-from .reader import CacheDataset, collate, read_column
+from .reader import CacheDataset, collate, expectation, read_column
 from .students import HFTokenizer, Student, WordTokenizer, build_student
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
     train = pipeline.train
     # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
     accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
-    expect = {"task": task, "label_names": None, "data": C.to_dict(pipeline.tasks[task].data)}
+    expect = expectation(pipeline, task)
     if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
         from .cache.verify import verify_cache
         report = verify_cache(cache)

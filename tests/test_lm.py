@@ -142,6 +142,7 @@ def test_lm_student_with_another_tokenizer_is_refused(lm_cache, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("students.llama.loss={kind: kl, temperature: 3.0, alpha: 0.5}", "not one the cache stores"),
     ("students.llama.loss={kind: kl, temperature: 2.0, alpha: 0.5, targets: sampled}", "drawn at T=1.0"),
+    ("tasks.news.data.limit=13", r"other data or labels .*data.limit: cache has 12, pipeline expects 13"),
 ])
 def test_lm_loss_settings_the_cache_cannot_serve_are_refused(lm_cache, tmp_path, override, message):
     cache, _ = lm_cache

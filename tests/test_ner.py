@@ -24,7 +24,7 @@ from kdcache.config import DataConfig, load_pipeline
 from kdcache.data import CONLL_TAGS, DataError, load_task_data, read_conll
 from kdcache.ner import entity_f1, entity_spans
 from kdcache.ner_trainer import ner_train_task
-from kdcache.reader import CacheDataset
+from kdcache.reader import CacheDataset, CacheMismatchError
 from kdcache.report import build_report
 from kdcache.teacher import TeacherError
 
@@ -323,3 +323,10 @@ def test_a_pipeline_of_a_classification_and_a_token_task_caches_trains_and_repor
     assert "| test acc |" in text and "test entity F1" in text
     assert "bow (bow, KD)" in text and "bilstm-tagger (bilstm-tagger, KD)" in text
     assert (tmp_path / "runs" / "report.png").is_file() and (tmp_path / "runs" / "report-tokens.png").is_file()
+
+
+def test_a_tagger_refuses_a_cache_built_for_other_data(ner_cache):
+    tmp, _, _ = ner_cache
+    other = load_pipeline(NER_TINY, ["tasks.conll.data.limit=81", "train.epochs=1"])
+    with pytest.raises(CacheMismatchError, match=r"data.limit: cache has 80, pipeline expects 81.*kdcache cache"):
+        ner_train_task(other, "conll", ["bilstm-tagger"], str(tmp / "cache"), tmp / "runs-other")
