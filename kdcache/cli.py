@@ -22,7 +22,9 @@ Three teacher heads: sequence classification (exact logits per example), token c
 per WORD, e.g. NER) and causal LM (top-k ids + raw logits per position, with the full log-sum-exp and the exact
 tail mass at each configured temperature, optionally sampled targets).
 
-A PIPELINE is a name under pipelines/ (default, tiny, sst2, ner, ner-tiny, lm, lm-tiny) or a path to a YAML file.
+A PIPELINE is a name under pipelines/ (default, tiny, sst2, ner, ner-tiny, lm, lm-tiny, cross) or a path to a
+YAML file. A pipeline may hold several tasks with their own teachers; a cross-task student (arch bilstm-multitask)
+learns several of them at once, with a weight per task.
 """
 
 EPILOG = """\
@@ -123,16 +125,26 @@ def cmd_train(args) -> int:
     cache_root = str(args.cache or Path("data/cache") / pipeline.name).rstrip("/")  # a folder or an fsspec URL
     runs_dir = args.runs or Path("data/runs") / pipeline.name
     by_task: dict[str, list[str]] = {}
+    cross = [s for s in students if pipeline.students[s].tasks]
     for s in students:
-        by_task.setdefault(pipeline.student_task(s), []).append(s)
+        if s not in cross:
+            by_task.setdefault(pipeline.student_task(s), []).append(s)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, rank 0 reports
-    for task, names in by_task.items():
-        results = train_students(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
-                                 teachers_dir=args.teachers_dir)
+    batches = [train_students(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
+                              teachers_dir=args.teachers_dir) for task, names in by_task.items()]
+    if cross:
+        from .cross_trainer import cross_train
+        batches.append(cross_train(pipeline, cross, cache_root, runs_dir))
+    for results in batches:
         for r in results:
             if not main_process:
                 continue
             t = r.get("test", {})
+            if r.get("head") == "cross-task":
+                print(f"{r['run']:<24} " + "  ".join(
+                    f"{task} {'entity F1' if 'f1' in m else 'test acc'} {m.get('f1', m.get('accuracy')) or 0:.4f}"
+                    for task, m in t.items()) + f"  {r['parameters']:,} params  {r['train_seconds']:.1f} s")
+                continue
             if r.get("head") == "token-classification":
                 print(f"{r['run']:<24} test entity F1 {t.get('f1', float('nan')):.4f}  precision "
                       f"{t.get('precision', float('nan')):.4f}  recall {t.get('recall', float('nan')):.4f}  "

@@ -187,6 +187,9 @@ class StudentConfig:
     arch: str = _f(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`; `bilstm-tagger` or "
                         "`transformer-tagger` for token-classification caches; `llama` for causal-LM caches.")
     task: str | None = _f(None, help="Task whose cache it learns from (default: the pipeline's only task).")
+    tasks: dict[str, float] = _f({}, help="Cross-task student (arch `bilstm-multitask`): task -> loss weight. One "
+                                          "shared encoder with a head per task, trained on every listed task's "
+                                          "cache in turn (classification and token-classification tasks).")
     tokenizer: str = _f("words", help="`words` (a word vocabulary built from the cached training text) or a "
                                       "`transformers` tokenizer (hub name, folder or `pkg:`).")
     vocab_size: int = _f(20000, help="Words kept by the `words` tokenizer (most frequent first).")
@@ -210,6 +213,14 @@ class PipelineConfig:
         if not self.tasks:
             raise ConfigError(f"pipeline {self.name!r}: `tasks` is empty; add at least one task")
         for name, st in self.students.items():
+            if st.tasks or st.arch == "bilstm-multitask":
+                bad = [t for t in st.tasks if t not in self.tasks]
+                if bad or not st.tasks or st.arch != "bilstm-multitask" or st.task is not None \
+                        or any(w < 0 for w in st.tasks.values()):
+                    raise ConfigError(f"pipeline {self.name!r}: `students.{name}`: a cross-task student has arch "
+                                      "`bilstm-multitask`, no `task`, and `tasks:` mapping each of the pipeline's "
+                                      f"tasks it learns ({', '.join(self.tasks)}) to a loss weight >= 0")
+                continue
             task = st.task or (next(iter(self.tasks)) if len(self.tasks) == 1 else None)
             if task not in self.tasks:
                 raise ConfigError(f"pipeline {self.name!r}: `students.{name}.task` must name one of the tasks "

@@ -40,13 +40,15 @@ def stale_lines(runs: list[dict[str, Any]]) -> list[str]:
         cache, fp = r.get("cache"), r.get("cache_fingerprint")
         if not cache or not fp:
             continue
-        if cache not in current:
-            try:
-                current[cache] = open_manifest(cache)[2]["fingerprint"]
-            except (KeyError, FileNotFoundError, CacheFormatError):
-                current[cache] = None  # the cache moved: nothing to compare with
-        if current[cache] not in (None, fp):
-            stale.setdefault(cache, []).append(r["run"])
+        pairs = [(cache[t], fp[t]) for t in cache] if isinstance(cache, dict) else [(cache, fp)]  # cross-task: per task
+        for cache, fp in pairs:
+            if cache not in current:
+                try:
+                    current[cache] = open_manifest(cache)[2]["fingerprint"]
+                except (KeyError, FileNotFoundError, CacheFormatError):
+                    current[cache] = None  # the cache moved: nothing to compare with
+            if current[cache] not in (None, fp):
+                stale.setdefault(cache, []).append(r["run"])
     lines = []
     for cache, names in stale.items():
         lines += [f"> **Stale runs**: {', '.join(sorted(names))} were trained on an earlier cache than the one at "
@@ -114,6 +116,10 @@ def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str, li
     heads = {"causal-lm": (teacher_lm_row, lm_report_lines, "perplexity", "test perplexity (log)"),
              "token-classification": (teacher_ner_row, ner_report_lines, "f1", "test entity F1")}
     panels = []
+    cross = [r for r in runs if r.get("head") == "cross-task"]
+    if cross:
+        from .cross_trainer import cross_report_lines
+        lines += [*cross_report_lines(cross), ""]
     for head, (teacher_row_of, table, metric, label) in heads.items():
         mine = [r for r in runs if r.get("head") == head]
         if not mine:
@@ -126,9 +132,12 @@ def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str, li
                 continue  # the cache moved: the report shows the students alone
         lines += [*table(mine, teachers), ""]
         panels.append((mine, list(teachers.values()), metric, label))
-    lines += [f"![metric against size]({png})", ""]
+    if panels:
+        lines += [f"![metric against size]({png})", ""]
     out = runs_dir / "report.md"
     out.write_text("\n".join(lines))
+    if not panels:
+        return out
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
