@@ -5,7 +5,6 @@ CoNLL NER), batches of the tasks taking turns, each task's loss (its KD loss on 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -18,10 +17,10 @@ import torch
 from . import config as C
 from .cache.format import CacheFormatError
 from .losses import distillation_loss
-from .ner_trainer import evaluate_tagger, pad_targets, tagger_loss
+from .ner_trainer import evaluate_tagger, pad_targets, save_word_run, tagger_loss
 from .optim import adamw, warmup_linear
 from .progress import progress
-from .reader import CacheDataset, collate, expectation, open_manifest, read_column
+from .reader import CacheDataset, collate, open_manifest, read_column, training_split
 from .students.multitask import HEADS, build_multitask
 from .students.tokenizers import _WORD, WordTokenizer
 from .trainer import classification_metrics
@@ -75,15 +74,7 @@ def cross_train(pipeline: C.PipelineConfig, students: list[str], cache_root: str
     infos: dict[str, dict[str, Any]] = {}
     for t in tasks:
         cache = f"{cache_root}/{t}"
-        if train.verify and accelerator.is_local_main_process and "://" not in cache:
-            from .cache.verify import verify_cache
-            report = verify_cache(cache)
-            if not report.ok:
-                raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
-        accelerator.wait_for_everyone()
-        ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                          expect=expectation(pipeline, t), rank=accelerator.process_index,
-                          world_size=accelerator.num_processes)
+        ds = training_split(cache, pipeline, t, accelerator)
         m = ds.manifest
         if m["head"] not in HEADS:
             raise CacheFormatError(f"{cache}: head {m['head']!r}; a cross-task student learns "
@@ -189,12 +180,7 @@ def cross_train(pipeline: C.PipelineConfig, students: list[str], cache_root: str
         if train.test_split:
             metrics["test"] = {t: evaluate_task(model, r["tok"], infos[t], "test", dev) for t in r["cfg"].tasks}
         if accelerator.is_main_process:
-            ckpt = runs_dir / r["name"] / "checkpoint"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            torch.save(r["best_state"], ckpt / "student.pt")
-            r["tok"].save(ckpt)
-            metrics["size_bytes"] = (ckpt / "student.pt").stat().st_size
-            (runs_dir / r["name"] / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            save_word_run(runs_dir / r["name"], r["best_state"], r["tok"], metrics)
         results.append(metrics)
     return results
 

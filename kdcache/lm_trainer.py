@@ -20,7 +20,7 @@ from .losses import (_LOG_TINY, SampledTargets, TopKTargets, kd_loss_per_row, sa
                      token_ce_per_row)
 from .optim import adamw, warmup_linear
 from .progress import progress
-from .reader import CacheDataset, collate, expectation
+from .reader import CacheDataset, collate, training_split
 from .students.llama import build_lm_student
 
 log = logging.getLogger(__name__)
@@ -139,15 +139,7 @@ def lm_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], ca
     teacher_log_level()
     train = pipeline.train
     accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
-    if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
-        from .cache.verify import verify_cache
-        report = verify_cache(cache)
-        if not report.ok:
-            raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
-    accelerator.wait_for_everyone()
-    train_ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                            expect=expectation(pipeline, task), rank=accelerator.process_index,
-                            world_size=accelerator.num_processes)
+    train_ds = training_split(cache, pipeline, task, accelerator)
     m = train_ds.manifest
     if m["head"] != "causal-lm":
         raise CacheFormatError(f"{cache}: head {m['head']!r}; LM students (arch llama) need a causal-lm cache")

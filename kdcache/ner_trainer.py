@@ -23,7 +23,7 @@ from .losses import dense_kd_loss_per_row, feature_loss
 from .ner import entity_f1
 from .optim import adamw, warmup_linear
 from .progress import progress
-from .reader import CacheDataset, collate, expectation, read_column
+from .reader import CacheDataset, collate, read_column, training_split
 from .students.tagger import build_tagger
 from .students.tokenizers import WordTokenizer
 
@@ -116,18 +116,9 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
     from accelerate import Accelerator
     train = pipeline.train
     accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
-    if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
-        from .cache.verify import verify_cache
-        report = verify_cache(cache)
-        if not report.ok:
-            raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
-    accelerator.wait_for_everyone()
     losses = {s: pipeline.students[s].loss or train.loss for s in students}
     layers = tuple(sorted({f.teacher_layer for lo in losses.values() for f in lo.features}))
-    train_ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                            feature_layers=layers, expect=expectation(pipeline, task),
-                            rank=accelerator.process_index,
-                            world_size=accelerator.num_processes)
+    train_ds = training_split(cache, pipeline, task, accelerator, layers)
     m = train_ds.manifest
     feature_dims = {j: m["features"]["hidden_size"] for j in layers}
     if m["head"] != "token-classification":
@@ -213,14 +204,19 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
         if test_ds is not None:
             metrics["test"] = evaluate_tagger(model, r["tok"], test_ds, names, accelerator.device)
         if accelerator.is_main_process:
-            ckpt = runs_dir / r["name"] / "checkpoint"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            torch.save(r["best_state"], ckpt / "student.pt")
-            r["tok"].save(ckpt)
-            metrics["size_bytes"] = (ckpt / "student.pt").stat().st_size
-            (runs_dir / r["name"] / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            save_word_run(runs_dir / r["name"], r["best_state"], r["tok"], metrics)
         results.append(metrics)
     return results
+
+
+def save_word_run(run_dir: Path, state: dict[str, Any], tok: WordTokenizer, metrics: dict[str, Any]) -> None:
+    """A word-level student's run folder: checkpoint/student.pt, its word vocabulary, and metrics.json."""
+    ckpt = run_dir / "checkpoint"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    torch.save(state, ckpt / "student.pt")
+    tok.save(ckpt)
+    metrics["size_bytes"] = (ckpt / "student.pt").stat().st_size
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
 def teacher_ner_row(cache: str, test_split: str) -> dict[str, Any]:

@@ -51,6 +51,20 @@ def expectation(pipeline: Any, task: str) -> dict[str, Any]:
     return {"task": task, "head": t.teacher.head, "data": to_dict(t.data)}
 
 
+def training_split(cache: str, pipeline: Any, task: str, accelerator: Any,
+                   feature_layers: tuple[int, ...] = ()) -> "CacheDataset":
+    """The cached training split a trainer streams: a local cache verified first (`train.verify`), checked against
+    what the pipeline expects of `task`, shuffled by `train.seed` and shared between the accelerate processes."""
+    train = pipeline.train
+    if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
+        from .cache.verify import refuse_damaged
+        refuse_damaged(cache)
+    accelerator.wait_for_everyone()
+    return CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
+                        feature_layers=feature_layers, expect=expectation(pipeline, task),
+                        rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+
 def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
     """Refuse a cache whose task, head, labels or data config differ from what the student's pipeline expects."""
     got = {"task": manifest["task"], "head": manifest["head"], "label_names": manifest["label_names"],

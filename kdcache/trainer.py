@@ -28,7 +28,7 @@ from .cache.format import CacheFormatError
 from .losses import distillation_loss, feature_loss
 from .optim import adamw, warmup_linear
 from .progress import progress
-from .reader import CacheDataset, collate, expectation, read_column
+from .reader import CacheDataset, collate, read_column, training_split
 from .students import HFTokenizer, Student, WordTokenizer, build_student
 
 log = logging.getLogger(__name__)
@@ -194,18 +194,9 @@ def train_task(pipeline: C.PipelineConfig, task: str, students: list[str], cache
     train = pipeline.train
     # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
     accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
-    expect = expectation(pipeline, task)
-    if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
-        from .cache.verify import verify_cache
-        report = verify_cache(cache)
-        if not report.ok:
-            raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
-    accelerator.wait_for_everyone()
     losses = {s: pipeline.students[s].loss or train.loss for s in students}
     layers = tuple(sorted({f.teacher_layer for s in students for f in losses[s].features}))
-    train_ds = CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                            feature_layers=layers, expect=expect,
-                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+    train_ds = training_split(cache, pipeline, task, accelerator, layers)
     eval_ds = CacheDataset(cache, train.eval_split, rank=0, world_size=1)
     test_ds = CacheDataset(cache, train.test_split, rank=0, world_size=1) if train.test_split else None
     m = train_ds.manifest

@@ -141,3 +141,10 @@ def cache_info(root: str | Path) -> dict[str, Any]:
             "bytes_per_example": round(m["totals"]["bytes"] / max(total_rows, 1), 1), "splits": splits,
             "created_at": m.get("created_at"), "capture": m.get("capture"), "device": m.get("device"),
             "processes": m.get("processes"), "lm": m.get("lm")}
+
+
+def refuse_damaged(cache: str | Path) -> None:
+    """Raise, naming the first problems, when a local cache fails `verify_cache` (trainers call it first)."""
+    report = verify_cache(cache)
+    if not report.ok:
+        raise CacheFormatError(f"refusing to train on a damaged cache: {'; '.join(report.problems[:3])}")
