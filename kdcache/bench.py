@@ -104,14 +104,14 @@ def _epochs(jobs, fields, train, acc) -> list[tuple[float, float, float]]:
     from .trainer import train_step
     its = [iter(batches) for _, batches, _ in jobs]
     times = [[0.0, 0.0, 0.0] for _ in jobs]
-    live = list(range(len(jobs)))
-    while live:
-        for k in list(live):
+    pending = list(range(len(jobs)))
+    while pending:
+        for k in list(pending):
             run, _, targets = jobs[k]
             t0 = time.perf_counter()
             b = next(its[k], None)
             if b is None:
-                live.remove(k)
+                pending.remove(k)
                 continue
             if targets is not None:
                 t1 = time.perf_counter()

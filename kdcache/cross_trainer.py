@@ -128,23 +128,27 @@ def cross_train(pipeline: C.PipelineConfig, students: list[str], cache_root: str
                         continue
                     counts[t] += 1
                     info = infos[t]
+                    tagging = info["head"] == "token-classification"
+                    # words and targets once per batch; only the word ids depend on the student's vocabulary
+                    words = batch["words"] if tagging else sentence_words(batch, info["fields"])
+                    if tagging:
+                        targets = [x.to(dev) for x in pad_targets(batch, max(1, max(map(len, words))),
+                                                                    len(info["labels"]))]
+                    else:
+                        targets = [batch["logits"].to(dev), batch["label"].to(dev)]
                     for r in runs:
                         weight = r["cfg"].tasks.get(t)
                         if not weight:  # not this student's task, or weighted 0: its head is left untouched
                             continue
                         t0 = time.perf_counter()
                         r["model"].train()
-                        if info["head"] == "token-classification":
-                            ids, shapes, mask = r["tok"].encode_words(batch["words"])
-                            tags, teacher, covered = pad_targets(batch, ids.shape[1], len(info["labels"]))
-                            logits = r["model"](t, ids.to(dev), shapes.to(dev), mask.to(dev))
-                            loss, _ = tagger_loss(logits, tags.to(dev), teacher.to(dev), covered.to(dev), r["loss"])
+                        ids, shapes, mask = r["tok"].encode_words(words)
+                        logits = r["model"](t, ids.to(dev), shapes.to(dev), mask.to(dev))
+                        lo = r["loss"]
+                        if tagging:
+                            loss, _ = tagger_loss(logits, *targets, lo)
                         else:
-                            ids, shapes, mask = r["tok"].encode_words(sentence_words(batch, info["fields"]))
-                            logits = r["model"](t, ids.to(dev), shapes.to(dev), mask.to(dev))
-                            lo = r["loss"]
-                            loss, _ = distillation_loss(logits, batch["logits"].to(dev), batch["label"].to(dev),
-                                                        lo.kind, lo.temperature, lo.alpha, lo.beta)
+                            loss, _ = distillation_loss(logits, *targets, lo.kind, lo.temperature, lo.alpha, lo.beta)
                         accelerator.backward(weight * loss)
                         if train.grad_clip:
                             accelerator.clip_grad_norm_(r["model"].parameters(), train.grad_clip)

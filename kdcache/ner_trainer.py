@@ -145,6 +145,7 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
 
     loader = torch.utils.data.DataLoader(train_ds, batch_size=train.batch_size, collate_fn=collate,
                                          num_workers=train.num_workers)
+    dev = accelerator.device
     for epoch in range(train.epochs):
         train_ds.set_epoch(epoch)
         sums = {r["name"]: 0.0 for r in runs}
@@ -154,19 +155,20 @@ def ner_train_task(pipeline: C.PipelineConfig, task: str, students: list[str], c
                       desc=f"train {task} epoch {epoch + 1}/{train.epochs} ({len(runs)} students)",
                       disable=not accelerator.is_local_main_process) as bar:
             for batch in loader:
+                # targets padded once per batch: every student's word ids have the batch's longest sentence width
+                width = max(1, max(len(w) for w in batch["words"]))
+                tags, teacher, covered = (x.to(dev) for x in pad_targets(batch, width, len(names)))
+                wanted = {j: pad_features(batch, j, width, d).to(dev)[covered] for j, d in feature_dims.items()} \
+                    if covered.any() else {}
                 for r in runs:
                     t0 = time.perf_counter()
                     r["model"].train()
                     ids, shapes, mask = r["tok"].encode_words(batch["words"])
-                    tags, teacher, covered = pad_targets(batch, ids.shape[1], len(names))
-                    dev = accelerator.device
                     logits, projected = r["model"](ids.to(dev), shapes.to(dev), mask.to(dev))
-                    loss, _ = tagger_loss(logits, tags.to(dev), teacher.to(dev), covered.to(dev), r["loss"])
-                    cov = covered.to(dev)
+                    loss, _ = tagger_loss(logits, tags, teacher, covered, r["loss"])
                     for f, pred in zip(r["loss"].features, projected):  # on the words the teacher saw
-                        if cov.any():
-                            want = pad_features(batch, f.teacher_layer, ids.shape[1], feature_dims[f.teacher_layer])
-                            term = f.weight * feature_loss(pred[cov], want.to(dev)[cov], f.kind)
+                        if wanted:
+                            term = f.weight * feature_loss(pred[covered], wanted[f.teacher_layer], f.kind)
                             loss = loss + term
                             feat_sums[r["name"]] += float(term.detach())
                     accelerator.backward(loss)
