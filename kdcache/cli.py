@@ -67,8 +67,7 @@ def _experiment_args(p: argparse.ArgumentParser, folder: str, doc: str) -> None:
 
 
 def _load(args):
-    from .capture import with_limit
-    from .config import load_pipeline
+    from .config import load_pipeline, with_limit
     pipeline = with_limit(load_pipeline(args.pipeline, args.overrides), getattr(args, "limit", None))
     tasks = args.tasks or list(pipeline.tasks)
     for t in tasks:
@@ -79,43 +78,37 @@ def _load(args):
 
 
 def cmd_cache(args) -> int:
-    from .capture import build_teacher_cache
+    from .capture.build import build_teacher_cache
+    from .report import cache_summary
     pipeline, tasks = _load(args)
     out = args.out or Path("data/cache") / pipeline.name
     for t in tasks:
         m = build_teacher_cache(pipeline, t, out / t, args.teachers_dir, overwrite=args.overwrite)
-        for split, s in m["splits"].items():
-            st = s["stats"]
-            if "teacher_perplexity" in st:
-                what = f", {st['tokens']} tokens, teacher perplexity {st['teacher_perplexity']:.2f}"
-            elif "teacher_entity_f1" in st:
-                what = (f", {st['words']} words ({st['uncovered_words']} beyond max_length), teacher entity F1 "
-                        f"{st['teacher_entity_f1']:.4f}")
-            else:
-                what = f", teacher accuracy {st['teacher_accuracy']:.4f}" if st["teacher_accuracy"] is not None else ""
-            print(f"{out / t}: {split}: {s['rows']} rows in {len(s['shards'])} shard(s){what}")
+        print("\n".join(cache_summary(out / t, m)))
     return 0
 
 
 def cmd_finetune(args) -> int:
+    from .capture.finetune import finetune_teacher
+    from .capture.heads import HEADS
     from .data import load_task_data
-    from .finetune import finetune_teacher
-    from .teacher import teacher_log_level
+    from .hub import quiet_transformers
     pipeline, tasks = _load(args)
-    teacher_log_level()
+    quiet_transformers()
     for t in tasks:
         task = pipeline.tasks[t]
         if task.teacher.finetune is None:
             print(f"task {t}: teacher has no `finetune:` section; nothing to do")
             continue
-        folder = finetune_teacher(t, task, load_task_data(task.data), args.teachers_dir / pipeline.name / t)
+        folder = finetune_teacher(t, task, load_task_data(task.data), HEADS[task.teacher.head],
+                                  args.teachers_dir / pipeline.name / t)
         print(f"task {t}: teacher ready in {folder}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .report import build_report
-    from .trainer import train_students
+    from .report import build_report, run_summary
+    from .train.loop import train_students
     pipeline, _ = _load(args)
     students = args.students.split(",") if args.students else list(pipeline.students)
     unknown = [s for s in students if s not in pipeline.students]
@@ -124,41 +117,11 @@ def cmd_train(args) -> int:
                          f"(students: {', '.join(pipeline.students) or 'none: add a `students:` section'})")
     cache_root = str(args.cache or Path("data/cache") / pipeline.name).rstrip("/")  # a folder or an fsspec URL
     runs_dir = args.runs or Path("data/runs") / pipeline.name
-    by_task: dict[str, list[str]] = {}
-    cross = [s for s in students if pipeline.students[s].tasks]
-    for s in students:
-        if s not in cross:
-            by_task.setdefault(pipeline.student_task(s), []).append(s)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, rank 0 reports
-    batches = [train_students(pipeline, task, names, f"{cache_root}/{task}", runs_dir, teacher=args.teacher,
-                              teachers_dir=args.teachers_dir) for task, names in by_task.items()]
-    if cross:
-        from .cross_trainer import cross_train
-        batches.append(cross_train(pipeline, cross, cache_root, runs_dir))
-    for results in batches:
+    results = train_students(pipeline, students, cache_root, runs_dir, teacher=args.teacher,
+                             teachers_dir=args.teachers_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, rank 0 reports
         for r in results:
-            if not main_process:
-                continue
-            t = r.get("test", {})
-            if r.get("head") == "cross-task":
-                print(f"{r['run']:<24} " + "  ".join(
-                    f"{task} {'entity F1' if 'f1' in m else 'test acc'} {m.get('f1', m.get('accuracy')) or 0:.4f}"
-                    for task, m in t.items()) + f"  {r['parameters']:,} params  {r['train_seconds']:.1f} s")
-                continue
-            if r.get("head") == "token-classification":
-                print(f"{r['run']:<24} test entity F1 {t.get('f1', float('nan')):.4f}  precision "
-                      f"{t.get('precision', float('nan')):.4f}  recall {t.get('recall', float('nan')):.4f}  "
-                      f"{r['parameters']:,} params  {r['train_seconds']:.1f} s")
-                continue
-            if r.get("head") == "causal-lm":
-                print(f"{r['run']:<24} test perplexity {t.get('perplexity', float('nan')):.2f}  KL to teacher "
-                      f"{t.get('kl_to_teacher') or float('nan'):.4f}  {r['parameters']:,} params  "
-                      f"{r['train_seconds']:.1f} s")
-                continue
-            print(f"{r['run']:<24} test acc {t.get('accuracy', float('nan')):.4f}  macro-F1 "
-                  f"{t.get('macro_f1', float('nan')):.4f}  agreement {t.get('agreement', float('nan')):.4f}  "
-                  f"{r['parameters']:,} params  {r['train_seconds']:.1f} s")
-    if main_process:
+            print(run_summary(r))
         print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
     return 0
 
@@ -174,18 +137,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .cache.format import CAUSAL_LM
     from .config import load_pipeline
-    if any(t.teacher.head == "causal-lm" for t in load_pipeline(args.pipeline).tasks.values()):
-        from .lm_bench import run_lm_bench
+    if any(t.teacher.head == CAUSAL_LM for t in load_pipeline(args.pipeline).tasks.values()):
+        from .experiments.lm_bench import run_lm_bench
         run_lm_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.teachers_dir)
         return 0
-    from .bench import run_bench
+    from .experiments.bench import run_bench
     run_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc)
     return 0
 
 
 def cmd_fidelity(args) -> int:
-    from .fidelity import run_fidelity, run_sweep
+    from .experiments.fidelity import run_fidelity, run_sweep
     if args.sweep:
         run_sweep(args.pipeline, args.sweep, [int(x) for x in args.seeds.split(",")], args.out,
                   None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
@@ -219,44 +183,13 @@ def cmd_verify(args) -> int:
 def cmd_info(args) -> int:
     from .cache.format import find_caches
     from .cache.verify import cache_info
+    from .report import info_lines
     infos = [cache_info(c) for c in find_caches(args.path)]
     if args.json:
         print(json.dumps(infos, indent=1))
         return 0
     for i in infos:
-        t = i["teacher"]
-        print(f"{i['cache']}  task={i['task']}  head={i['head']}  format v{i['format_version']}")
-        print(f"  teacher      {t['name']} ({t['class']}, weights {t['weights_sha256'][:12]})")
-        print(f"  fingerprint  {i['fingerprint']}")
-        if i.get("lm"):
-            lm = i["lm"]
-            print(f"  targets      top-{lm['top_k']} of {lm['vocab_size']} ({lm['id_dtype']} ids, float16 logits), "
-                  f"lse + exact tail at T={lm['temperatures']}, {lm['samples']} samples/position, "
-                  f"{lm['seq_len']} tokens/row")
-        else:
-            print(f"  labels       {', '.join(i['labels'])}")
-        if i["features"]:
-            f = i["features"]
-            print(f"  features     layers {f['layers']} pooled {f['pooling']} as {f['dtype']} (hidden {f['hidden_size']})")
-        print(f"  total        {i['rows']} rows, {i['bytes'] / 1e6:.2f} MB, {i['bytes_per_example']} B/example")
-        c = i.get("capture")
-        if c and c.get("seconds"):
-            print(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({c['rows'] / c['seconds']:.0f} rows/s, "
-                  f"everything included) on {i['device']} x {i['processes']} process(es), last run")
-        for split, s in i["splits"].items():
-            if "teacher_entity_f1" in s:
-                print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_example']:>8} B/ex  "
-                      f"teacher entity F1 {s['teacher_entity_f1']:.4f}  words {s['words']}  truncated "
-                      f"{s['truncated_rows']} ({s['uncovered_words']} words)")
-                continue
-            if "teacher_perplexity" in s:
-                print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_token']:>8} B/token  "
-                      f"teacher ppl {s['teacher_perplexity']:.2f}  top-1 {s['teacher_top1_accuracy']:.3f}  "
-                      f"tail mass {s['mean_tail_mass']:.4f}")
-                continue
-            acc = f"{s['teacher_accuracy']:.4f}" if s["teacher_accuracy"] is not None else "n/a"
-            print(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {s['bytes_per_example']:>8} B/ex  "
-                  f"teacher acc {acc}  entropy {s['mean_entropy_nats']:.3f}  truncated {s['truncated_rows']}")
+        print("\n".join(info_lines(i)))
     return 0
 
 

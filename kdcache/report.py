@@ -1,30 +1,192 @@
-"""The comparison report: data/runs/<pipeline>/report.md and report.png, rebuilt from the run directories."""
+"""Presentation of every head: data/runs/<pipeline>/report.md and its plots, rebuilt from the run folders and the
+caches' manifests, and the one-line summaries the CLI prints for a cache split or a finished run."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .cache.format import CacheFormatError
-from .reader import open_manifest, read_column
-from .trainer import classification_metrics
+from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN, CacheFormatError
+from .cache.reader import open_manifest, read_column
+from .errors import KdcacheError
+from .metrics import classification_metrics
+
+CROSS = "cross-task"
 
 
-def teacher_row(cache: str, test_split: str) -> dict[str, Any]:
-    """The teacher's line, from the cache alone: test metrics from cached logits, size and speed from the manifest."""
+class ReportError(KdcacheError):
+    """Nothing to report yet; the message says which command makes it."""
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+# ----------------------------------------------------------------------------------------------- teacher rows
+
+def _teacher(m: dict[str, Any]) -> dict[str, Any]:
+    t = m["fingerprint_inputs"]["teacher"]
+    return {"run": f"teacher ({t['name']})", "task": m["task"], "arch": t["class"], "kd": None,
+            "parameters": t.get("parameters"), "device": m.get("device")}
+
+
+def teacher_row_classification(cache: str, test_split: str) -> dict[str, Any]:
+    """Test metrics from the cached logits, size and speed from the manifest."""
     m = open_manifest(cache)[2]
     logits = np.stack(read_column(str(cache), test_split, "logits"))
     labels = np.array([-1 if y is None else y for y in read_column(str(cache), test_split, "label")])
     pred = logits.argmax(1)
-    t = m["fingerprint_inputs"]["teacher"]
     stats = m["splits"][test_split]["stats"]
-    return {"run": f"teacher ({t['name']})", "task": m["task"], "arch": t["class"], "kd": None,
-            "parameters": t.get("parameters"), "test": classification_metrics(pred, labels, pred, len(m["label_names"])),
+    return {**_teacher(m), "test": classification_metrics(pred, labels, pred, len(m["label_names"])),
             "inference_examples_per_s_cpu": stats.get("teacher_rows_per_s"), "size_bytes": None,
-            "train_seconds": None, "device": m.get("device")}
+            "train_seconds": None}
+
+
+def teacher_row_tokens(cache: str, test_split: str) -> dict[str, Any]:
+    m = open_manifest(cache)[2]
+    st = m["splits"][test_split]["stats"]
+    return {**_teacher(m), "test": {"f1": st["teacher_entity_f1"]}, "uncovered_words": st.get("uncovered_words")}
+
+
+def teacher_row_lm(cache: str, test_split: str) -> dict[str, Any]:
+    m = open_manifest(cache)[2]
+    st = m["splits"][test_split]["stats"]
+    return {**_teacher(m), "test": {"perplexity": st["teacher_perplexity"], "kl_to_teacher": 0.0},
+            "tokens_per_s": st.get("teacher_tokens_per_s"), "mean_tail_mass": st.get("mean_tail_mass"),
+            "top_k": m["lm"]["top_k"]}
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+def _gain(r: dict[str, Any], by_run: dict[str, dict], key: str, sign: float = 1.0) -> float | None:
+    """The KD run's test `key` minus its hard-label twin's (times `sign`)."""
+    twin = by_run.get(f"{r['run']}-hard")
+    mine, theirs = (r.get("test") or {}).get(key), ((twin or {}).get("test") or {}).get(key)
+    return None if not r["kd"] or mine is None or theirs is None else sign * (mine - theirs)
+
+
+def classification_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
+    by_run = {r["run"]: r for r in runs}
+    device = next(iter(teachers.values()), {}).get("device", "?")
+    lines = ["Test split metrics. Agreement = share of test rows where the student's prediction equals the teacher's. "
+             "KD gain = test accuracy of the KD student minus its hard-label twin (same architecture, seed and data). "
+             "CPU speed: examples/s on this machine including tokenisation (teacher: measured during caching, "
+             f"on {device}).", "",
+             "| model | task | params | size MB | test acc | macro-F1 | agreement | CPU ex/s | train s | KD gain |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, t in teachers.items():
+        lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | – | {_fmt(t['test']['accuracy'])} | "
+                     f"{_fmt(t['test']['macro_f1'])} | 1.0000 | {_fmt(t['inference_examples_per_s_cpu'], '.0f')} | – | – |")
+    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
+        test = r.get("test", {})
+        lines.append(f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | "
+                     f"{r['parameters']:,} | {_fmt((r.get('size_bytes') or 0) / 1e6, '.2f')} | "
+                     f"{_fmt(test.get('accuracy'))} | {_fmt(test.get('macro_f1'))} | {_fmt(test.get('agreement'))} | "
+                     f"{_fmt(r.get('inference_examples_per_s_cpu'), '.0f')} | {_fmt(r['train_seconds'], '.1f')} | "
+                     f"{_fmt(_gain(r, by_run, 'accuracy'), '+.4f')} |")
+    return lines
+
+
+def token_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
+    by_run = {r["run"]: r for r in runs}
+    lines = ["Token classification: entity-level F1 on the test split (exact type and boundaries, conlleval "
+             "rules); agreement = share of words tagged as the teacher tags them. KD gain = F1 of the KD student "
+             "minus its hard-label twin (same architecture, seed and batches).", "",
+             "| model | task | params | test entity F1 | precision | recall | teacher agreement | train s | KD gain |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, t in teachers.items():
+        lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | {t['test']['f1']:.4f} | – | – | 1.0000 | "
+                     "– | – |")
+    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
+        test = r.get("test", {})
+        lines.append(f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | "
+                     f"{r['parameters']:,} | {_fmt(test.get('f1'))} | {_fmt(test.get('precision'))} | "
+                     f"{_fmt(test.get('recall'))} | {_fmt(test.get('teacher_agreement'))} | "
+                     f"{r['train_seconds']:.1f} | {_fmt(_gain(r, by_run, 'f1'), '+.4f')} |")
+    return lines
+
+
+def lm_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
+    by_run = {r["run"]: r for r in runs}
+    lines = ["Causal-LM students: test perplexity on next tokens and KL(teacher ‖ student) over the cached top-k "
+             "ids plus the exact tail bucket (T = 1). Gain = CE twin's perplexity minus the KD student's.", "",
+             "| model | task | params | targets | test ppl | KL to teacher | train s | ppl gain vs CE twin |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for task, t in teachers.items():
+        lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | – | {t['test']['perplexity']:.2f} | 0 | – "
+                     f"| – |")
+    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
+        test = r.get("test", {})
+        targets = r["loss"].get("targets", "topk") if r["kd"] else "next-token CE"
+        lines.append(f"| {r['run']} | {r['task']} | {r['parameters']:,} | {targets} | "
+                     f"{_fmt(test.get('perplexity'), '.2f')} | {_fmt(test.get('kl_to_teacher'))} | "
+                     f"{r['train_seconds']:.1f} | {_fmt(_gain(r, by_run, 'perplexity', -1.0), '+.2f')} |")
+    return lines
+
+
+def cross_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One row per cross-task run: each task's test metric (accuracy or entity F1) and its KD gain over the twin."""
+    by_run = {r["run"]: r for r in runs}
+    tasks = sorted({t for r in runs for t in r["tasks"]})
+
+    def metric(r, t):
+        m = ((r or {}).get("test") or {}).get(t)
+        return None if m is None else (m["f1"] if "f1" in m else m.get("accuracy"))
+
+    lines = ["Cross-task students: one shared encoder, a head per task, trained on every listed task's cache. "
+             "Test accuracy (classification) or entity F1 (token classification) per task; KD gain against the "
+             "hard-label twin.", "",
+             "| model | task weights | params | " + " | ".join(f"{t} test | {t} KD gain" for t in tasks) + " |",
+             "|---|---|---:|" + "---:|---:|" * len(tasks)]
+    teacher = []
+    for t in tasks:  # each task's own teacher, from its cache's statistics
+        cache = next(r["cache"][t] for r in runs if t in r["cache"])
+        try:
+            st = open_manifest(cache)[2]["splits"]["test"]["stats"]
+            v = st.get("teacher_entity_f1", st.get("teacher_accuracy"))
+        except (KeyError, FileNotFoundError, CacheFormatError):
+            v = None
+        teacher += [_fmt(v), "–"]
+    lines.append("| **teachers** (one per task) | – | – | " + " | ".join(teacher) + " |")
+    for r in sorted(runs, key=lambda r: (r["student"], not r["kd"])):
+        twin = by_run.get(f"{r['run']}-hard") if r["kd"] else None
+        cells = []
+        for t in tasks:
+            v, w = metric(r, t), metric(twin, t)
+            cells += [_fmt(v), "–" if v is None or w is None else f"{v - w:+.4f}"]
+        weights = ", ".join(f"{t} {w:g}" for t, w in sorted(r["tasks"].items()))
+        lines.append(f"| {r['run']} ({'KD' if r['kd'] else 'hard labels'}) | {weights} | {r['parameters']:,} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+def _scatter(ax, runs: list[dict], teachers: list[dict], xkey: str, metric: str) -> None:
+    """Students (o = KD, x = hard labels) and teachers (*) at (xkey, test metric), labels offset so they do not
+    sit on each other's points."""
+    for i, r in enumerate(runs + teachers):
+        x, y = r.get(xkey), (r.get("test") or {}).get(metric)
+        if not x or y is None:
+            continue
+        teacher = r in teachers
+        style = {"marker": "*", "s": 220, "c": "black"} if teacher else \
+            {"marker": "o" if r["kd"] else "x", "s": 60, "c": "tab:blue" if r["kd"] else "tab:orange"}
+        ax.scatter(x, y, **style)
+        ax.annotate(r["run"].split(" (")[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+
+
+# head -> (teacher row, table, plotted metric, axis label); cross-task runs have a table of their own
+HEADS: dict[str, tuple[Callable, Callable, str, str]] = {
+    SEQUENCE: (teacher_row_classification, classification_lines, "accuracy", "test accuracy"),
+    TOKEN: (teacher_row_tokens, token_lines, "f1", "test entity F1"),
+    CAUSAL_LM: (teacher_row_lm, lm_lines, "perplexity", "test perplexity (log)"),
+}
 
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
@@ -57,134 +219,132 @@ def stale_lines(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _fmt(v: Any, spec: str = ".4f") -> str:
-    return "–" if v is None else format(v, spec)
-
-
 def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test") -> Path:
-    """Write report.md and report.png under runs_dir comparing the teacher(s) and every student run."""
+    """Write report.md (a table per head, cross-task runs apart) and report.png (classification: accuracy against
+    size and CPU speed) / report-tokens.png (token and LM heads: metric against size) under runs_dir."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     all_runs = load_runs(runs_dir)
     if not all_runs:
-        raise FileNotFoundError(f"{runs_dir}: no */metrics.json; train students first (`kdcache train`)")
-    runs = [r for r in all_runs if r.get("head", "sequence-classification") == "sequence-classification"]
-    others = [r for r in all_runs if r not in runs]
-    if not runs:
-        return _head_report(runs_dir, others, test_split, [f"# Student comparison — {runs_dir.name}", "",
-                                                           *stale_lines(all_runs)], "report.png")
-    teachers = {}
-    for task in sorted({r["task"] for r in runs}):
-        cache = next((r["cache"] for r in runs if r["task"] == task), f"{cache_root}/{task}")
-        try:
-            teachers[task] = teacher_row(cache, test_split)
-        except (KeyError, FileNotFoundError, CacheFormatError):
-            continue  # the cache moved: the report shows the students alone
-    by_run = {r["run"]: r for r in runs}
-    lines = [f"# Student comparison — {runs_dir.name}", "", *stale_lines(all_runs),
-             "Test split metrics. Agreement = share of test rows where the student's prediction equals the teacher's. "
-             "KD gain = test accuracy of the KD student minus its hard-label twin (same architecture, seed and data). "
-             "CPU speed: examples/s on this machine including tokenisation (teacher: measured during caching, "
-             f"on {next(iter(teachers.values()), {}).get('device', '?')}).", "",
-             "| model | task | params | size MB | test acc | macro-F1 | agreement | CPU ex/s | train s | KD gain |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for task, t in teachers.items():
-        lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | – | {_fmt(t['test']['accuracy'])} | "
-                     f"{_fmt(t['test']['macro_f1'])} | 1.0000 | {_fmt(t['inference_examples_per_s_cpu'], '.0f')} | – | – |")
-    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
-        test = r.get("test", {})
-        twin = by_run.get(f"{r['run']}-hard")
-        gain = test.get("accuracy") - twin["test"]["accuracy"] if r["kd"] and twin and test.get("accuracy") is not None \
-            else None
-        lines.append(f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | "
-                     f"{r['parameters']:,} | {_fmt((r.get('size_bytes') or 0) / 1e6, '.2f')} | {_fmt(test.get('accuracy'))} | "
-                     f"{_fmt(test.get('macro_f1'))} | {_fmt(test.get('agreement'))} | "
-                     f"{_fmt(r.get('inference_examples_per_s_cpu'), '.0f')} | {_fmt(r['train_seconds'], '.1f')} | "
-                     f"{_fmt(gain, '+.4f')} |")
-    lines += ["", "![accuracy against size and speed](report.png)", ""]
-    _plot(runs, list(teachers.values()), runs_dir / "report.png")
-    if others:  # a pipeline with classification and token/LM tasks: their tables follow, plotted apart
-        return _head_report(runs_dir, others, test_split, lines, "report-tokens.png")
-    out = runs_dir / "report.md"
-    out.write_text("\n".join(lines))
-    return out
-
-
-def _head_report(runs_dir: Path, runs: list[dict[str, Any]], test_split: str, lines: list[str], png: str) -> Path:
-    """report.md (after `lines`) and the plot `png` for causal-LM (perplexity) and token-classification (entity F1)
-    students."""
-    from .lm_trainer import lm_report_lines, teacher_lm_row
-    from .ner_trainer import ner_report_lines, teacher_ner_row
-    heads = {"causal-lm": (teacher_lm_row, lm_report_lines, "perplexity", "test perplexity (log)"),
-             "token-classification": (teacher_ner_row, ner_report_lines, "f1", "test entity F1")}
+        raise ReportError(f"{runs_dir}: no run folders (*/metrics.json) to report on; train students first with "
+                          "`kdcache train <pipeline>` (make train-student)")
+    lines = [f"# Student comparison — {runs_dir.name}", "", *stale_lines(all_runs)]
+    cross = [r for r in all_runs if r.get("head") == CROSS]
     panels = []
-    cross = [r for r in runs if r.get("head") == "cross-task"]
-    if cross:
-        from .cross_trainer import cross_report_lines
-        lines += [*cross_report_lines(cross), ""]
-    for head, (teacher_row_of, table, metric, label) in heads.items():
-        mine = [r for r in runs if r.get("head") == head]
+    for head, (teacher_row, table, metric, label) in HEADS.items():
+        mine = [r for r in all_runs if r.get("head", SEQUENCE) == head]
         if not mine:
             continue
         teachers = {}
         for task in sorted({r["task"] for r in mine}):
             try:
-                teachers[task] = teacher_row_of(next(r["cache"] for r in mine if r["task"] == task), test_split)
+                teachers[task] = teacher_row(next(r["cache"] for r in mine if r["task"] == task), test_split)
             except (KeyError, FileNotFoundError, CacheFormatError):
                 continue  # the cache moved: the report shows the students alone
         lines += [*table(mine, teachers), ""]
-        panels.append((mine, list(teachers.values()), metric, label))
-    if panels:
+        panels.append((head, mine, list(teachers.values()), metric, label))
+    if cross:
+        lines += [*cross_lines(cross), ""]
+    if any(head == SEQUENCE for head, *_ in panels):
+        _, mine, teachers, metric, label = next(p for p in panels if p[0] == SEQUENCE)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, xkey, xlabel, title in ((axes[0], "parameters", "parameters (log)",
+                                         "accuracy vs size (o = KD, x = hard labels, * = teacher)"),
+                                        (axes[1], "inference_examples_per_s_cpu", "CPU inference, examples/s (log)",
+                                         "accuracy vs CPU speed")):
+            _scatter(ax, mine, teachers, xkey, metric)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(runs_dir / "report.png", dpi=110)
+        plt.close(fig)
+        lines += ["![accuracy against size and speed](report.png)", ""]
+    others = [p for p in panels if p[0] != SEQUENCE]
+    if others:
+        fig, axes = plt.subplots(1, len(others), figsize=(7 * len(others), 4.8), squeeze=False)
+        for ax, (head, mine, teachers, metric, label) in zip(axes[0], others):
+            _scatter(ax, mine, teachers, "parameters", metric)
+            if metric == "perplexity":
+                ax.set_yscale("log")
+            ax.set_xlabel("parameters (log)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{label} vs size (o = KD, x = hard labels, * = teacher)")
+        fig.tight_layout()
+        png = "report-tokens.png" if any(p[0] == SEQUENCE for p in panels) else "report.png"
+        fig.savefig(runs_dir / png, dpi=110)
+        plt.close(fig)
         lines += [f"![metric against size]({png})", ""]
     out = runs_dir / "report.md"
     out.write_text("\n".join(lines))
-    if not panels:
-        return out
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
-    for ax, (mine, teachers, metric, label) in zip(axes[0], panels):
-        for r in mine + teachers:
-            x, y = r.get("parameters"), (r.get("test") or {}).get(metric)
-            if not x or y is None:
-                continue
-            teacher = r in teachers
-            ax.scatter(x, y, marker="*" if teacher else ("o" if r["kd"] else "x"), s=200 if teacher else 60,
-                       c="black" if teacher else ("tab:blue" if r["kd"] else "tab:orange"))
-            ax.annotate(r["run"].split(" (")[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xscale("log")
-        if metric == "perplexity":
-            ax.set_yscale("log")
-        ax.set_xlabel("parameters (log)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs size (o = KD, x = hard labels, * = teacher)")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(runs_dir / png, dpi=110)
-    plt.close(fig)
     return out
 
 
-def _plot(runs: list[dict], teachers: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, xkey, xlabel in ((axes[0], "parameters", "parameters (log)"),
-                             (axes[1], "inference_examples_per_s_cpu", "CPU inference, examples/s (log)")):
-        for r in runs + teachers:
-            x, y = r.get(xkey), (r.get("test") or {}).get("accuracy")
-            if not x or y is None:
-                continue
-            style = {"marker": "*", "s": 220, "c": "black"} if r in teachers else \
-                {"marker": "o" if r["kd"] else "x", "s": 60, "c": "tab:blue" if r["kd"] else "tab:orange"}
-            ax.scatter(x, y, **style)
-            ax.annotate(r["run"].split(" (")[0], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-    axes[0].set_title("accuracy vs size (o = KD, x = hard labels, * = teacher)")
-    axes[1].set_title("accuracy vs CPU speed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# ------------------------------------------------------------------------------------------ CLI summaries
+
+# head -> what a split's statistics add to `kdcache cache`'s line, to `kdcache info`'s line
+SPLIT_SUMMARY: dict[str, Callable[[dict], str]] = {
+    SEQUENCE: lambda s: f", teacher accuracy {s['teacher_accuracy']:.4f}" if s.get("teacher_accuracy") is not None
+    else "",
+    TOKEN: lambda s: (f", {s['words']} words ({s['uncovered_words']} beyond max_length), teacher entity F1 "
+                      f"{s['teacher_entity_f1']:.4f}"),
+    CAUSAL_LM: lambda s: f", {s['tokens']} tokens, teacher perplexity {s['teacher_perplexity']:.2f}",
+}
+SPLIT_INFO: dict[str, Callable[[dict], str]] = {
+    SEQUENCE: lambda s: (f"{s['bytes_per_example']:>8} B/ex  teacher acc {_fmt(s['teacher_accuracy'])}  entropy "
+                         f"{s['mean_entropy_nats']:.3f}  truncated {s['truncated_rows']}"),
+    TOKEN: lambda s: (f"{s['bytes_per_example']:>8} B/ex  teacher entity F1 {s['teacher_entity_f1']:.4f}  words "
+                      f"{s['words']}  truncated {s['truncated_rows']} ({s['uncovered_words']} words)"),
+    CAUSAL_LM: lambda s: (f"{s['bytes_per_token']:>8} B/token  teacher ppl {s['teacher_perplexity']:.2f}  top-1 "
+                          f"{s['teacher_top1_accuracy']:.3f}  tail mass {s['mean_tail_mass']:.4f}"),
+}
+# head -> a finished run's test metrics in `kdcache train`'s line
+RUN_SUMMARY: dict[str, Callable[[dict], str]] = {
+    SEQUENCE: lambda t: (f"test acc {_fmt(t.get('accuracy'))}  macro-F1 {_fmt(t.get('macro_f1'))}  agreement "
+                         f"{_fmt(t.get('agreement'))}"),
+    TOKEN: lambda t: (f"test entity F1 {_fmt(t.get('f1'))}  precision {_fmt(t.get('precision'))}  recall "
+                      f"{_fmt(t.get('recall'))}"),
+    CAUSAL_LM: lambda t: (f"test perplexity {_fmt(t.get('perplexity'), '.2f')}  KL to teacher "
+                          f"{_fmt(t.get('kl_to_teacher'))}"),
+    CROSS: lambda t: "  ".join(f"{task} {'entity F1' if 'f1' in m else 'test acc'} "
+                               f"{_fmt(m.get('f1', m.get('accuracy')))}" for task, m in t.items()),
+}
+
+
+def cache_summary(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """What `kdcache cache` prints per split of a finished cache."""
+    return [f"{root}: {split}: {s['rows']} rows in {len(s['shards'])} shard(s)"
+            + SPLIT_SUMMARY[manifest["head"]](s["stats"]) for split, s in manifest["splits"].items()]
+
+
+def info_lines(i: dict[str, Any]) -> list[str]:
+    """What `kdcache info` prints for one cache (`cache.verify.cache_info`)."""
+    t = i["teacher"]
+    out = [f"{i['cache']}  task={i['task']}  head={i['head']}  format v{i['format_version']}",
+           f"  teacher      {t['name']} ({t['class']}, weights {t['weights_sha256'][:12]})",
+           f"  fingerprint  {i['fingerprint']}"]
+    if i.get("lm"):
+        lm = i["lm"]
+        out.append(f"  targets      top-{lm['top_k']} of {lm['vocab_size']} ({lm['id_dtype']} ids, float16 logits), "
+                   f"lse + exact tail at T={lm['temperatures']}, {lm['samples']} samples/position, "
+                   f"{lm['seq_len']} tokens/row")
+    else:
+        out.append(f"  labels       {', '.join(i['labels'])}")
+    if i["features"]:
+        f = i["features"]
+        out.append(f"  features     layers {f['layers']} pooled {f['pooling']} as {f['dtype']} (hidden {f['hidden_size']})")
+    out.append(f"  total        {i['rows']} rows, {i['bytes'] / 1e6:.2f} MB, {i['bytes_per_example']} B/example")
+    c = i.get("capture")
+    if c and c.get("seconds"):
+        out.append(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({c['rows'] / c['seconds']:.0f} rows/s, "
+                   f"everything included) on {i['device']} x {i['processes']} process(es), last run")
+    for split, s in i["splits"].items():
+        out.append(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {SPLIT_INFO[i['head']](s)}")
+    return out
+
+
+def run_summary(r: dict[str, Any]) -> str:
+    """What `kdcache train` prints for one finished run."""
+    return (f"{r['run']:<24} {RUN_SUMMARY[r.get('head', SEQUENCE)](r.get('test', {}))}  {r['parameters']:,} params  "
+            f"{r['train_seconds']:.1f} s")

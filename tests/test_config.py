@@ -96,3 +96,22 @@ def test_example_pipelines_in_the_docs_parse(tmp_path):
                 assert load_pipeline(str(path)).tasks, f"{doc.name}: example pipeline does not load"
                 found += 1
     assert found >= 1
+
+
+def test_report_without_runs_says_which_command_makes_them(tmp_path, capsys):
+    from kdcache.cli import main
+    assert main(["report", "tiny", "--runs", str(tmp_path / "runs"), "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "no run folders" in err and "kdcache train" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tasks.topic.cache.features.pooling=words", r"`tasks.topic.cache.features.pooling` = 'words': a "
+                                                 r"sequence-classification teacher keeps cls or mean or tokens"),
+    ("students.bow.arch=bilstm-tagger", r"`students.bow.arch`: 'bilstm-tagger' cannot learn from task 'topic'"),
+    ("students.bow.arch=nope", r"`students.bow.arch`: unknown architecture 'nope'"),
+    ("tasks.topic.teacher.head=causal", r"`tasks.topic.teacher.head` = 'causal' must be one of"),
+])
+def test_head_specific_keys_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline("tiny", [override])

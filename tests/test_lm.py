@@ -15,12 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import REPO
 from kdcache.cache.format import CacheFormatError, read_manifest
 from kdcache.cache.verify import verify_cache
-from kdcache.capture import build_teacher_cache
-from kdcache.config import load_pipeline
+from kdcache.capture.build import build_teacher_cache
+from kdcache.config import ConfigError, load_pipeline
 from kdcache.data import load_task_data
-from kdcache.lm_capture import pack, prepare_lm_teacher
-from kdcache.lm_trainer import TokenizerMismatchError, lm_train_task, padded_samples
-from kdcache.resolve import resolve_model_name
+from kdcache.capture.lm import pack
+from kdcache.capture.teacher import prepare_teacher
+from kdcache.train.lm import TokenizerMismatchError, padded_samples
+from kdcache.train.loop import train_students
+from kdcache.hub import resolve_model_name
 
 LM_TINY = str(REPO / "pipelines" / "lm-tiny" / "pipeline.yaml")
 
@@ -47,7 +49,8 @@ def test_lm_cache_equals_the_dense_teacher_at_every_temperature(lm_cache):
     table, m = rows(cache, "validation")
     lm = m["lm"]
     assert verify_cache(cache).ok and lm["id_dtype"] == "uint16" and table.schema.field("topk_ids").type.value_type == "uint16"
-    model, _, _ = prepare_lm_teacher("lm-tiny", "news", pipeline.tasks["news"], cache.parent / "teachers")
+    task = pipeline.tasks["news"]
+    model, _, _ = prepare_teacher("lm-tiny", "news", task, load_task_data(task.data), cache.parent / "teachers")
     L, k, temps = lm["seq_len"], lm["top_k"], lm["temperatures"]
     n = min(4, table.num_rows)
     ids = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)[:n]).astype(np.int64)
@@ -107,7 +110,7 @@ def test_padded_samples_matches_a_loop():
 
 def test_int32_ids_when_the_vocabulary_exceeds_uint16(tmp_path):
     pipeline = lm_pipeline("tasks.news.teacher.from_config.vocab_size=70000", "tasks.news.data.limit=3",
-                           "tasks.news.cache.samples=0")
+                           "tasks.news.cache.samples=0", "students.llama-sampled.loss.targets=topk")
     build_teacher_cache(pipeline, "news", tmp_path / "cache", tmp_path / "teachers")
     table, m = rows(tmp_path / "cache", "train")
     assert m["lm"]["id_dtype"] == "int32" and table.schema.field("topk_ids").type.value_type == "int32"
@@ -118,7 +121,7 @@ def test_int32_ids_when_the_vocabulary_exceeds_uint16(tmp_path):
 
 def test_lm_students_train_from_the_cache_with_ce_twins(lm_cache, tmp_path):
     cache, pipeline = lm_cache
-    results = {r["run"]: r for r in lm_train_task(pipeline, "news", ["llama", "llama-sampled"], str(cache), tmp_path)}
+    results = {r["run"]: r for r in train_students(pipeline, ["llama", "llama-sampled"], {"news": str(cache)}, tmp_path)}
     assert set(results) == {"llama", "llama-hard", "llama-sampled"}
     for r in results.values():
         assert np.isfinite(r["test"]["perplexity"]) and r["test"]["perplexity"] < 30522, "better than uniform"
@@ -136,24 +139,38 @@ def test_lm_student_with_another_tokenizer_is_refused(lm_cache, tmp_path):
     tok.save_pretrained(tmp_path / "other-tok")
     p = lm_pipeline(f"students.llama.tokenizer={tmp_path / 'other-tok'}")
     with pytest.raises(TokenizerMismatchError, match="not the tokenizer the cache"):
-        lm_train_task(p, "news", ["llama"], str(cache), tmp_path / "runs")
+        train_students(p, ["llama"], {"news": str(cache)}, tmp_path / "runs")
 
 
 @pytest.mark.parametrize("override, message", [
-    ("students.llama.loss={kind: kl, temperature: 3.0, alpha: 0.5}", "not one the cache stores"),
-    ("students.llama.loss={kind: kl, temperature: 2.0, alpha: 0.5, targets: sampled}", "drawn at T=1.0"),
-    ("tasks.news.data.limit=13", r"other data or labels .*data.limit: cache has 12, pipeline expects 13"),
+    ("students.llama.loss={kind: kl, temperature: 3.0, alpha: 0.5}",
+     r"`students.llama.loss.temperature` = 3.0 is not one the cache stores .*\[1.0, 2.0\]"),
+    ("students.llama.loss={kind: kl, temperature: 2.0, alpha: 0.5, targets: sampled}",
+     "sampled targets are drawn at cache.sample_temperature = 1.0"),
+    ("students.llama.loss={kind: kl, temperature: 1.0, alpha: 0.5, features: [{teacher_layer: 1}]}",
+     "causal-LM students take no feature terms"),
+    ("students.llama.arch=bilstm", r"`students.llama.arch`: 'bilstm' cannot learn from task 'news' .* use one of llama"),
 ])
-def test_lm_loss_settings_the_cache_cannot_serve_are_refused(lm_cache, tmp_path, override, message):
+def test_lm_losses_the_cache_settings_cannot_serve_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        lm_pipeline(override)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tasks.news.cache.temperatures=[1.0, 3.0]", "students.llama.loss={kind: kl, temperature: 3.0, alpha: 0.5}"],
+     r"cannot train students.llama: .*temperature` = 3.0 is not one .* \(cache.temperatures = \[1.0, 2.0\]\)"),
+    (["tasks.news.data.limit=13"], r"other data or labels .*data.limit: cache has 12, pipeline expects 13"),
+])
+def test_a_cache_that_cannot_serve_the_students_is_refused(lm_cache, tmp_path, overrides, message):
     cache, _ = lm_cache
     with pytest.raises(CacheFormatError, match=message):
-        lm_train_task(lm_pipeline(override), "news", ["llama"], str(cache), tmp_path)
+        train_students(lm_pipeline(*overrides), ["llama"], {"news": str(cache)}, tmp_path)
 
 
 def test_lm_bench_quick_reports_storage_and_fidelity_per_k(tmp_path):
     """`kdcache bench <lm pipeline> --quick`: every k, sampled and naive rows, bytes grow with k, the exact-tail
     reconstruction gets closer to the teacher as k grows, and the naive layout is bigger than ours at k = 128."""
-    from kdcache.lm_bench import KS, run_lm_bench
+    from kdcache.experiments.lm_bench import KS, run_lm_bench
     doc = tmp_path / "benchmarks.md"
     r = run_lm_bench(LM_TINY, True, tmp_path / "bench", doc, teachers_dir=tmp_path / "teachers")
     st, kl = r["storage_bytes_per_token"], r["reconstruction_kl"]

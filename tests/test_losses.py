@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.losses import (TopKTargets, dense_kd_loss_per_row, distillation_loss, feature_loss, kd_loss_per_row,
+from kdcache.train.losses import (TopKTargets, dense_kd_loss_per_row, distillation_loss, feature_loss, kd_loss_per_row,
                             mse_logits_loss_per_row)
 
 
@@ -87,7 +87,7 @@ def test_tail_is_not_renormalised_away():
 @pytest.mark.parametrize("x", [-1e-12, -1e-10, -1e-9, -1e-7, -0.5, -0.7, -3.0, -30.0])
 def test_tail_log_mass_is_accurate_with_finite_gradient(x):
     """log(1 - exp(x)) near x = 0 is where an empty tail (k = C) lands; exp(x) rounds to 1 in float32 there."""
-    from kdcache.losses import _log1mexp
+    from kdcache.train.losses import _log1mexp
     t = torch.tensor([x], dtype=torch.float32, requires_grad=True)
     y = _log1mexp(t)
     y.backward()
@@ -146,7 +146,7 @@ def test_feature_losses():
 
 # ------------------------------------------------------------------------------ LM-sized (sparse) targets
 
-from kdcache.losses import (SampledTargets, logsumexp_t, sampled_kd_loss_per_row,  # noqa: E402
+from kdcache.train.losses import (SampledTargets, logsumexp_t, sampled_kd_loss_per_row,  # noqa: E402
                             token_ce_per_row)
 
 

@@ -16,23 +16,23 @@ import torch
 import zarr
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from conftest import REPO
+from conftest import REPO, require_shared_data
 from kdcache.cache.format import CacheFormatError, read_manifest
 from kdcache.cache.verify import verify_cache
-from kdcache.capture import build_teacher_cache
-from kdcache.config import DataConfig, load_pipeline
+from kdcache.capture.build import build_teacher_cache
+from kdcache.config import ConfigError, DataConfig, load_pipeline
 from kdcache.data import CONLL_TAGS, DataError, load_task_data, read_conll
-from kdcache.ner import entity_f1, entity_spans
-from kdcache.ner_trainer import ner_train_task
-from kdcache.reader import CacheDataset, CacheMismatchError
+from kdcache.metrics import entity_f1, entity_spans
+from kdcache.train.loop import train_students
+from kdcache.cache.reader import CacheDataset, CacheMismatchError
 from kdcache.report import build_report
-from kdcache.teacher import TeacherError
 
 NER_TINY = str(REPO / "pipelines" / "ner-tiny" / "pipeline.yaml")
 
 
 @pytest.fixture(scope="module")
 def ner_cache(tmp_path_factory):
+    require_shared_data("conll2003")
     tmp = tmp_path_factory.mktemp("ner")
     pipeline = load_pipeline(NER_TINY)
     manifest = build_teacher_cache(pipeline, "conll", tmp / "cache", tmp / "teachers")
@@ -40,6 +40,7 @@ def ner_cache(tmp_path_factory):
 
 
 def test_conll2003_reads_the_documented_counts():
+    require_shared_data("conll2003")
     d = load_task_data(DataConfig(source="conll2003"))
     assert {k: len(v) for k, v in d.splits.items()} == {"train": 14041, "validation": 3250, "test": 3453}
     assert sum(len(w) for w in d.splits["test"]["words"][:]) == 46435, "-DOCSTART- lines are dropped"
@@ -147,11 +148,10 @@ def test_word_features_are_each_covered_words_first_subtoken_hidden_state(ner_fe
     assert all(x["features"]["layer_2"].shape == (x["covered_words"], 32) for x in rows)
 
 
-def test_word_features_need_words_pooling(ner_cache):
-    tmp, _, _ = ner_cache
-    pipeline = load_pipeline(NER_TINY, ["tasks.conll.cache.features.layers=[-1]"])  # pooling left at cls
-    with pytest.raises(TeacherError, match=r"pooling 'cls': a token-classification teacher keeps words"):
-        build_teacher_cache(pipeline, "conll", tmp / "cache-bad", tmp / "teachers")
+def test_word_features_need_words_pooling_at_load():
+    with pytest.raises(ConfigError, match=r"`tasks.conll.cache.features.pooling` = 'cls': a token-classification "
+                                          r"teacher keeps words"):
+        load_pipeline(NER_TINY, ["tasks.conll.cache.features.layers=[-1]"])  # pooling left at cls
 
 
 def test_a_tagger_learns_the_cached_word_features(ner_feature_cache):
@@ -163,7 +163,7 @@ def test_a_tagger_learns_the_cached_word_features(ner_feature_cache):
         "tasks.conll.cache.features.dtype=float32", "train.epochs=4",
         'students.bilstm-tagger.loss={"kind": "kl", "temperature": 2.0, "alpha": 0.5, '
         '"features": [{"teacher_layer": 2, "kind": "cosine", "weight": 1.0}]}'])
-    res = {r["run"]: r for r in ner_train_task(pipeline, "conll", ["bilstm-tagger"], str(tmp / "cache-feat"),
+    res = {r["run"]: r for r in train_students(pipeline, ["bilstm-tagger"], {"conll": str(tmp / "cache-feat")},
                                                tmp / "runs-feat")}
     curve = [e["feature_loss"] for e in res["bilstm-tagger"]["epochs"]]
     assert curve[-1] < curve[0] * 0.8, curve
@@ -171,14 +171,14 @@ def test_a_tagger_learns_the_cached_word_features(ner_feature_cache):
     state = torch.load(tmp / "runs-feat" / "bilstm-tagger" / "checkpoint" / "student.pt")
     assert not any(k.startswith("projections") for k in state)
     with pytest.raises(CacheFormatError, match=r"teacher layer\(s\) \[2\] are not cached"):
-        ner_train_task(pipeline, "conll", ["bilstm-tagger"], str(tmp / "cache"), tmp / "runs-nofeat")
+        train_students(pipeline, ["bilstm-tagger"], {"conll": str(tmp / "cache")}, tmp / "runs-nofeat")
 
 
 def test_taggers_train_with_twins_and_the_report_shows_entity_f1(ner_cache):
     tmp, pipeline, _ = ner_cache
     runs = tmp / "runs"
-    res = {r["run"]: r for r in ner_train_task(pipeline, "conll", ["bilstm-tagger", "transformer-tagger"],
-                                               str(tmp / "cache"), runs)}
+    res = {r["run"]: r for r in train_students(pipeline, ["bilstm-tagger", "transformer-tagger"],
+                                               {"conll": str(tmp / "cache")}, runs)}
     assert set(res) == {"bilstm-tagger", "bilstm-tagger-hard", "transformer-tagger", "transformer-tagger-hard"}
     for r in res.values():
         assert 0.0 <= r["test"]["f1"] <= 1.0 and r["test"]["rows"] == 80
@@ -195,8 +195,8 @@ def test_tagger_loss_uses_each_word_for_what_it_has():
     import torch.nn.functional as F
 
     from kdcache.config import LossConfig
-    from kdcache.losses import dense_kd_loss_per_row
-    from kdcache.ner_trainer import tagger_loss
+    from kdcache.train.losses import dense_kd_loss_per_row
+    from kdcache.train.tokens import tagger_loss
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(1, 4, 3, generator=g), torch.randn(1, 4, 3, generator=g)
     tags = torch.tensor([[2, 0, -1, -1]])                   # word 3 is padding (no tag, not covered)
@@ -214,6 +214,7 @@ def test_tagger_loss_uses_each_word_for_what_it_has():
 
 
 def test_labelled_limit_keeps_gold_tags_for_the_first_sentences_only():
+    require_shared_data("conll2003")
     d = load_task_data(DataConfig(source="conll2003", limit=50, labelled_limit=20))
     tags = d.splits["train"]["tags"][:]
     assert all(min(t) >= 0 for t in tags[:20]) and all(set(t) == {-1} for t in tags[20:])
@@ -221,7 +222,8 @@ def test_labelled_limit_keeps_gold_tags_for_the_first_sentences_only():
 
 
 def test_fidelity_on_a_token_task_compares_entity_f1_in_both_settings(tmp_path):
-    from kdcache.fidelity import run_fidelity
+    require_shared_data("conll2003")
+    from kdcache.experiments.fidelity import run_fidelity
     res = run_fidelity(NER_TINY, [0], ["bilstm-tagger"], 30, tmp_path / "fid", tmp_path / "f.md",
                        teachers_dir=tmp_path / "teachers", cache_root=tmp_path / "caches", overrides=["train.epochs=1"])
     assert res["metric"][0] == "f1"
@@ -235,7 +237,7 @@ def test_fidelity_on_a_token_task_compares_entity_f1_in_both_settings(tmp_path):
 
 def test_the_sweep_runs_on_a_token_task_with_a_per_word_feature_variant(ner_cache):
     """`kdcache fidelity ner-tiny --sweep bilstm-tagger` with word features cached: every variant, entity F1."""
-    from kdcache.fidelity import SWEEP, run_sweep
+    from kdcache.experiments.fidelity import SWEEP, run_sweep
     tmp, _, _ = ner_cache
     sets = ["tasks.conll.cache.features.layers=[-1]", "tasks.conll.cache.features.pooling=words", "train.epochs=1"]
     res = run_sweep(NER_TINY, "bilstm-tagger", [0], tmp / "sweep", tmp / "sweep.md", teachers_dir=tmp / "teachers",
@@ -285,7 +287,7 @@ def test_the_report_flags_runs_trained_before_the_cache_was_refreshed(ner_cache)
     cache, runs = tmp / "refresh", tmp / "runs-refresh"
     shutil.copytree(tmp / "cache", cache)
     quick = load_pipeline(NER_TINY, ["train.epochs=1"])
-    ner_train_task(quick, "conll", ["bilstm-tagger"], str(cache), runs)
+    train_students(quick, ["bilstm-tagger"], {"conll": str(cache)}, runs)
     assert "Stale runs" not in build_report(runs, cache, "test").read_text()
     refreshed = load_pipeline(NER_TINY, ["tasks.conll.cache.features.layers=[-1]",
                                          "tasks.conll.cache.features.pooling=words"])
@@ -293,7 +295,7 @@ def test_the_report_flags_runs_trained_before_the_cache_was_refreshed(ner_cache)
     text = build_report(runs, cache, "test").read_text()
     assert "**Stale runs**: bilstm-tagger, bilstm-tagger-hard were trained on an earlier cache" in text
     assert read_manifest(cache)["fingerprint"][:12] in text
-    ner_train_task(quick, "conll", ["bilstm-tagger"], str(cache), runs)
+    train_students(quick, ["bilstm-tagger"], {"conll": str(cache)}, runs)
     assert "Stale runs" not in build_report(runs, cache, "test").read_text()
 
 
@@ -301,4 +303,4 @@ def test_a_tagger_refuses_a_cache_built_for_other_data(ner_cache):
     tmp, _, _ = ner_cache
     other = load_pipeline(NER_TINY, ["tasks.conll.data.limit=81", "train.epochs=1"])
     with pytest.raises(CacheMismatchError, match=r"data.limit: cache has 80, pipeline expects 81.*kdcache cache"):
-        ner_train_task(other, "conll", ["bilstm-tagger"], str(tmp / "cache"), tmp / "runs-other")
+        train_students(other, ["bilstm-tagger"], {"conll": str(tmp / "cache")}, tmp / "runs-other")

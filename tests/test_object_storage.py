@@ -11,8 +11,8 @@ import pytest
 
 from conftest import tiny_pipeline
 from kdcache.cache.format import CacheFormatError
-from kdcache.reader import CacheDataset
-from kdcache.trainer import train_task
+from kdcache.cache.reader import CacheDataset
+from kdcache.train.loop import train_students
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -55,8 +55,8 @@ def test_reader_streams_the_same_rows_and_features_from_s3(s3, tiny_cache):
 
 def test_a_student_trains_from_s3_as_from_disk(s3, tiny_cache, tmp_path):
     pipeline = tiny_pipeline("train.epochs=1", "students.bow.twin=false")
-    remote = train_task(pipeline, "topic", ["bow"], s3, tmp_path / "s3")[0]
-    local = train_task(pipeline, "topic", ["bow"], str(tiny_cache), tmp_path / "disk")[0]
+    remote = train_students(pipeline, ["bow"], {"topic": s3}, tmp_path / "s3")[0]
+    local = train_students(pipeline, ["bow"], {"topic": str(tiny_cache)}, tmp_path / "disk")[0]
     assert remote["epochs"] == local["epochs"] and remote["test"] == local["test"]
 
 

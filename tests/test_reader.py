@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache import bench
+from kdcache.experiments import bench
 from kdcache.cache.format import CacheFormatError
-from kdcache.reader import CacheDataset, CacheMismatchError, collate
+from kdcache.cache.reader import CacheDataset, CacheMismatchError, collate
 
 
 def synthetic_cache(root, rows: int, text_len: int = 200):

@@ -123,7 +123,7 @@ def test_resuming_with_other_settings_is_refused_with_the_field(tmp_path, teache
 
 
 def test_trainer_refuses_a_damaged_cache_with_verifys_message(tmp_path, tiny_cache):
-    from kdcache.trainer import train_task
+    from kdcache.train.loop import train_students
     cache = tmp_path / "c"
     shutil.copytree(tiny_cache, cache)
     shard = read_manifest(cache)["splits"]["train"]["shards"][0]
@@ -131,7 +131,7 @@ def test_trainer_refuses_a_damaged_cache_with_verifys_message(tmp_path, tiny_cac
     data[100] ^= 0xFF
     (cache / shard["parquet"]).write_bytes(bytes(data))
     with pytest.raises(Exception, match=r"damaged cache: .*shard-00000\.parquet.*checksum mismatch"):
-        train_task(tiny_pipeline("train.epochs=1"), "topic", ["bow"], str(cache), tmp_path / "runs")
+        train_students(tiny_pipeline("train.epochs=1"), ["bow"], {"topic": str(cache)}, tmp_path / "runs")
 
 
 def test_bad_input_files_are_named(tmp_path):

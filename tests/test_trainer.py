@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, build, tiny_pipeline
-from kdcache.reader import CacheMismatchError
+from kdcache.cache.reader import CacheMismatchError
 from kdcache.report import build_report
-from kdcache.trainer import train_task
+from kdcache.train.loop import train_students
 
 STEPS = ["train.epochs=1", "train.batch_size=16", "train.shuffle_buffer=16"]
 TINY_PATH = str(REPO / "pipelines" / "tiny" / "pipeline.yaml")
@@ -25,7 +25,7 @@ def test_cached_targets_give_the_same_losses_and_weights_as_online_kd(tmp_path, 
     pipeline = tiny_pipeline(*STEPS, "students.bilstm.twin=false", "students.textcnn.twin=false")
     seen: dict[str, list[dict]] = {"cache": [], "live": []}
     for mode in ("cache", "live"):
-        train_task(pipeline, "topic", ["bilstm", "textcnn"], str(tiny_cache), tmp_path / mode, teacher=mode,
+        train_students(pipeline, ["bilstm", "textcnn"], {"topic": str(tiny_cache)}, tmp_path / mode, teacher=mode,
                    teachers_dir=teachers_dir, on_step=lambda run, parts, m=mode: seen[m].append({"run": run, **parts}))
     assert len(seen["cache"]) == len(seen["live"]) == 2 * 4  # 60 rows / 16 = 4 steps, 2 students
     for a, b in zip(seen["cache"], seen["live"]):
@@ -52,7 +52,7 @@ def tiny300(tmp_path_factory):
 def test_a_student_learns_and_the_run_directory_is_complete(tmp_path, tiny300):
     pipeline = tiny_pipeline("tasks.topic.data.limit=300", "tasks.topic.cache.shard_rows=128",
                              "tasks.topic.teacher.finetune.epochs=3", "train.epochs=10")
-    results = {r["run"]: r for r in train_task(pipeline, "topic", ["bow"], str(tiny300), tmp_path)}
+    results = {r["run"]: r for r in train_students(pipeline, ["bow"], {"topic": str(tiny300)}, tmp_path)}
     assert set(results) == {"bow", "bow-hard"}
     for name, r in results.items():
         # 5 balanced-ish topics: chance is ~0.2
@@ -75,15 +75,15 @@ def test_a_student_learns_and_the_run_directory_is_complete(tmp_path, tiny300):
 
 def test_training_is_reproducible(tmp_path, tiny_cache):
     pipeline = tiny_pipeline(*STEPS, "students.bow.twin=false")
-    a = train_task(pipeline, "topic", ["bow"], str(tiny_cache), tmp_path / "a")[0]
-    b = train_task(pipeline, "topic", ["bow"], str(tiny_cache), tmp_path / "b")[0]
+    a = train_students(pipeline, ["bow"], {"topic": str(tiny_cache)}, tmp_path / "a")[0]
+    b = train_students(pipeline, ["bow"], {"topic": str(tiny_cache)}, tmp_path / "b")[0]
     assert a["epochs"] == b["epochs"] and a["test"] == b["test"]
 
 
 def test_a_cache_of_other_data_is_refused(tmp_path, tiny_cache):
     pipeline = tiny_pipeline("tasks.topic.data.limit=61", *STEPS)
     with pytest.raises(CacheMismatchError, match=r"data\.limit: cache has 60, pipeline expects 61"):
-        train_task(pipeline, "topic", ["bow"], str(tiny_cache), tmp_path)
+        train_students(pipeline, ["bow"], {"topic": str(tiny_cache)}, tmp_path)
 
 
 def test_stage_two_never_imports_or_loads_the_teacher(tmp_path, tiny_cache):
@@ -96,11 +96,11 @@ def test_stage_two_never_imports_or_loads_the_teacher(tmp_path, tiny_cache):
             if name.startswith("AutoModel"):
                 setattr(getattr(transformers, name), "from_pretrained", trap)
         from kdcache.config import load_pipeline
-        from kdcache.trainer import train_task
+        from kdcache.train.loop import train_students
         p = load_pipeline({str(REPO / "pipelines" / "tiny" / "pipeline.yaml")!r},
                           {FAST!r} + ["train.epochs=1", "students.bow.twin=false"])
-        train_task(p, "topic", ["bow", "bilstm"], {str(tiny_cache)!r}, __import__("pathlib").Path({str(tmp_path)!r}))
-        loaded = sorted(m for m in sys.modules if m in ("kdcache.teacher", "kdcache.capture", "kdcache.finetune"))
+        train_students(p, ["bow", "bilstm"], {{"topic": {str(tiny_cache)!r}}}, __import__("pathlib").Path({str(tmp_path)!r}))
+        loaded = sorted(m for m in sys.modules if m.startswith("kdcache.capture"))
         print("TEACHER_MODULES", loaded)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
@@ -132,7 +132,7 @@ def test_two_processes_read_disjoint_parts_of_the_cache(tmp_path, tiny_cache):
 
 def test_bench_quick_runs_and_reports_every_figure(tmp_path):
     """A smoke check that `kdcache bench --quick` still runs end to end (speed goals live in its output, not here)."""
-    from kdcache.bench import run_bench
+    from kdcache.experiments.bench import run_bench
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nhand-written notes stay\n")
     res = run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc)
@@ -148,7 +148,7 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path):
 
 def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
     """`kdcache fidelity` on the tiny pipeline: both settings, paired KD/hard results per seed, a markdown table."""
-    from kdcache.fidelity import run_fidelity
+    from kdcache.experiments.fidelity import run_fidelity
     doc = tmp_path / "fidelity.md"
     res = run_fidelity(TINY_PATH, [0], ["bow"], 40, tmp_path / "fid", doc, teachers_dir=tmp_path / "teachers",
                        cache_root=tmp_path / "caches", overrides=[*FAST, "train.epochs=2"])
@@ -161,7 +161,7 @@ def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
 
 def test_fidelity_doc_keeps_other_pipelines_sections():
     """Each pipeline owns one marked section of docs/fidelity.md; a rerun replaces it and leaves the others."""
-    from kdcache.docsections import replace_section
+    from kdcache.experiments.docsections import replace_section
     doc = replace_section("# hand-written", "fidelity:default", "## default v1")
     doc = replace_section(doc, "fidelity:sst2", "## sst2 v1")
     doc = replace_section(doc, "fidelity:default", "## default v2")
@@ -172,7 +172,7 @@ def test_fidelity_doc_keeps_other_pipelines_sections():
 def test_sweep_trains_every_variant_with_its_own_loss(tmp_path):
     """`kdcache fidelity --sweep`: temperature, α and feature-loss variants of one student in one pass, each run
     recording the loss it was trained with; the feature row appears because the tiny cache holds features."""
-    from kdcache.fidelity import SWEEP, run_sweep
+    from kdcache.experiments.fidelity import SWEEP, run_sweep
     doc = tmp_path / "fidelity.md"
     res = run_sweep(TINY_PATH, "bow", [0], tmp_path / "fid", doc, teachers_dir=tmp_path / "teachers",
                     cache_root=tmp_path / "caches", overrides=[*FAST, "train.epochs=1"])

@@ -26,7 +26,9 @@ PROGRESS_DIR = "_progress"
 BUILD_STATE = "build.json"
 LOCK_FILE = ".kdcache.lock"
 FEATURES_DIR = "features.zarr"
-HEADS = ("sequence-classification", "token-classification", "causal-lm")
+# the teacher heads a cache can hold; each has a capture head (capture/) and a training head (train/)
+SEQUENCE, TOKEN, CAUSAL_LM = "sequence-classification", "token-classification", "causal-lm"
+HEADS = (SEQUENCE, TOKEN, CAUSAL_LM)
 SCHEMA_METADATA_KEY = b"kdcache"
 
 
@@ -116,15 +118,21 @@ def ner_parquet_schema(num_labels: int, meta: dict[str, Any]) -> pa.Schema:
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
-def expected_schema(m: dict[str, Any]) -> pa.Schema:
-    """The shard schema a manifest's head and settings call for (metadata aside)."""
-    if m["head"] == "token-classification":
-        return ner_parquet_schema(len(m["label_names"]), {})
-    if m["head"] == "causal-lm":
-        lm = m["lm"]
-        return lm_parquet_schema(lm["seq_len"], lm["top_k"], len(lm["temperatures"]), lm["vocab_size"],
-                                 lm["samples"] > 0, {})
-    return parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), {})
+def _lm_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
+    lm = m["lm"]
+    return lm_parquet_schema(lm["seq_len"], lm["top_k"], len(lm["temperatures"]), lm["vocab_size"], lm["samples"] > 0,
+                             meta)
+
+
+# head -> (manifest fields, shard metadata) -> the Parquet schema of its shards
+SCHEMAS = {SEQUENCE: lambda m, meta: parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), meta),
+           TOKEN: lambda m, meta: ner_parquet_schema(len(m["label_names"]), meta),
+           CAUSAL_LM: _lm_schema}
+
+
+def shard_schema(m: dict[str, Any], meta: dict[str, Any] | None = None) -> pa.Schema:
+    """The shard schema a manifest's (or a manifest header's) head and settings call for."""
+    return SCHEMAS[m["head"]](m, meta or {})
 
 
 def parquet_write_options(schema: pa.Schema, row_group_rows: int) -> dict[str, Any]:

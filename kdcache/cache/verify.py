@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from ..fingerprint import hash_file, hash_tree
-from .format import (FEATURES_DIR, LOCK_FILE, MANIFEST, SCHEMA_METADATA_KEY, CacheFormatError, expected_schema,
+from .format import (FEATURES_DIR, LOCK_FILE, MANIFEST, SCHEMA_METADATA_KEY, CacheFormatError, shard_schema,
                      read_manifest, safe_path)
 
 
@@ -56,7 +56,7 @@ def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any
             return
         if pf.metadata.num_rows != shard["rows"]:
             report.problems.append(f"{where}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
-        expected = expected_schema(m)
+        expected = shard_schema(m)
         if not pf.schema_arrow.remove_metadata().equals(expected.remove_metadata()):
             report.problems.append(f"{where}: columns differ from format v{m['format_version']}: {pf.schema_arrow}")
         try:

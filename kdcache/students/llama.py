@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import build
-
 
 @dataclass(frozen=True)
 class LlamaParams:
@@ -19,10 +17,9 @@ class LlamaParams:
     tie_embeddings: bool = True
 
 
-def build_lm_student(params: dict, vocab_size: int, seq_len: int, where: str = "student") -> torch.nn.Module:
-    """LlamaForCausalLM sized by `params` (see docs/students.md); unknown params name the key."""
+def llama_student(p: LlamaParams, vocab_size: int, seq_len: int) -> torch.nn.Module:
+    """LlamaForCausalLM sized by `p` (see docs/students.md)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    p = build(LlamaParams, params, f"{where}.params")
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
                       num_attention_heads=p.heads, num_key_value_heads=p.heads, intermediate_size=p.intermediate,
                       max_position_embeddings=seq_len, tie_word_embeddings=p.tie_embeddings)

@@ -7,10 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import build
 from .tagger import BiLSTMTagger, BiLSTMTaggerParams
-
-HEADS = ("sequence-classification", "token-classification")
 
 
 class MultiTaskBiLSTM(BiLSTMTagger):
@@ -32,8 +29,3 @@ class MultiTaskBiLSTM(BiLSTMTagger):
         mean = (h * m).sum(1) / m.sum(1).clamp_min(1)
         top = h.masked_fill(m == 0, torch.finfo(h.dtype).min).max(1).values
         return self.heads[task](self.drop(torch.cat([mean, top], -1)))
-
-
-def build_multitask(params: dict, vocab_size: int, heads: dict[str, tuple[str, int]],
-                    where: str = "student") -> MultiTaskBiLSTM:
-    return MultiTaskBiLSTM(build(BiLSTMTaggerParams, params, f"{where}.params"), vocab_size, heads)

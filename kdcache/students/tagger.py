@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..config import ConfigError, build
 from .tokenizers import NUM_SHAPES
 
 
@@ -88,15 +87,3 @@ class TransformerTagger(nn.Module):
 
     def forward(self, ids, shapes, mask):
         return self.head(self.encode(ids, shapes, mask))
-
-
-TAGGERS = {"bilstm-tagger": (BiLSTMTagger, BiLSTMTaggerParams),
-           "transformer-tagger": (TransformerTagger, TransformerTaggerParams)}
-
-
-def build_tagger(arch: str, params: dict, vocab_size: int, num_labels: int, where: str = "student") -> nn.Module:
-    if arch not in TAGGERS:
-        raise ConfigError(f"{where}.arch: {arch!r} cannot learn from a token-classification cache; use one of "
-                          f"{', '.join(TAGGERS)}")
-    cls, params_cls = TAGGERS[arch]
-    return cls(build(params_cls, params, f"{where}.params"), vocab_size, num_labels)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-_WORD = re.compile(r"\w+|[^\w\s]")
+WORD = re.compile(r"\w+|[^\w\s]")
 
 
 NUM_SHAPES = 6
@@ -44,7 +44,7 @@ class WordTokenizer:
 
     @classmethod
     def build(cls, texts: Sequence[str], size: int) -> "WordTokenizer":
-        counts = Counter(w for t in texts for w in _WORD.findall(t.lower()))
+        counts = Counter(w for t in texts for w in WORD.findall(t.lower()))
         return cls([w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]])
 
     @property
@@ -56,7 +56,7 @@ class WordTokenizer:
         return self.PAD
 
     def __call__(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [[self.index.get(w, self.UNK) for w in _WORD.findall(t.lower())][:max_length] or [self.UNK]
+        rows = [[self.index.get(w, self.UNK) for w in WORD.findall(t.lower())][:max_length] or [self.UNK]
                 for t in texts]
         width = max(len(r) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -94,7 +94,7 @@ class HFTokenizer:
     def __init__(self, name_or_path: str) -> None:
         from transformers import AutoTokenizer
 
-        from ..resolve import resolve_model_name
+        from ..hub import resolve_model_name
         self.tok = AutoTokenizer.from_pretrained(resolve_model_name(name_or_path))
 
     @property

@@ -41,7 +41,7 @@ class TransformerStudent(Student):
     def __init__(self, p: TransformerParams, vocab_size: int, num_labels: int, pad_id: int) -> None:
         super().__init__()
         import transformers
-        from ..resolve import resolve_model_name
+        from ..hub import resolve_model_name
         if p.init_from_teacher:
             path = resolve_model_name(p.init_from_teacher)
             conf = transformers.AutoConfig.from_pretrained(path)

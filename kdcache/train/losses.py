@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KINDS = ("kl", "reverse_kl", "jsd", "soft_ce", "mse")
+from ..config import KD_KINDS as KINDS
+
 _EPS = 1e-12
 
 
@@ -141,7 +142,7 @@ def logsumexp_split(x: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
     return _ChunkedLogSumExp.apply(x, float(temperature), int(chunk), ids)
 
 
-_LOG_TINY = -80.0  # log of a mass below float32 resolution: an empty tail, kept finite so 0·log0 stays 0
+LOG_TINY = -80.0  # log of a mass below float32 resolution: an empty tail, kept finite so 0·log0 stays 0
 
 
 def _buckets(student_logits: torch.Tensor, t: TopKTargets, temperature: float,
@@ -154,8 +155,8 @@ def _buckets(student_logits: torch.Tensor, t: TopKTargets, temperature: float,
     """
     s_lse, s_rest = logsumexp_split(student_logits, t.ids, temperature, chunk)        # [N], [N]
     s_top = student_logits.gather(-1, t.ids).float() / temperature - s_lse[:, None]   # [N, k]
-    s_tail = (s_rest - s_lse).clamp(min=_LOG_TINY)[:, None]
-    t_tail = (t.tail.clamp(min=_LOG_TINY)[:, None] if t.tail is not None
+    s_tail = (s_rest - s_lse).clamp(min=LOG_TINY)[:, None]
+    t_tail = (t.tail.clamp(min=LOG_TINY)[:, None] if t.tail is not None
               else _log1mexp(torch.logsumexp(t.logprobs, dim=-1, keepdim=True)))
     return torch.cat([t.logprobs, t_tail], -1), torch.cat([s_top, s_tail], -1)
 

@@ -1,4 +1,4 @@
-"""Where stage two's time goes (`python -m kdcache.bench_profile [CACHE]`, after `make teacher-cache` or `make
+"""Where stage two's time goes (`python -m kdcache.experiments.profile [CACHE]`, after `make teacher-cache` or `make
 bench`): the default BiLSTM for 150 batches, KD from the cache against hard labels, each twice, timing tokenisation,
 forward, loss, backward and the optimizer step separately, then the optimiser step alone in torch's three AdamW
 implementations on the same parameters; the numbers behind the stage-two reading in docs/benchmarks.md."""
@@ -8,15 +8,16 @@ import contextlib
 import itertools
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from . import config as C
+from .. import config as C
+from ..cache.reader import CacheDataset, collate, read_column
+from ..optim import adamw, warmup_linear
+from ..students import WordTokenizer, build_student
+from ..train.classification import texts_of
+from ..train.losses import distillation_loss
 from .bench import STUDENTS
-from .losses import distillation_loss
-from .reader import CacheDataset, collate
-from .trainer import make_run, make_tokenizer, texts_of
 
 
 @contextlib.contextmanager
@@ -35,27 +36,33 @@ def main(cache: str = "data/cache/default/sentiment", N: int = 150) -> None:
     batches = list(itertools.islice(loader, N))  # the reader's cost, kept apart from the steps
     t_read = time.perf_counter() - t0
     st = STUDENTS["bilstm"]
-    tok = make_tokenizer(st, cache, "train", ("text",))
+    tok = WordTokenizer.build(read_column(cache, "train", "text"), st.vocab_size)
+
+    def student():
+        torch.manual_seed(0)
+        model = build_student(st.arch, st.params, tok.vocab_size, 2, tok.pad_id)
+        opt = adamw(model.parameters(), train.learning_rate, train.weight_decay)
+        return model, opt, warmup_linear(opt, 10**6, train.warmup_ratio)
 
     def run(loss_cfg: C.LossConfig, label: str) -> float:
-        r = make_run("b", "b", st, loss_cfg, train, tok, 2, {}, 10**6, Path())
+        model, optimizer, scheduler = student()
         T = {"tokenize": 0.0, "forward": 0.0, "loss": 0.0, "backward": 0.0, "step": 0.0}
         for b in batches:
-            r.model.train()
+            model.train()
             with _timed(T, "tokenize"):
                 ids, mask = tok(texts_of(b, ("text",)), train.max_length)
             with _timed(T, "forward"):
-                logits, _ = r.model(ids, mask)
+                logits, _ = model(ids, mask)
             with _timed(T, "loss"):
                 loss, _ = distillation_loss(logits, b["logits"], b["label"], loss_cfg.kind, loss_cfg.temperature,
                                             loss_cfg.alpha)
             with _timed(T, "backward"):
                 loss.backward()
             with _timed(T, "step"):
-                torch.nn.utils.clip_grad_norm_(r.model.parameters(), 1.0)
-                r.optimizer.step()
-                r.scheduler.step()
-                r.optimizer.zero_grad(set_to_none=True)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
         tot = sum(T.values())
         print(label, f"total {tot*1000/N:.1f} ms/step", {k: f"{v*1000/N:.2f}" for k, v in T.items()})
         return tot
@@ -63,7 +70,7 @@ def main(cache: str = "data/cache/default/sentiment", N: int = 150) -> None:
         hard = run(C.LossConfig(alpha=1.0), "hard labels")
         kd = run(train.loss, "KD (T=2, a=.5)")
     print(f"reading+collate {t_read*1000/N:.2f} ms/batch; KD/hard step ratio {hard/kd:.3f}")
-    params = [p for p in make_run("b", "b", st, train.loss, train, tok, 2, {}, 10**6, Path()).model.parameters()]
+    params = list(student()[0].parameters())
     for p in params:
         p.grad = torch.randn_like(p)
     for kind in ("default loop", "foreach", "fused"):

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from .cache.format import MANIFEST, CacheFormatError, read_manifest
-from .fingerprint import diff_fields
+from ..fingerprint import diff_fields
+from .format import CAUSAL_LM, MANIFEST, SEQUENCE, TOKEN, CacheFormatError, read_manifest
 
 
 class CacheMismatchError(CacheFormatError):
@@ -42,27 +42,6 @@ def open_manifest(url: str) -> tuple[Any, str, dict[str, Any]]:
 
 def _is_local(fs: Any) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
-
-
-def expectation(pipeline: Any, task: str) -> dict[str, Any]:
-    """What a student of `task` expects of its cache: that task, its teacher's head and its data settings."""
-    from .config import to_dict
-    t = pipeline.tasks[task]
-    return {"task": task, "head": t.teacher.head, "data": to_dict(t.data)}
-
-
-def training_split(cache: str, pipeline: Any, task: str, accelerator: Any,
-                   feature_layers: tuple[int, ...] = ()) -> "CacheDataset":
-    """The cached training split a trainer streams: a local cache verified first (`train.verify`), checked against
-    what the pipeline expects of `task`, shuffled by `train.seed` and shared between the accelerate processes."""
-    train = pipeline.train
-    if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
-        from .cache.verify import refuse_damaged
-        refuse_damaged(cache)
-    accelerator.wait_for_everyone()
-    return CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
-                        feature_layers=feature_layers, expect=expectation(pipeline, task),
-                        rank=accelerator.process_index, world_size=accelerator.num_processes)
 
 
 def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
@@ -101,8 +80,10 @@ def dist_info() -> tuple[int, int]:
 
 
 class CacheDataset(torch.utils.data.IterableDataset):
-    """Rows of one cached split: dicts with `row_id`, `id`, the text field(s), `label` (-1 = none),
-    `logits` [C] float32 and, when asked, `features` {layer_j: [H] float32}.
+    """Rows of one cached split. Sequence classification: dicts with `row_id`, `id`, the text field(s), `label`
+    (-1 = none), `logits` [C] float32 and, when asked, `features` {layer_j: [H] float32}; token classification:
+    `words`, `tags`, `logits` [covered_words, C], `covered_words`; causal LM: see `lm_columns`. Batch them with
+    `ds.collate`.
 
     shuffle: permute row groups per epoch and pass rows through a `shuffle_buffer`-row buffer, seeded by
     (seed, epoch, rank, worker) so the same seed gives the same order. rank/world_size default to the running
@@ -120,6 +101,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
         if split not in self.manifest["splits"]:
             raise CacheFormatError(f"{self.url}: no split {split!r} (splits: {', '.join(self.manifest['splits'])})")
         self.split = split
+        self.collate = COLLATE[self.manifest["head"]]  # rows of this cache -> a batch
         self.shards = self.manifest["splits"][split]["shards"]
         self.num_rows = self.manifest["splits"][split]["rows"]
         self.text_fields = tuple(self.manifest["text_fields"])
@@ -163,30 +145,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
         if table.num_rows != u.rows:
             raise CacheFormatError(f"{path}: row group {u.row_group} has {table.num_rows} rows, manifest says "
                                    f"{u.rows}; the shard changed since it was written: run `kdcache verify`")
-        if self.manifest["head"] == "causal-lm":
-            return lm_columns(table, self.manifest["lm"])
-        if self.manifest["head"] == "token-classification":
-            c = len(self.manifest["label_names"])
-            cols = {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
-                    "words": table.column("words").to_pylist(), "tags": table.column("tags").to_pylist(),
-                    "logits": [np.array(x, np.float32).reshape(-1, c) for x in
-                               table.column("logits").to_numpy(zero_copy_only=False)],
-                    "covered_words": table.column("covered_words").to_numpy()}
-            if self.feature_layers:
-                cols["features"] = self._word_features(shard, u, cols["covered_words"])
-            return cols
-        cols = {
-            "row_id": table.column("row_id").to_numpy(),
-            "id": table.column("id").to_pylist(),
-            **{c: table.column(c).to_pylist() for c in self.text_fields},
-            "label": table.column("label").fill_null(-1).to_numpy().astype(np.int64),
-            "logits": np.asarray(table.column("logits").combine_chunks().values.to_numpy()).reshape(table.num_rows, -1),
-        }
-        if self.feature_layers:
-            group = self._open_features(shard)
-            cols["features"] = {f"layer_{j}": np.asarray(group[f"layer_{j}"][u.start:u.start + u.rows], np.float32)
-                                for j in self.feature_layers}
-        return cols
+        return DECODERS[self.manifest["head"]](self, table, shard, u)
 
     def _word_features(self, shard: dict[str, Any], u: Unit, covered: np.ndarray) -> dict[str, list[np.ndarray]]:
         """Per-word features of a row group's sentences: {layer_j: [covered_words_r x H] per row}."""
@@ -241,6 +200,33 @@ class CacheDataset(torch.utils.data.IterableDataset):
         yield from buf
 
 
+def _sequence_columns(ds: CacheDataset, table, shard: dict[str, Any], u: Unit) -> dict[str, Any]:
+    cols = {
+        "row_id": table.column("row_id").to_numpy(),
+        "id": table.column("id").to_pylist(),
+        **{c: table.column(c).to_pylist() for c in ds.text_fields},
+        "label": table.column("label").fill_null(-1).to_numpy().astype(np.int64),
+        "logits": np.asarray(table.column("logits").combine_chunks().values.to_numpy()).reshape(table.num_rows, -1),
+    }
+    if ds.feature_layers:
+        group = ds._open_features(shard)
+        cols["features"] = {f"layer_{j}": np.asarray(group[f"layer_{j}"][u.start:u.start + u.rows], np.float32)
+                            for j in ds.feature_layers}
+    return cols
+
+
+def _token_columns(ds: CacheDataset, table, shard: dict[str, Any], u: Unit) -> dict[str, Any]:
+    c = len(ds.manifest["label_names"])
+    cols = {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
+            "words": table.column("words").to_pylist(), "tags": table.column("tags").to_pylist(),
+            "logits": [np.array(x, np.float32).reshape(-1, c) for x in
+                       table.column("logits").to_numpy(zero_copy_only=False)],
+            "covered_words": table.column("covered_words").to_numpy()}
+    if ds.feature_layers:
+        cols["features"] = ds._word_features(shard, u, cols["covered_words"])
+    return cols
+
+
 def _flat(table, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(table.column(name).combine_chunks().values.to_numpy(zero_copy_only=False)).reshape(shape)
 
@@ -268,21 +254,8 @@ def lm_columns(table, lm: dict[str, Any]) -> dict[str, Any]:
 _STACKED = ("input_ids", "topk_ids", "topk_logits", "lse", "tail", "sample_lengths")
 
 
-def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch rows: texts stay lists; labels [B] int64; logits [B, C] float32; features {name: [B, H]};
-    causal-LM arrays stacked to [B, ...] (sample ids/counts concatenated in row order)."""
-    if "words" in rows[0]:  # token classification: ragged per sentence, padded by the trainer
-        return {k: [r[k] for r in rows] for k in rows[0]}
-    if "input_ids" in rows[0]:
-        out = {k: torch.as_tensor(np.stack([r[k] for r in rows]).astype(np.int64 if k.endswith(("ids", "lengths"))
-                                                                       else np.float32))
-               for k in _STACKED if k in rows[0]}
-        out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
-        out["id"] = [r["id"] for r in rows]
-        if "sample_ids" in rows[0]:
-            out["sample_ids"] = torch.as_tensor(np.concatenate([r["sample_ids"] for r in rows]).astype(np.int64))
-            out["sample_counts"] = torch.as_tensor(np.concatenate([r["sample_counts"] for r in rows]).astype(np.int64))
-        return out
+def _collate_sequence(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Texts stay lists; labels [B] int64; logits [B, C] float32; features {name: [B, H]}."""
     out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0] if k not in ("label", "logits", "features", "row_id")}
     out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
     out["label"] = torch.as_tensor(np.array([r["label"] for r in rows], dtype=np.int64))
@@ -290,6 +263,38 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if "features" in rows[0]:
         out["features"] = {k: torch.as_tensor(np.stack([r["features"][k] for r in rows])) for k in rows[0]["features"]}
     return out
+
+
+def _collate_tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ragged per sentence (lists per key), padded by the trainer; row ids [B]."""
+    out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0]}
+    out["row_id"] = torch.as_tensor(np.array(out["row_id"]))
+    return out
+
+
+def _collate_lm(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-position arrays stacked to [B, ...]; sample ids/counts concatenated in row order."""
+    out = {k: torch.as_tensor(np.stack([r[k] for r in rows]).astype(np.int64 if k.endswith(("ids", "lengths"))
+                                                                   else np.float32))
+           for k in _STACKED if k in rows[0]}
+    out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
+    out["id"] = [r["id"] for r in rows]
+    if "sample_ids" in rows[0]:
+        out["sample_ids"] = torch.as_tensor(np.concatenate([r["sample_ids"] for r in rows]).astype(np.int64))
+        out["sample_counts"] = torch.as_tensor(np.concatenate([r["sample_counts"] for r in rows]).astype(np.int64))
+    return out
+
+
+# head -> how one of its row groups becomes columns, and how its rows become a batch
+DECODERS = {SEQUENCE: _sequence_columns, TOKEN: _token_columns,
+            CAUSAL_LM: lambda ds, table, shard, u: lm_columns(table, ds.manifest["lm"])}
+COLLATE = {SEQUENCE: _collate_sequence, TOKEN: _collate_tokens, CAUSAL_LM: _collate_lm}
+
+
+def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch rows of any head (recognised by their columns); `CacheDataset.collate` is the same, picked by head."""
+    head = TOKEN if "words" in rows[0] else CAUSAL_LM if "input_ids" in rows[0] else SEQUENCE
+    return COLLATE[head](rows)
 
 
 def read_column(url: str, split: str, column: str) -> list[Any]:

@@ -22,15 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import config as C
-from .bench import machine
-from .cache.format import lm_parquet_schema, parquet_write_options
-from .data import load_task_data
+from .. import config as C
+from ..cache.format import lm_parquet_schema, parquet_write_options
+from ..capture.lm import LMRunner, lm_shard_table, pack
+from ..capture.teacher import prepare_teacher
+from ..data import load_task_data
+from ..optim import adamw
+from ..students import build_student
+from ..train.lm import evaluate_lm, lm_loss
 from .docsections import write_section
-from .lm_capture import LMTeacherRunner, lm_shard_table, pack, prepare_lm_teacher
-from .lm_trainer import evaluate_lm, lm_loss
-from .optim import adamw
-from .students.llama import build_lm_student
+from .machine import machine
 
 KS = (8, 16, 32, 64, 128)
 SAMPLES = 32
@@ -88,14 +89,14 @@ def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | Non
     task = pipeline.tasks[task_name]
     student = next((s for s in pipeline.students.values() if s.arch == "llama"), C.StudentConfig(arch="llama"))
     n_train, n_held, epochs = (32, 8, 1) if quick else (160, 32, 3)
-    model, tok, _ = prepare_lm_teacher(pipeline.name, task_name, task, teachers_dir)
     data = load_task_data(task.data)
+    model, tok, _ = prepare_teacher(pipeline.name, task_name, task, data, teachers_dir)
     L = task.cache.max_length
     train_seqs = pack(tok, data.splits["train"]["text"][:], L)[:n_train]
     held_seqs = pack(tok, data.splits["validation"]["text"][:], L)[:n_held]
     cache_cfg = dataclasses.replace(task.cache, top_k=max(KS), temperatures=(1.0,), samples=SAMPLES,
                                     sample_temperature=1.0)
-    runner = LMTeacherRunner(model, cache_cfg, task.teacher.precision, task.teacher.device)
+    runner = LMRunner(model, cache_cfg, task.teacher.precision, task.teacher.device)
     V = int(model.get_output_embeddings().weight.shape[0])
 
     def capture(seqs: np.ndarray, held: bool):
@@ -114,7 +115,7 @@ def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | Non
                     per_k[k].setdefault(key, []).append(t[key].cpu().numpy())
                 if held:
                     kl[k].append(_recon_kl(z, t, k).cpu())
-            runner._sample(z, SAMPLES, 1.0, gen, samples)
+            runner.sample(z, SAMPLES, 1.0, gen, samples)
         seconds = time.perf_counter() - t0
         out = {k: {key: np.concatenate(v) for key, v in d.items()} for k, d in per_k.items()}
         smp = {"sample_ids": samples["sample_ids"], "sample_counts": samples["sample_counts"],
@@ -155,14 +156,14 @@ def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | Non
     fidelity = {}
     for name, (loss, targets) in variants.items():
         torch.manual_seed(0)
-        net = build_lm_student(student.params, V, L, "bench student")
+        net = build_student("llama", student.params, V, L, where="bench student")
         opt = adamw(net.parameters(), student.learning_rate or pipeline.train.learning_rate)
         rng = np.random.default_rng(0)
         t0 = time.perf_counter()
         for _ in range(epochs):
             for batch in _batches(train_seqs, targets, pipeline.train.batch_size, rng):
                 net.train()
-                value, _ = lm_loss(net(input_ids=batch["input_ids"]).logits, batch, loss, lm, name)
+                value, _ = lm_loss(net(input_ids=batch["input_ids"]).logits, batch, loss, lm)
                 value.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 opt.step()

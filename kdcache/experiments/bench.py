@@ -3,10 +3,9 @@ one run on this machine. Writes data/bench/bench-<mode>.json and a dated section
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -19,21 +18,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import config as C
-from .cache.format import parquet_schema
-from .cache.writer import CacheWriter
+from .. import config as C
+from ..cache.format import parquet_schema
+from ..cache.reader import CacheDataset, collate
+from ..cache.writer import CacheWriter
+from ..capture.build import build_teacher_cache
+from ..capture.classification import SequenceRunner
+from ..capture.teacher import prepare_teacher
+from ..data import load_task_data
+from ..train.live import live_targets
+from ..train.loop import make_runs, step
+from ..train.sources import open_source
 from .docsections import write_section
-from .reader import CacheDataset, collate
+from .machine import machine
 
 STUDENTS = {"bow": C.StudentConfig(arch="bow"),
             "bilstm": C.StudentConfig(arch="bilstm", params={"embed_dim": 100, "hidden": 64, "mlp": 128})}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core {cpu}, {gpu}, torch {torch.__version__}, {platform.system()}"
 
 
 def synthetic_cache(root: Path, rows: int, shard_rows: int = 4096, row_group_rows: int = 2048, text_len: int = 150,
@@ -66,7 +66,7 @@ def synthetic_cache(root: Path, rows: int, shard_rows: int = 4096, row_group_row
 
 def _reader_peak_rss_mb(cache: Path) -> float:
     """Peak RSS of a fresh process that streams the whole cache with shuffling."""
-    code = ("import resource, sys; from kdcache.reader import CacheDataset\n"
+    code = ("import resource, sys; from kdcache.cache.reader import CacheDataset\n"
             f"n = sum(1 for _ in CacheDataset({str(cache)!r}, 'train', shuffle=True, shuffle_buffer=2048))\n"
             "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -75,50 +75,42 @@ def _reader_peak_rss_mb(cache: Path) -> float:
 
 def _raw_forward_rows_per_s(model, tokenizer, texts: list[str], cfg: C.CacheConfig, device: str) -> float:
     """The teacher alone: the same length-sorted batches as capture, logits only, nothing kept or written."""
-    from .teacher import TeacherRunner
-    runner = TeacherRunner(model, tokenizer, cfg.max_length, cfg.batch_size, cfg.sort_window, C.FeaturesConfig(),
-                           device=device)
+    runner = SequenceRunner(model, tokenizer, cfg.max_length, cfg.batch_size, cfg.sort_window, C.FeaturesConfig(),
+                            device=device)
     pad = tokenizer.pad_token_id or 0
     t = 0.0
     for s0 in range(0, len(texts), cfg.shard_rows):
         ids, _ = runner.tokenize(texts[s0:s0 + cfg.shard_rows])
-        lengths = np.array([len(x) for x in ids])
-        for batch in runner._batches(lengths):
-            width = int(lengths[batch].max())
-            x = torch.full((len(batch), width), pad, dtype=torch.long)
-            m = torch.zeros_like(x)
-            for r, i in enumerate(batch):
-                x[r, :lengths[i]] = torch.as_tensor(ids[i])
-                m[r, :lengths[i]] = 1
+        for batch in runner.batches(np.array([len(x) for x in ids])):
+            x, m = runner.padded(ids, batch, pad)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                runner.model(input_ids=x.to(runner.device), attention_mask=m.to(runner.device)).logits.cpu()
+                runner.model(input_ids=x, attention_mask=m).logits.cpu()
             t += time.perf_counter() - t0
     return len(texts) / t
 
 
-def _epochs(jobs, fields, train, acc) -> list[tuple[float, float, float]]:
-    """Train each (run, batches, targets) job for one pass, the jobs taking turns batch by batch, so that a shared
-    machine's drift (7% between runs here) falls on all of them alike. Reading a batch counts to its job; `targets`
+def _epochs(jobs, source, train, acc) -> list[tuple[float, float, float]]:
+    """Train each (run, batches, teacher) job for one pass, the jobs taking turns batch by batch, so that a shared
+    machine's drift (7% between runs here) falls on all of them alike. Reading a batch counts to its job; `teacher`
     (the live teacher) replaces the cached logits. Per job: (total, student, teacher) seconds."""
-    from .trainer import train_step
     its = [iter(batches) for _, batches, _ in jobs]
     times = [[0.0, 0.0, 0.0] for _ in jobs]
     pending = list(range(len(jobs)))
     while pending:
         for k in list(pending):
-            run, _, targets = jobs[k]
+            run, _, teacher = jobs[k]
             t0 = time.perf_counter()
             b = next(its[k], None)
             if b is None:
                 pending.remove(k)
                 continue
-            if targets is not None:
+            if teacher is not None:
                 t1 = time.perf_counter()
-                b = dict(b, logits=targets(b)[0])
+                b = teacher(b)
                 times[k][2] += time.perf_counter() - t1
             t1 = time.perf_counter()
-            train_step(run, b, fields, train, acc)
+            step(run, source, b, source.head.targets(b, source, acc.device), train, acc)
             times[k][1] += time.perf_counter() - t1
             times[k][0] += time.perf_counter() - t0
     return [tuple(t) for t in times]
@@ -126,10 +118,6 @@ def _epochs(jobs, fields, train, acc) -> list[tuple[float, float, float]]:
 
 def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) -> dict[str, Any]:
     from accelerate import Accelerator
-
-    from .capture import build_teacher_cache, prepare_teacher
-    from .data import load_task_data
-    from .trainer import live_targets, make_run, make_tokenizer
     rows = 512 if quick else 4096
     base = C.load_pipeline(pipeline_name)
     task_name = next(iter(base.tasks))
@@ -157,25 +145,22 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) 
     # Training figures use whole epochs over the cached train split (the reader's start-up is part of an epoch).
     acc = Accelerator(cpu=not torch.cuda.is_available())
     train = pipeline.train
-    fields, num_labels = tuple(m["text_fields"]), len(m["label_names"])
-    ds = CacheDataset(cache, "train", shuffle=True, seed=0, shuffle_buffer=train.shuffle_buffer)
-    loader = torch.utils.data.DataLoader(ds, batch_size=train.batch_size, collate_fn=collate)
+    source = open_source(pipeline, task_name, str(cache), acc)
+    loader = source.loader
     memory = [dict(b, logits=torch.zeros_like(b["logits"])) for b in loader]  # hard labels, already in memory
     epoch_rows = sum(len(b["id"]) for b in memory)
 
     def fresh(name: str, loss: C.LossConfig):
-        st = STUDENTS[name]
-        r = make_run(name, name, st, loss, train, make_tokenizer(st, str(cache), "train", fields), num_labels, {},
-                     10**6, Path())
-        r.model, r.optimizer = acc.prepare(r.model, r.optimizer)
-        _epochs([(r, memory[:1], None)], fields, train, acc)  # warm-up step
+        students = {name: dataclasses.replace(STUDENTS[name], loss=loss, twin=False)}
+        (r,) = make_runs(dataclasses.replace(pipeline, students=students), [name], {task_name: source}, out_dir, acc)
+        _epochs([(r, memory[:1], None)], source, train, acc)  # warm-up step
         return r
 
     # 2. loader headroom: a full pass of the reader vs what a BiLSTM consumes (its steps on in-memory batches)
     t0 = time.perf_counter()
     n_read = sum(len(b["id"]) for b in loader)
     reader_rps = n_read / (time.perf_counter() - t0)
-    [(_, t_student, _)] = _epochs([(fresh("bilstm", train.loss), memory, None)], fields, train, acc)
+    [(_, t_student, _)] = _epochs([(fresh("bilstm", train.loss), memory, None)], source, train, acc)
     consume_rps = epoch_rows / t_student
     sizes = [20_000, 80_000, 320_000] if not quick else [5_000, 20_000, 80_000]
     rss = {f"{n // sizes[0]}x ({n} rows)": _reader_peak_rss_mb(synthetic_cache(out_dir / f"syn-{n}", n)) for n in sizes}
@@ -185,7 +170,7 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) 
     # 3. stage-two overhead: KD reading the cache vs hard labels from memory, same student, one epoch each, the two
     #    runs taking turns batch by batch
     (t_mem, _, _), (t_cache, _, _) = _epochs([(fresh("bilstm", C.LossConfig(alpha=1.0)), memory, None),
-                                             (fresh("bilstm", train.loss), loader, None)], fields, train, acc)
+                                             (fresh("bilstm", train.loss), loader, None)], source, train, acc)
     res["stage_two"] = {"cache_rows_per_s": epoch_rows / t_cache, "memory_hard_rows_per_s": epoch_rows / t_mem,
                         "ratio": t_mem / t_cache, "goal": 0.95}
 
@@ -194,7 +179,7 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None) 
     res["online_kd"] = {}
     for name in STUDENTS:
         (t_c, _, _), (t_l, t_s, t_t) = _epochs([(fresh(name, train.loss), loader, None),
-                                                (fresh(name, train.loss), loader, live)], fields, train, acc)
+                                                (fresh(name, train.loss), loader, live)], source, train, acc)
         ideal = (t_t + t_s) / t_s
         capture = epoch_rows / capture_rps  # stage one, paid once for every epoch and every student
         res["online_kd"][name] = {

@@ -11,15 +11,19 @@ from typing import Any
 
 import numpy as np
 
-from . import config as C
-from .bench import machine
+from .. import config as C
+from ..cache.format import CAUSAL_LM, SEQUENCE
+from ..capture.build import build_teacher_cache
+from ..metrics import METRICS
+from ..train.loop import train_students
 from .docsections import write_section
+from .machine import machine
 
 
-# head -> (student test metric, teacher statistic in the manifest, words for the doc)
-METRIC = {"sequence-classification": ("accuracy", "teacher_accuracy", "test accuracy"),
-          "token-classification": ("f1", "teacher_entity_f1", "test entity F1"),
-          "causal-lm": ("perplexity", "teacher_perplexity", "test perplexity")}
+def _metric(head: str) -> list[str]:
+    """(student test metric, teacher statistic in the manifest, words for the doc) of a head."""
+    m = METRICS[head]
+    return [m.key, m.teacher_stat, m.words]
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -30,11 +34,9 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                  doc: Path | None, teachers_dir: Path = Path("data/teachers"), cache_root: Path = Path("data/cache"),
                  overrides: list[str] = ()) -> dict[str, Any]:
     """The all-labels setting reuses the pipeline's own teacher and cache; the label-scarce one builds its own."""
-    from .capture import build_teacher_cache
-    from .trainer import train_students
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
-    metric = METRIC[base.tasks[task].teacher.head]
+    metric = _metric(base.tasks[task].teacher.head)
     settings = {"all labels": (list(overrides), teachers_dir, cache_root / base.name / task)}
     if scarce:  # 0 = all-labels setting only
         settings[f"{scarce} labelled training rows"] = ([*overrides, f"tasks.{task}.data.labelled_limit={scarce}"],
@@ -55,7 +57,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
                                      [f"students.{s}.twin=true" for s in students])
-            for r in train_students(seeded, task, students, str(cache),
+            for r in train_students(seeded, students, cache.parent,
                                     out_dir / "runs" / name.replace(" ", "-") / str(seed)):
                 rows[r["student"]]["kd" if r["kd"] else "hard"].append(r["test"][metric[0]])
         results["settings"][name] = {"teacher_test_accuracy": manifest["splits"]["test"]["stats"][metric[1]],
@@ -92,15 +94,13 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
     cache (same seed, initial weights and batches), over several seeds."""
     import dataclasses
 
-    from .capture import build_teacher_cache
-    from .trainer import train_students
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     head = base.tasks[task].teacher.head
-    if head == "causal-lm":
+    if head == CAUSAL_LM:
         raise C.ConfigError(f"pipeline {base.name!r}: the sweep covers classification and token-classification "
                             "students; for causal-LM targets use `kdcache bench lm` (k, sampled, naive top-k)")
-    metric = METRIC[head]
+    metric = _metric(head)
     cache = cache_root / base.name / task
     manifest = build_teacher_cache(base, task, cache, teachers_dir)
     layers = (manifest.get("features") or {}).get("layers") or []
@@ -119,7 +119,7 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
             variants[f"{student}~{len(variants)}"] = (name, dataclasses.replace(st, loss=loss, twin=False))
         pipeline = dataclasses.replace(base, students={k: v for k, (_, v) in variants.items()},
                                        train=dataclasses.replace(base.train, seed=seed))
-        for r in train_students(pipeline, task, list(variants), str(cache), out_dir / "runs" / "sweep" / str(seed)):
+        for r in train_students(pipeline, list(variants), cache.parent, out_dir / "runs" / "sweep" / str(seed)):
             rows.setdefault(variants[r["run"]][0], []).append(r["test"][metric[0]])
     results = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name, "student": student,
                "seeds": seeds, "overrides": list(overrides), "metric": metric, "rows": rows}
@@ -135,7 +135,7 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
 def render_sweep(r: dict[str, Any]) -> str:
     ref = next(iter(r["rows"].values()))
     sets = "".join(f" --set {o}" for o in r.get("overrides", []))
-    words = r.get("metric", METRIC["sequence-classification"])[2]
+    words = r.get("metric", _metric(SEQUENCE))[2]
     lines = [f"## Sweep: `{r['student']}` on `{r['pipeline']}`", "",
              f"`kdcache fidelity {r['pipeline']} --sweep {r['student']}{sets}` on {r['date']} ({r['machine']}); seeds "
              f"{r['seeds']}. Every variant trained in the same pass (same initial weights and batches); Δ is paired "
@@ -164,7 +164,7 @@ TANG_2019 = {"bilstm": 0.867, "bilstm (distilled)": 0.907}
 def render(r: dict[str, Any]) -> str:
     """One pipeline's section of docs/fidelity.md."""
     limit = f", at most {r['limit']} rows per split (the first ones)" if r.get("limit") else ""
-    words = (r.get("metric") or METRIC["sequence-classification"])[2]
+    words = (r.get("metric") or _metric(SEQUENCE))[2]
     lines = [f"## Pipeline `{r['pipeline']}` (data: {r.get('source', '?')}{limit})", "",
              f"`kdcache fidelity {r['pipeline']}` on {r['date']} ({r['machine']}); seeds {r['seeds']}; "
              f"{words}.", ""]

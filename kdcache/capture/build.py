@@ -1,0 +1,139 @@
+"""Stage one (`kdcache cache`): run each task's teacher once over its data and write the cache. One build loop for
+every head: data -> teacher -> head -> shard loop -> commit; one fingerprint and manifest-header builder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from .. import config as C
+from .. import distributed
+from ..cache.format import FORMAT_VERSION, read_manifest, shard_schema
+from ..cache.writer import CacheWriter
+from ..data import TaskData, load_task_data
+from ..fingerprint import hash_obj, hash_table, hash_tokenizer
+from ..progress import progress
+from .head import CaptureHead
+from .heads import HEADS
+from .teacher import prepare_teacher
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint_inputs(task_name: str, task: C.TaskConfig, data: TaskData, head: CaptureHead, identity: dict,
+                       tokenizer: Any, runner: Any, model: Any) -> dict[str, Any]:
+    """Everything that changes the targets (not batch size or sort window, which only reorder work)."""
+    return {
+        "format_version": FORMAT_VERSION, "task": task_name, "head": head.name, "teacher": identity,
+        "tokenizer_sha256": hash_tokenizer(tokenizer), "compute_dtype": str(runner.dtype).replace("torch.", ""),
+        "shard_rows": task.cache.shard_rows,
+        "data": {"source": task.data.source, "text_fields": list(task.data.text_fields),
+                 "label_names": list(data.label_names),
+                 "splits": {s: hash_table(ds.data.table) for s, ds in data.splits.items()}},
+        "features": head.features(task, runner),
+        **head.settings(task, runner, model, tokenizer),
+    }
+
+
+def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: TaskData, head: CaptureHead,
+                    inputs: dict[str, Any], runner: Any, model: Any, processes: int) -> dict[str, Any]:
+    """The manifest fields known before any shard is written."""
+    features = inputs["features"]
+    return {"pipeline": pipeline, "task": task_name, "head": head.name, "label_names": list(data.label_names),
+            "text_fields": head.text_columns(task), "fingerprint": hash_obj(inputs), "fingerprint_inputs": inputs,
+            "data_origin": data.origin,
+            "features": dict(features, hidden_size=getattr(model.config, "hidden_size", None)) if features else None,
+            "config": C.to_dict(task), "device": str(runner.device), "processes": processes,
+            **head.manifest_extras(inputs)}
+
+
+def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Path, teachers_dir: Path,
+                        overwrite: bool = False) -> dict[str, Any]:
+    """Cache one task: load data, load the teacher, write every shard not already written, commit.
+
+    Under `accelerate launch` each process takes the shards dealt to it (the n-th missing shard goes to
+    process n mod N); process 0 prepares the teacher and opens the cache first, and commits the manifest last.
+    """
+    task = pipeline.tasks[task_name]
+    head = HEADS[task.teacher.head]
+    dist = distributed.state()
+    data = load_task_data(task.data)
+    model, tokenizer, identity = distributed.main_first(
+        lambda: prepare_teacher(pipeline.name, task_name, task, data, teachers_dir))
+    device = task.teacher.device if task.teacher.device != "auto" or dist.num_processes == 1 else str(dist.device)
+    runner = head.runner(model, tokenizer, task, device)
+    units = head.units(data, tokenizer, task)
+    inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
+    header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
+    schema = shard_schema(header, {"format_version": FORMAT_VERSION, "task": task_name,
+                                   "fingerprint": header["fingerprint"]})
+
+    def produce(split: str, start: int, stop: int, bar) -> tuple[Any, dict | None, dict]:
+        rows = units[split][start:stop]
+        t0 = time.perf_counter()
+        # any sampling is seeded per shard: a resumed or re-dealt shard draws the same samples
+        seed = zlib.crc32(f"{header['fingerprint']}/{split}/{start}".encode())
+        out = head.run(runner, rows, task, seed, bar.update)
+        stats = dict(head.stats(rows, out, data.label_names), seconds=time.perf_counter() - t0)
+        return head.table(rows, out, start, split, schema, task), head.shard_features(out), stats
+
+    sizes = {split: len(u) for split, u in units.items()}
+    return write_shards(out_dir, header, task, task_name, sizes, inputs["data"]["splits"], produce, head.summarise,
+                        overwrite)
+
+
+def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task_name: str, sizes: dict[str, int],
+                 dataset_sha: dict[str, str], produce, summarise, overwrite: bool = False) -> dict[str, Any]:
+    """The shard loop: open the writer (process 0 first), write this process's missing shards with
+    `produce(split, start, stop, progress_bar) -> (table, features, stats)`, then commit.
+
+    Under `accelerate launch` the n-th missing shard goes to process n mod N; process 0 commits the manifest.
+    """
+    dist = distributed.state()
+
+    def open_writer() -> CacheWriter:
+        return CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows,
+                           role="owner" if dist.is_main_process else "worker").__enter__()
+
+    writer = distributed.main_first(open_writer)
+    try:
+        manifest = _shard_loop(writer, sizes, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
+                               dist, out_dir)
+    except BaseException:
+        writer.__exit__(*sys.exc_info())
+        raise
+    writer.__exit__(None, None, None)
+    return manifest
+
+
+def _shard_loop(writer: CacheWriter, sizes: dict[str, int], dataset_sha: dict[str, str], shard_rows: int, produce,
+                summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
+    """This process's missing shards, then the commit."""
+    if distributed.share(writer.complete):
+        log.info("%s: already complete with this fingerprint; nothing to do", out_dir)
+        return read_manifest(out_dir)
+    plan = [(split, i, s, min(s + shard_rows, n))
+            for split, n in sizes.items() for i, s in enumerate(range(0, n, shard_rows))]
+    todo = [p for p in plan if not writer.shard_done(p[0], p[1], p[2], p[3] - p[2])]
+    if len(todo) < len(plan):
+        log.info("%s: %d of %d shards already written; resuming", out_dir, len(plan) - len(todo), len(plan))
+    mine = todo[dist.process_index::dist.num_processes]
+    t_loop = time.perf_counter()
+    with progress(sum(b - a for _, _, a, b in mine), desc=f"cache {task_name}",
+                  disable=not dist.is_local_main_process) as bar:
+        for split, index, start, stop in mine:
+            table, features, stats = produce(split, start, stop, bar)
+            writer.submit(split, index, start, table, features, stats)
+    writer.flush()
+    # this run's wall clock for everything (tokenise, forward, pooling, Parquet + Zarr writes), per process
+    rows_now = sum(b - a for _, _, a, b in mine)
+    capture = {"rows": rows_now, "seconds": round(time.perf_counter() - t_loop, 3)}
+    distributed.barrier()
+    splits = {s: {"rows": n, "dataset_sha256": dataset_sha[s]} for s, n in sizes.items()}
+    return distributed.main_first(
+        lambda: writer.commit(splits, summarise, extra={"capture": capture}) if dist.is_main_process
+        else read_manifest(out_dir))

@@ -1,0 +1,96 @@
+"""Loading a teacher: any `transformers` model and tokenizer for a head, from the hub, a folder, a `pkg:` folder,
+a GGUF file (converted once) or a config; and what identifies its weights for the fingerprint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import TeacherConfig
+from ..errors import KdcacheError
+from ..fingerprint import FingerprintError, hash_state_dict, hash_weight_files
+from ..hub import resolve_model_name
+
+log = logging.getLogger(__name__)
+
+
+class TeacherError(KdcacheError):
+    """The teacher cannot be loaded or produced bad outputs; the message says which and what to do."""
+
+
+def auto_class(name: str):
+    """A `transformers` auto class by name (each capture head names its own)."""
+    import transformers
+    return getattr(transformers, name)
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    from transformers import AutoTokenizer
+    name = cfg.tokenizer or cfg.model
+    if not name:
+        raise TeacherError("teacher.tokenizer (or teacher.model) is required to tokenize inputs")
+    return AutoTokenizer.from_pretrained(resolve_model_name(name), revision=cfg.revision if not cfg.tokenizer else None)
+
+
+def build_model(cfg: TeacherConfig, cls_name: str, label_names: Sequence[str] | None,
+                seed: int = 0) -> tuple[torch.nn.Module, bool]:
+    """The teacher model (with a head for `label_names` when the head has labels); returns (model, head_is_trained)."""
+    import transformers
+    cls = auto_class(cls_name)
+    labels = {} if label_names is None else {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                                             "label2id": {n: i for i, n in enumerate(label_names)}}
+    torch.manual_seed(seed)
+    if cfg.from_config:
+        conf = dict(cfg.from_config)
+        model_type = conf.pop("model_type", None)
+        if not model_type:
+            raise TeacherError("teacher.from_config needs `model_type` (e.g. bert)")
+        return cls.from_config(transformers.AutoConfig.for_model(model_type, **conf, **labels)), False
+    if not cfg.model:
+        raise TeacherError("teacher.model or teacher.from_config is required")
+    model, info = cls.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision, output_loading_info=True,
+                                      dtype=torch.float32, **labels)
+    return model, not info["missing_keys"]
+
+
+def convert_gguf(src: str, gguf_file: str, cls_name: str, out: Path) -> None:
+    """GGUF -> transformers folder (de-quantised to float32), written under a temporary name then renamed."""
+    from transformers import AutoTokenizer
+    if not (Path(src) / gguf_file).is_file():
+        raise TeacherError(f"{Path(src) / gguf_file}: GGUF file not found (teacher.model + teacher.gguf_file)")
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise TeacherError("loading a GGUF teacher needs the `gguf` package: pip install gguf "
+                           "(or `pip install kdcache[lm]`)") from None
+    log.info("converting %s/%s into %s (once)", src, gguf_file, out)
+    cls = auto_class(cls_name)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    loaded = cls.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    model = cls.from_config(loaded.config)  # save_pretrained refuses the GGUF-loaded object
+    model.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def model_identity(model: torch.nn.Module, name: str, revision: str | None) -> dict[str, Any]:
+    """What identifies the teacher's weights for the fingerprint: a hash of its weight files, else of its tensors."""
+    folder = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        weights = hash_weight_files(folder) if folder and Path(folder).is_dir() else hash_state_dict(model.state_dict())
+    except FingerprintError:
+        weights = hash_state_dict(model.state_dict())
+    commit = getattr(model.config, "_commit_hash", None)
+    return {"name": name, "revision": revision or commit, "weights_sha256": weights,
+            "class": type(model).__name__, "num_labels": getattr(model.config, "num_labels", None),
+            "parameters": sum(p.numel() for p in model.parameters())}

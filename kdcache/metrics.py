@@ -1,0 +1,76 @@
+"""The metrics of every head, shared by training, the report and the experiments: classification accuracy and
+macro-F1, entity-level F1 (conlleval rules), and which metric ranks each head's students."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN
+
+
+def classification_metrics(pred: np.ndarray, labels: np.ndarray, teacher_pred: np.ndarray,
+                           num_labels: int) -> dict[str, Any]:
+    """accuracy and macro-F1 on labelled rows (label >= 0); agreement with the teacher's argmax on all rows."""
+    lab = labels >= 0
+    p, y = pred[lab], labels[lab]
+    f1s = []
+    for c in range(num_labels):
+        tp, fp, fn = np.sum((p == c) & (y == c)), np.sum((p == c) & (y != c)), np.sum((p != c) & (y == c))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 0.0)
+    return {"accuracy": float((p == y).mean()) if lab.any() else None,
+            "macro_f1": float(np.mean(f1s)) if lab.any() else None,
+            "agreement": float((pred == teacher_pred).mean()), "rows": int(len(pred))}
+
+
+def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, first word, last word) of every entity in an IOB2/IOB1 tag sequence, by conlleval's rules: an entity
+    starts at B-X, or at I-X not continuing an X entity, and runs while I-X follows."""
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, t = tag.partition("-")
+        continues = prefix == "I" and kind == t
+        if start is not None and not continues:
+            spans.add((kind, start, i - 1))
+            start = kind = None
+        if prefix in ("B", "I") and not continues:
+            start, kind = i, t
+    return spans
+
+
+def entity_f1(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Micro precision/recall/F1 over exact entity matches (type and boundaries), summed over sentences."""
+    tp = n_gold = n_pred = 0
+    for g, p in zip(gold, pred):
+        gs, ps = entity_spans(g), entity_spans(p)
+        tp += len(gs & ps)
+        n_gold += len(gs)
+        n_pred += len(ps)
+    prec = tp / n_pred if n_pred else 0.0
+    rec = tp / n_gold if n_gold else 0.0
+    return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "entities": n_gold}
+
+
+@dataclass(frozen=True)
+class HeadMetric:
+    """How a head's students are ranked: their test/validation `key`, the teacher's statistic in the manifest."""
+
+    key: str
+    teacher_stat: str
+    words: str
+    higher_is_better: bool = True
+
+    def score(self, metrics: dict[str, Any]) -> float:
+        """Higher is better, whatever the metric (a missing value ranks last)."""
+        v = metrics.get(self.key)
+        if v is None:
+            return float("-inf")
+        return float(v) if self.higher_is_better else -float(v)
+
+
+METRICS = {SEQUENCE: HeadMetric("accuracy", "teacher_accuracy", "test accuracy"),
+           TOKEN: HeadMetric("f1", "teacher_entity_f1", "test entity F1"),
+           CAUSAL_LM: HeadMetric("perplexity", "teacher_perplexity", "test perplexity", higher_is_better=False)}

@@ -1,0 +1,112 @@
+"""Sequence classification in stage two: students on text (their own word vocabulary or any `transformers`
+tokenizer) trained on the cached full logits, α·CE + (1-α)·KD (dense, T² scaled), plus feature terms on the
+cached pooled hidden states. Metric: accuracy (and macro-F1, agreement with the teacher)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import config as C
+from ..cache.format import SEQUENCE
+from ..cache.reader import CacheDataset
+from ..metrics import classification_metrics
+from ..students import HFTokenizer, WordTokenizer, build_student
+from .head import Source, StudentModel, TrainHead, add_feature_terms
+from .losses import distillation_loss
+
+
+def texts_of(batch: dict[str, Any], fields: tuple[str, ...] | list[str]) -> list[str]:
+    """Input text per row; text pairs are joined with ' | '."""
+    return [" | ".join(p) for p in zip(*(batch[f] for f in fields))]
+
+
+class ClassifierModel(StudentModel):
+    """A text classifier (students.base.Student) with its tokenizer and the projections of its feature terms."""
+
+    def __init__(self, student: nn.Module, tokenizer: Any, terms: tuple[C.FeatureLossConfig, ...],
+                 feature_dims: dict[int, int], fields: tuple[str, ...], max_length: int) -> None:
+        super().__init__()
+        self.student, self.tokenizer, self.terms = student, tokenizer, terms
+        self.fields, self.max_length = tuple(fields), max_length
+        self.projections = nn.ModuleList(nn.Linear(student.hidden_sizes[f.student_layer], feature_dims[f.teacher_layer])
+                                         for f in terms)
+
+    @property
+    def core(self) -> nn.Module:
+        return self.student
+
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer(texts_of(batch, self.fields), self.max_length)
+        dev = self.device()
+        return ids.to(dev), mask.to(dev)
+
+    def forward(self, task: str, batch: dict[str, Any], features: bool = True):
+        logits, hidden = self.student(*self.encode(batch))
+        return logits, [proj(hidden[f.student_layer]) for proj, f in zip(self.projections, self.terms)] \
+            if features else []
+
+
+@torch.inference_mode()
+def inference_speed(model: nn.Module, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 64) -> float:
+    """Examples/s on this machine's CPU, tokenisation included."""
+    model = copy.deepcopy(model).cpu().eval()
+    texts = texts[:512]
+    model(*tokenizer(texts[:batch_size], max_length))  # warm-up
+    t0 = time.perf_counter()
+    for b in range(0, len(texts), batch_size):
+        model(*tokenizer(texts[b:b + batch_size], max_length))
+    return len(texts) / (time.perf_counter() - t0)
+
+
+class SequenceClassification(TrainHead):
+    name = SEQUENCE
+    eval_batch_size = 256
+    supports_live = True
+
+    def tokenizer(self, st, source, where):
+        if st.tokenizer != "words":
+            return HFTokenizer(st.tokenizer)
+        split, fields = source.train.split, source.train.text_fields
+        return WordTokenizer.build([t for f in fields for t in source.column(split, f)], st.vocab_size)
+
+    def build_model(self, st, loss, source, tokenizer, max_length, where):
+        student = build_student(st.arch, st.params, tokenizer.vocab_size, len(source.manifest["label_names"]),
+                                tokenizer.pad_id, where=where)
+        return ClassifierModel(student, tokenizer, loss.features, source.feature_dims, source.train.text_fields,
+                               max_length)
+
+    def targets(self, batch, source, device):
+        feats = {k: v.to(device) for k, v in batch.get("features", {}).items()}
+        return batch["logits"].to(device), batch["label"].to(device), feats
+
+    def loss(self, logits, features, targets, batch, loss, where):
+        teacher, labels, wanted = targets
+        value, parts = distillation_loss(logits, teacher, labels, loss.kind, loss.temperature, loss.alpha, loss.beta)
+        pairs = [(pred, wanted[f"layer_{f.teacher_layer}"]) for f, pred in zip(loss.features, features)]
+        return add_feature_terms(value, pairs, loss, parts), parts
+
+    @torch.inference_mode()
+    def evaluate(self, model, task, ds: CacheDataset, source):
+        model.eval()
+        preds, labels, teacher = [], [], []
+        for batch in torch.utils.data.DataLoader(ds, batch_size=self.eval_batch_size, collate_fn=ds.collate):
+            logits, _ = model(task, batch, features=False)
+            preds.append(logits.argmax(-1).cpu().numpy())
+            labels.append(batch["label"].numpy())
+            teacher.append(batch["logits"].argmax(-1).numpy())
+        return classification_metrics(np.concatenate(preds), np.concatenate(labels), np.concatenate(teacher),
+                                      len(ds.manifest["label_names"]))
+
+    def run_extras(self, model, source, pipeline):
+        if source.test is None:
+            return {}
+        fields, split = source.train.text_fields, pipeline.train.test_split
+        texts = texts_of({f: source.column(split, f) for f in fields}, fields)
+        return {"inference_examples_per_s_cpu": round(inference_speed(model.core, model.tokenizer, texts,
+                                                                       model.max_length), 1)}

@@ -1,0 +1,119 @@
+"""What a teacher head supplies to stage two. The training loop (loop.py) is the same for every head; a head says
+how its students are built, what a batch's targets are, its loss and its evaluation. Registered in heads.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import config as C
+from ..cache.reader import CacheDataset, read_column
+from ..metrics import METRICS, HeadMetric
+from .losses import feature_loss
+
+
+class StudentModel(nn.Module):
+    """A student as the loop drives it: `forward(task, batch)` turns a collated cache batch into (logits, projected
+    features for the feature-loss terms); `core` is what the checkpoint keeps (the projections serve training)."""
+
+    core: nn.Module
+
+    def forward(self, task: str, batch: dict[str, Any], features: bool = True):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save(self, folder: Path, state: dict[str, Any]) -> None:
+        """Write the checkpoint (weights of `state` + what it needs to read inputs) into `folder`."""
+        torch.save(state, folder / "student.pt")
+        self.tokenizer.save(folder)
+
+
+@dataclass
+class Source:
+    """One task's cache as the training loop sees it."""
+
+    task: str
+    cache: str
+    head: TrainHead
+    train: CacheDataset
+    eval: CacheDataset
+    test: CacheDataset | None
+    loader: torch.utils.data.DataLoader
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # the live teacher (online KD)
+    _columns: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.train.manifest
+
+    def column(self, split: str, name: str) -> list[Any]:
+        """A column of a cached split, read once (e.g. training text for the students' vocabularies)."""
+        if (split, name) not in self._columns:
+            self._columns[split, name] = read_column(self.cache, split, name)
+        return self._columns[split, name]
+
+    @property
+    def feature_dims(self) -> dict[int, int]:
+        return {j: self.manifest["features"]["hidden_size"] for j in self.train.feature_layers}
+
+
+
+
+class TrainHead:
+    """One teacher head in stage two (subclasses: classification.py, tokens.py, lm.py)."""
+
+    name: str = ""
+    eval_batch_size: int = 128
+    supports_live: bool = False  # online KD with the live teacher (`--teacher live`)
+
+    @property
+    def metric(self) -> HeadMetric:
+        return METRICS[self.name]
+
+    def check_cache(self, manifest: dict[str, Any], pipeline: C.PipelineConfig, task: str, cache: str) -> None:
+        """Refuse a cache that cannot serve the pipeline's students (beyond the data/label expectation)."""
+
+    def tokenizer(self, st: C.StudentConfig, source: Source, where: str) -> Any:
+        """The student's tokenizer (built once per student, shared with its twin)."""
+        raise NotImplementedError
+
+    def build_model(self, st: C.StudentConfig, loss: C.LossConfig, source: Source, tokenizer: Any, max_length: int,
+                    where: str) -> StudentModel:
+        raise NotImplementedError
+
+    def targets(self, batch: dict[str, Any], source: Source, device: torch.device) -> Any:
+        """A batch's targets on the device, computed once for every student of the batch."""
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, features: list[torch.Tensor], targets: Any, batch: dict[str, Any],
+             loss: C.LossConfig, where: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, parts) for one student on one batch; parts["feature"] = Σ weight·term when it has feature terms."""
+        raise NotImplementedError
+
+    def evaluate(self, model: StudentModel, task: str, ds: CacheDataset, source: Source) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run_extras(self, model: StudentModel, source: Source, pipeline: C.PipelineConfig) -> dict[str, Any]:
+        """Head-specific fields of a finished single-task run's metrics."""
+        return {}
+
+
+def add_feature_terms(loss: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: C.LossConfig,
+                      parts: dict[str, float]) -> torch.Tensor:
+    """loss + Σ weight · feature_loss(projected student features, cached teacher features) over the terms of `cfg`
+    (`pairs` in the same order); records each term (`feat<i>`) and their weighted sum (`feature`) in `parts`."""
+    total = 0.0
+    for i, (f, (pred, wanted)) in enumerate(zip(cfg.features, pairs)):
+        term = feature_loss(pred, wanted, f.kind)
+        parts[f"feat{i}"] = float(term.detach())
+        loss = loss + f.weight * term
+        total += f.weight * parts[f"feat{i}"]
+    if cfg.features:
+        parts["feature"] = total
+    return loss

@@ -1,0 +1,180 @@
+"""Causal LM in stage two: small Llama-style students trained on the cached next-token targets (sparse KD: top-k +
+exact tail, or sampled targets) against their next-token-CE twins. Metrics: held-out perplexity and
+KL(teacher || student) on the cached top-k + tail buckets at T = 1."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import config as C
+from ..cache.format import CAUSAL_LM
+from ..cache.reader import COLLATE, CacheMismatchError
+from ..fingerprint import hash_tokenizer
+from ..hub import quiet_transformers, resolve_model_name
+from ..students import build_student
+from .head import StudentModel, TrainHead
+from .losses import (LOG_TINY, SampledTargets, TopKTargets, kd_loss_per_row, sampled_kd_loss_per_row,
+                     token_ce_per_row)
+
+
+class TokenizerMismatchError(CacheMismatchError):
+    """A student names a tokenizer other than the one the cache's token ids come from."""
+
+
+def check_student_tokenizer(st: C.StudentConfig, lm: dict[str, Any], where: str) -> None:
+    """LM students read the cache's token ids, so they must use the teacher's tokenizer: refuse another one."""
+    if st.tokenizer == "words":  # the default: the cache's own (teacher) tokenizer
+        return
+    from transformers import AutoTokenizer
+    got = hash_tokenizer(AutoTokenizer.from_pretrained(resolve_model_name(st.tokenizer)))
+    if got != lm["tokenizer_sha256"]:
+        raise TokenizerMismatchError(
+            f"{where}: tokenizer {st.tokenizer!r} (sha256 {got[:12]}) is not the tokenizer the cache's token ids and "
+            f"top-k targets were made with (sha256 {lm['tokenizer_sha256'][:12]}); an LM student must share the "
+            "teacher's vocabulary: remove `tokenizer:` from the student, or rebuild the cache with a teacher that "
+            "uses this tokenizer")
+
+
+def lm_targets(batch: dict[str, Any], loss: C.LossConfig, lm: dict[str, Any]):
+    """The KD targets of a batch, flattened to one row per position, at the loss's temperature (the config loader
+    and `check_cache` made sure the cache holds them)."""
+    T = loss.temperature
+    if loss.targets == "sampled":
+        return padded_samples(batch["sample_ids"], batch["sample_counts"], batch["sample_lengths"].reshape(-1))
+    j = lm["temperatures"].index(T)
+    k = batch["topk_ids"].shape[-1]
+    t = TopKTargets.from_cached(batch["topk_ids"].reshape(-1, k), batch["topk_logits"].reshape(-1, k),
+                                batch["lse"][..., j].reshape(-1), batch["tail"][..., j].reshape(-1), T)
+    if loss.targets == "topk-renorm":  # the naive baseline: tail dropped, top-k renormalised to sum to 1
+        t = TopKTargets(t.ids, torch.log_softmax(t.logprobs, -1), torch.full_like(t.tail, LOG_TINY))
+    return t
+
+
+def padded_samples(ids: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor) -> SampledTargets:
+    """Flat position-major sampled ids/counts with per-position lengths [N] -> padded [N, max length]."""
+    n, m = lengths.shape[0], int(lengths.max())
+    pos = torch.repeat_interleave(torch.arange(n), lengths)
+    start = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(ids.shape[0]) - torch.repeat_interleave(start, lengths)
+    out_ids = torch.zeros(n, m, dtype=torch.long)
+    out_counts = torch.zeros(n, m, dtype=torch.long)
+    out_ids[pos, within] = ids
+    out_counts[pos, within] = counts
+    return SampledTargets(out_ids, out_counts)
+
+
+def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] input ids -> [B*L] next-token labels (-100 at each sequence's last position)."""
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).reshape(-1)
+
+
+def lm_loss(logits: torch.Tensor, batch: dict[str, Any], loss: C.LossConfig,
+            lm: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """α·next-token CE + (1-α)·KD per position, mean over positions; α = 1 is the CE-only twin."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    labels = next_token_labels(batch["input_ids"]).to(flat.device)
+    ce = token_ce_per_row(flat, labels, loss.chunk)
+    has = labels >= 0
+    ce_mean = ce[has].mean()
+    if loss.alpha >= 1.0:
+        return ce_mean, {"ce": float(ce_mean.detach()), "kd": 0.0}
+    t = lm_targets(batch, loss, lm).to(flat.device)
+    if isinstance(t, SampledTargets):
+        kd = sampled_kd_loss_per_row(flat, t, loss.temperature, loss.chunk)
+    else:
+        kd = kd_loss_per_row(flat, t, loss.kind, loss.temperature, loss.beta, loss.chunk)
+    per = torch.where(has, loss.alpha * ce, torch.zeros_like(ce)) + (1.0 - loss.alpha) * kd
+    return per.mean(), {"ce": float(ce_mean.detach()), "kd": float(kd.detach().mean())}
+
+
+@torch.inference_mode()
+def evaluate_lm(model: nn.Module, ds: Any, lm: dict[str, Any], batch_size: int,
+                device: torch.device) -> dict[str, Any]:
+    """Perplexity on next tokens, and KL(teacher || student) over the cached top-k + tail buckets at T=1.
+    `model(input_ids=...)` returns an object with `.logits` (a transformers causal LM)."""
+    model.eval()
+    nll, tokens, kl, positions = 0.0, 0, 0.0, 0
+    at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
+    collate = getattr(ds, "collate", COLLATE[CAUSAL_LM])
+    for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate):
+        logits = model(input_ids=batch["input_ids"].to(device)).logits.float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        labels = next_token_labels(batch["input_ids"]).to(device)
+        ce = token_ce_per_row(flat, labels, 32)
+        nll += float(ce[labels >= 0].sum())
+        tokens += int((labels >= 0).sum())
+        if 1.0 in lm["temperatures"]:
+            t = lm_targets(batch, at1, lm)
+            kl += float(kd_loss_per_row(flat, t.to(device), "kl", 1.0, chunk=32).sum())
+            positions += flat.shape[0]
+    return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1), "tokens": tokens,
+            "kl_to_teacher": kl / positions if positions else None}
+
+
+class LMModel(StudentModel):
+    """A causal-LM student (a transformers model) reading the cache's token ids."""
+
+    def __init__(self, lm: nn.Module, tokenizer_sha256: str) -> None:
+        super().__init__()
+        self.lm, self.tokenizer_sha256 = lm, tokenizer_sha256
+
+    @property
+    def core(self) -> nn.Module:
+        return self.lm
+
+    def forward(self, task: str, batch: dict[str, Any], features: bool = True):
+        return self.lm(input_ids=batch["input_ids"].to(self.device())).logits, []
+
+    def save(self, folder: Path, state: dict[str, Any]) -> None:
+        """A transformers folder (`AutoModelForCausalLM.from_pretrained`); its tokenizer is the teacher's, named by
+        its sha256 in `tokenizer_sha256.txt` (the cache stores token ids, not the tokenizer files)."""
+        self.lm.load_state_dict(state)
+        self.lm.save_pretrained(folder)
+        (folder / "tokenizer_sha256.txt").write_text(self.tokenizer_sha256 + "\n")
+
+
+class CausalLM(TrainHead):
+    name = CAUSAL_LM
+    eval_batch_size = 16
+
+    def check_cache(self, manifest, pipeline, task, cache):
+        """The cache must hold the temperatures and samples the students' losses ask for (the config loader checked
+        them against the pipeline's cache settings; a cache built with other settings is caught here)."""
+        lm = manifest["lm"]
+        held = C.CacheConfig(temperatures=tuple(lm["temperatures"]), samples=lm["samples"],
+                             sample_temperature=lm["sample_temperature"])
+        for s in pipeline.students:
+            if task in pipeline.student_tasks(s):
+                try:
+                    C.check_lm_loss(pipeline.student_loss(s), held, f"students.{s}.loss")
+                except C.ConfigError as e:
+                    raise CacheMismatchError(f"{cache}: this cache cannot train students.{s}: {e}; rebuild it with "
+                                             "`kdcache cache`") from None
+
+    def tokenizer(self, st, source, where):
+        quiet_transformers()
+        check_student_tokenizer(st, source.manifest["lm"], where)
+        return None
+
+    def build_model(self, st, loss, source, tokenizer, max_length, where):
+        lm = source.manifest["lm"]
+        return LMModel(build_student(st.arch, st.params, lm["vocab_size"], lm["seq_len"], where=where),
+                       lm["tokenizer_sha256"])
+
+    def targets(self, batch, source, device):
+        return source.manifest["lm"]
+
+    def loss(self, logits, features, targets, batch, loss, where):
+        return lm_loss(logits, batch, loss, targets)
+
+    def evaluate(self, model, task, ds, source):
+        return evaluate_lm(model.core, ds, source.manifest["lm"], self.eval_batch_size, model.device())
+
+    def run_extras(self, model, source, pipeline):
+        return {"tokenizer_sha256": source.manifest["lm"]["tokenizer_sha256"]}

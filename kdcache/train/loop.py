@@ -1,0 +1,294 @@
+"""Stage two (`kdcache train`): the one training loop of every head. Each pass over the cache feeds every student
+of its tasks (one read, N optimisers), each with its hard-label twin when asked; a cross-task student takes the
+batches of each of its tasks in turn. What differs per head (targets, loss, evaluation) is in its TrainHead."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from torch.distributed.algorithms.join import Join
+
+from .. import config as C
+from ..optim import adamw, warmup_linear
+from ..progress import progress
+from ..students import REGISTRY
+from .head import Source, StudentModel
+from .heads import HEADS
+from .multitask import build_multitask, multitask_tokenizer
+from .sources import open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One student being trained: its model (wrapped by accelerate), optimiser and results."""
+
+    name: str
+    student: str
+    cfg: C.StudentConfig
+    loss: C.LossConfig
+    tasks: dict[str, float]  # task -> loss weight (0: evaluated, never trained)
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    best_score: float = float("-inf")
+    best_state: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    @property
+    def cross(self) -> bool:
+        """A cross-task student (it lists `tasks:`): its metrics are kept per task."""
+        return bool(self.cfg.tasks)
+
+
+def variants(pipeline: C.PipelineConfig, student: str) -> list[tuple[str, C.LossConfig]]:
+    """The student's run and, when `twin`, its hard-label twin `<name>-hard`."""
+    st, loss = pipeline.students[student], pipeline.student_loss(student)
+    return [(student, loss)] + ([(f"{student}-hard", C.LossConfig(alpha=1.0, chunk=loss.chunk))] if st.twin else [])
+
+
+def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str, Source], runs_dir: Path,
+              accelerator: Any) -> list[Run]:
+    """Every student and twin: tokenizer once per student, then seed -> build -> AdamW -> warm-up -> prepare."""
+    train = pipeline.train
+    runs = []
+    for s in students:
+        st, tasks = pipeline.students[s], pipeline.student_tasks(s)
+        where = f"students.{s}"
+        multitask = REGISTRY[st.arch].multitask
+        tok = multitask_tokenizer(st, sources) if multitask else sources[next(iter(tasks))].head.tokenizer(
+            st, sources[next(iter(tasks))], where)
+        steps = train.epochs * sum(math.ceil(sources[t].train.num_rows / accelerator.num_processes / train.batch_size)
+                                   for t, w in tasks.items() if w)
+        for name, loss in variants(pipeline, s):
+            torch.manual_seed(train.seed)  # a KD student and its hard-label twin start from the same weights
+            if multitask:
+                model = build_multitask(st, sources, tok, where)
+            else:
+                src = sources[next(iter(tasks))]
+                model = src.head.build_model(st, loss, src, tok, train.max_length, where)
+            opt = adamw([p for p in model.parameters() if p.requires_grad], st.learning_rate or train.learning_rate,
+                        train.weight_decay)
+            sched = warmup_linear(opt, steps, train.warmup_ratio)
+            model, opt = accelerator.prepare(model, opt)
+            runs.append(Run(name, s, st, loss, tasks, model, opt, sched, runs_dir / name))
+    return runs
+
+
+def step(run: Run, source: Source, batch: dict[str, Any], targets: Any, train: C.TrainConfig,
+         accelerator: Any) -> dict[str, float]:
+    """One optimisation step of one student on one batch of one of its tasks."""
+    run.model.train()
+    logits, feats = run.model(source.task, batch)
+    loss, parts = source.head.loss(logits, feats, targets, batch, run.loss, f"students.{run.student}")
+    accelerator.backward(run.tasks[source.task] * loss)
+    if train.grad_clip:
+        accelerator.clip_grad_norm_(run.model.parameters(), train.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    parts["loss"] = float(loss.detach())
+    return parts
+
+
+def _epoch(runs: list[Run], sources: dict[str, Source], epoch: int, train: C.TrainConfig, accelerator: Any,
+           on_step: Callable[[str, dict], None] | None) -> dict[str, Any]:
+    """One pass over every source, their batches taking turns; returns per-run loss sums and the rows seen."""
+    iters = {}
+    for t, src in sources.items():
+        src.train.set_epoch(epoch)
+        iters[t] = iter(src.loader)
+    sums = {r.name: {t: 0.0 for t in sources} for r in runs}
+    feature_sums = {r.name: 0.0 for r in runs}
+    batches = {t: 0 for t in sources}
+    seen: list[tuple[str, int]] = []
+    # Processes may get unequal numbers of batches (row groups are dealt round-robin): DDP's Join lets the ones that
+    # finish early shadow the others' all-reduces instead of hanging (accelerate's join_uneven_inputs is a no-op on
+    # CPU processes, hence torch's Join directly).
+    ddp = [r.model for r in runs if isinstance(r.model, torch.nn.parallel.DistributedDataParallel)]
+    total = sum(math.ceil(s.train.num_rows / accelerator.num_processes) for s in sources.values())
+    with Join(ddp) if ddp else contextlib.nullcontext(), progress(
+            total, desc=f"train {'+'.join(sources)} epoch {epoch + 1}/{train.epochs} ({len(runs)} students)",
+            disable=not accelerator.is_local_main_process) as bar:
+        while iters:
+            for t in list(iters):
+                batch = next(iters[t], None)
+                if batch is None:
+                    del iters[t]
+                    continue
+                src = sources[t]
+                batches[t] += 1
+                seen += [(t, r) for r in batch["row_id"].tolist()]
+                if src.transform is not None:
+                    batch = src.transform(batch)
+                targets = src.head.targets(batch, src, accelerator.device)
+                for run in runs:
+                    if not run.tasks.get(t):  # not this student's task, or weighted 0: its head is left untouched
+                        continue
+                    t0 = time.perf_counter()
+                    parts = step(run, src, batch, targets, train, accelerator)
+                    run.seconds += time.perf_counter() - t0
+                    sums[run.name][t] += parts["loss"]
+                    feature_sums[run.name] += parts.get("feature", 0.0)
+                    if on_step:
+                        on_step(run.name, parts)
+                bar.update(len(batch["id"]))
+    return {"sums": sums, "features": feature_sums, "batches": batches, "seen": seen}
+
+
+def _evaluate_epoch(run: Run, sources: dict[str, Source], epoch: int, done: dict[str, Any], accelerator: Any,
+                    rows_info: dict[str, Any], eval_split: str) -> None:
+    """Validation metrics of every task of the run; keep the best epoch's weights."""
+    t0 = time.perf_counter()
+    model: StudentModel = accelerator.unwrap_model(run.model)
+    ev = {t: sources[t].head.evaluate(model, t, sources[t].eval, sources[t]) for t in run.tasks}
+    score = float(np.mean([sources[t].head.metric.score(ev[t]) for t in ev]))
+    losses = {t: done["sums"][run.name][t] / max(1, done["batches"][t]) for t in run.tasks}
+    n_batches = sum(done["batches"][t] for t in run.tasks if run.tasks[t])
+    entry: dict[str, Any] = {"epoch": epoch + 1}
+    if run.cross:
+        entry.update(score=score, eval=ev, train_loss=losses)
+    else:
+        (task,) = run.tasks
+        entry.update(train_loss=losses[task], eval=ev[task])
+    if run.loss.features:
+        entry["feature_loss"] = done["features"][run.name] / max(1, n_batches)
+    entry.update(rows_info)
+    run.history.append(entry)
+    if run.best is None or score > run.best_score:
+        run.best, run.best_score, run.best_state = entry, score, copy.deepcopy(model.core.state_dict())
+    run.seconds += time.perf_counter() - t0
+    log.info("%s epoch %d: train loss %s; %s %s", run.name, epoch + 1, ", ".join(f"{v:.4f}" for v in losses.values()),
+             eval_split, ", ".join(f"{t} {sources[t].head.metric.key} {_num(ev[t].get(sources[t].head.metric.key))}"
+                                   for t in ev))
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _finish(run: Run, sources: dict[str, Source], pipeline: C.PipelineConfig, teacher: str) -> dict[str, Any]:
+    """The run's metrics with its best weights restored (test split evaluated)."""
+    model: StudentModel = run.model
+    model.core.load_state_dict(run.best_state)
+    single = None if run.cross else sources[next(iter(run.tasks))]
+    metrics: dict[str, Any] = {
+        "run": run.name, "student": run.student, "arch": run.cfg.arch, "task": "+".join(run.tasks),
+        "head": "cross-task" if run.cross else single.head.name, "kd": run.loss.alpha < 1.0, "teacher_mode": teacher,
+        "loss": C.to_dict(run.loss), "parameters": sum(p.numel() for p in model.core.parameters()),
+        "epochs": run.history, "best_epoch": run.best["epoch"], "eval": run.best["eval"],
+        "train_seconds": round(run.seconds, 2)}
+    if run.cross:
+        metrics.update(tasks=dict(run.tasks), cache={t: sources[t].cache for t in run.tasks},
+                       cache_fingerprint={t: sources[t].manifest["fingerprint"] for t in run.tasks})
+        if pipeline.train.test_split:
+            metrics["test"] = {t: sources[t].head.evaluate(model, t, sources[t].test, sources[t]) for t in run.tasks}
+    else:
+        metrics.update(cache=single.cache, cache_fingerprint=single.manifest["fingerprint"])
+        if single.test is not None:
+            metrics["test"] = single.head.evaluate(model, single.task, single.test, single)
+        metrics.update(single.head.run_extras(model, single, pipeline))
+    return metrics
+
+
+def save_run(run: Run, model: StudentModel, metrics: dict[str, Any], pipeline: C.PipelineConfig,
+             sources: dict[str, Source]) -> None:
+    """The run folder of every head: config.yaml, cache.json, metrics.json and checkpoint/ (the best weights with
+    what reads their inputs), the checkpoint written under a temporary name and renamed."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp, ckpt = run.run_dir / ".checkpoint.tmp", run.run_dir / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save(tmp, run.best_state)
+    metrics["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in (".pt", ".safetensors"))
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    os.replace(tmp, ckpt)
+    caches = {t: {"cache": sources[t].cache, "fingerprint": sources[t].manifest["fingerprint"],
+                  "teacher": sources[t].manifest["fingerprint_inputs"]["teacher"]} for t in run.tasks}
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"pipeline": pipeline.name, "student": run.student, "run": run.name, "train": C.to_dict(pipeline.train),
+         "student_config": C.to_dict(run.cfg), "loss": C.to_dict(run.loss)}, sort_keys=False))
+    (run.run_dir / "cache.json").write_text(json.dumps(caches if run.cross else next(iter(caches.values())), indent=1))
+    (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
+def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str], runs_dir: Path,
+        teacher: str = "cache", teachers_dir: Path = Path("data/teachers"),
+        on_step: Callable[[str, dict], None] | None = None) -> list[dict[str, Any]]:
+    """Train `students` (whose tasks together form one pass) from `caches` (task -> cache); their metrics."""
+    from accelerate import Accelerator
+    train = pipeline.train
+    # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
+    tasks = sorted({t for s in students for t in pipeline.student_tasks(s)})
+    sources = {}
+    for t in tasks:
+        layers = tuple(sorted({f.teacher_layer for s in students if t in pipeline.student_tasks(s)
+                               for f in pipeline.student_loss(s).features}))
+        sources[t] = open_source(pipeline, t, caches[t], accelerator, layers)
+    runs = make_runs(pipeline, students, sources, runs_dir, accelerator)
+    if teacher == "live":
+        from .live import live_targets
+        for t, src in sources.items():
+            src.transform = live_targets(pipeline, t, teachers_dir, src.train.feature_layers)
+    from accelerate.utils import gather_object
+    for epoch in range(train.epochs):
+        done = _epoch(runs, sources, epoch, train, accelerator, on_step)
+        per_process = gather_object([done["seen"]])
+        rows_info = {"train_rows_per_process": [len(x) for x in per_process],
+                     "train_rows_distinct": len(set().union(*map(set, per_process)))}
+        for run in runs:
+            _evaluate_epoch(run, sources, epoch, done, accelerator, rows_info, train.eval_split)
+    results = []
+    for run in runs:
+        run.model = accelerator.unwrap_model(run.model)
+        metrics = _finish(run, sources, pipeline, teacher)
+        if accelerator.is_main_process:
+            save_run(run, run.model, metrics, pipeline, sources)
+        results.append(metrics)
+    return results
+
+
+def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str | Path | dict[str, str],
+                   runs_dir: Path, teacher: str = "cache", teachers_dir: Path = Path("data/teachers"),
+                   on_step: Callable[[str, dict], None] | None = None) -> list[dict[str, Any]]:
+    """Stage two for any heads: one pass per task for its single-task students, one pass over the union of their
+    tasks for the cross-task students; returns every run's metrics. `caches`: a folder or fsspec URL holding one
+    cache per task (`<caches>/<task>/`, as `kdcache cache` writes them), or {task: cache}."""
+    if teacher == "live":
+        for s in students:
+            for t in pipeline.student_tasks(s):
+                if not HEADS[pipeline.tasks[t].teacher.head].supports_live:
+                    raise C.ConfigError(f"--teacher live (online KD) is for sequence-classification tasks only; "
+                                           f"task {t} has a {pipeline.tasks[t].teacher.head} teacher")
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for s in students:
+        key = ("+cross",) if pipeline.students[s].tasks else tuple(pipeline.student_tasks(s))
+        groups.setdefault(key, []).append(s)
+    if not isinstance(caches, dict):
+        root = str(caches).rstrip("/")
+        caches = {t: f"{root}/{t}" for t in pipeline.tasks}
+    missing = sorted({t for s in students for t in pipeline.student_tasks(s)} - set(caches))
+    if missing:
+        raise C.ConfigError(f"no cache given for task(s) {', '.join(missing)}")
+    return [r for names in groups.values()
+            for r in fit(pipeline, names, {t: str(c) for t, c in caches.items()}, runs_dir, teacher, teachers_dir,
+                         on_step)]

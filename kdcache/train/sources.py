@@ -1,0 +1,45 @@
+"""What stage two reads for one task: its cached splits (the training split verified, checked against what the
+pipeline expects, shuffled and shared between processes), its training head, and columns read once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import config as C
+from ..cache.reader import CacheDataset
+from ..cache.verify import refuse_damaged
+from .head import Source
+from .heads import HEADS
+
+
+def expectation(pipeline: C.PipelineConfig, task: str) -> dict[str, Any]:
+    """What a student of `task` expects of its cache: that task, its teacher's head and its data settings."""
+    t = pipeline.tasks[task]
+    return {"task": task, "head": t.teacher.head, "data": C.to_dict(t.data)}
+
+
+def training_split(cache: str, pipeline: C.PipelineConfig, task: str, accelerator: Any,
+                   feature_layers: tuple[int, ...] = ()) -> CacheDataset:
+    """The cached training split a trainer streams: a local cache verified first (`train.verify`), checked against
+    what the pipeline expects of `task`, shuffled by `train.seed` and shared between the accelerate processes."""
+    train = pipeline.train
+    if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
+        refuse_damaged(cache)
+    accelerator.wait_for_everyone()
+    return CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
+                        feature_layers=feature_layers, expect=expectation(pipeline, task),
+                        rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+
+def open_source(pipeline: C.PipelineConfig, task: str, cache: str, accelerator: Any,
+                feature_layers: tuple[int, ...] = ()) -> Source:
+    train = pipeline.train
+    ds = training_split(cache, pipeline, task, accelerator, feature_layers)
+    head = HEADS[ds.manifest["head"]]
+    head.check_cache(ds.manifest, pipeline, task, cache)
+    loader = torch.utils.data.DataLoader(ds, batch_size=train.batch_size, collate_fn=ds.collate,
+                                         num_workers=train.num_workers, persistent_workers=False)
+    return Source(task, cache, head, ds, CacheDataset(cache, train.eval_split, rank=0, world_size=1),
+                  CacheDataset(cache, train.test_split, rank=0, world_size=1) if train.test_split else None, loader)
