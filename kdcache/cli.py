@@ -108,7 +108,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_train(args) -> int:
     from .report import build_report, run_summary
-    from .train.loop import train_students
+    from .train.loop import TrainingError, train_students
     pipeline, _ = _load(args)
     students = args.students.split(",") if args.students else list(pipeline.students)
     unknown = [s for s in students if s not in pipeline.students]
@@ -117,12 +117,18 @@ def cmd_train(args) -> int:
                          f"(students: {', '.join(pipeline.students) or 'none: add a `students:` section'})")
     cache_root = str(args.cache or Path("data/cache") / pipeline.name).rstrip("/")  # a folder or an fsspec URL
     runs_dir = args.runs or Path("data/runs") / pipeline.name
-    results = train_students(pipeline, students, cache_root, runs_dir, teacher=args.teacher,
-                             teachers_dir=args.teachers_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, rank 0 reports
+    failure = None
+    try:
+        results = train_students(pipeline, students, cache_root, runs_dir, teacher=args.teacher,
+                                 teachers_dir=args.teachers_dir)
+    except TrainingError as e:  # the runs that finished are saved: report them, then the failure
+        results, failure = e.results, e
+    if int(os.environ.get("RANK", "0")) == 0 and results:  # under `accelerate launch`, rank 0 reports
         for r in results:
             print(run_summary(r))
         print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -177,6 +183,7 @@ def cmd_verify(args) -> int:
                     print(f"  - {p}")
                 if len(r.problems) > 20:
                     print(f"  ... and {len(r.problems) - 20} more (--json lists them all)")
+                print(f"  fix: {r.fix}")
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -95,6 +95,29 @@ def _bbc_news(cfg: DataConfig) -> TaskData:
     return TaskData(_from_rows(rows, lambda r: _split_of(r["id"])), tuple(topics), str(root), "id")
 
 
+def portable_origin(origin: str) -> str:
+    """`origin` without this machine's file system, for a manifest that others will read: a file inside an installed
+    package as `pkg:<package>/<path>`, one under the shared data folder as `$KDCACHE_DATA/<path>`, one under the
+    working directory relative to it, any other file by its name; `hub:` names as they are."""
+    import sysconfig
+    roots = [(Path(sysconfig.get_paths()["purelib"]).resolve(), "pkg:"),
+             (Path(os.environ.get("KDCACHE_DATA", "../shared/data")).resolve(), "$KDCACHE_DATA/"),
+             (Path.cwd().resolve(), "")]
+    out = []
+    for piece in origin.split(", "):
+        if piece.startswith("hub:"):
+            out.append(piece)
+            continue
+        path = Path(piece).resolve()
+        for root, prefix in roots:
+            if path.is_relative_to(root):
+                out.append(prefix + path.relative_to(root).as_posix())
+                break
+        else:
+            out.append(path.name)
+    return ", ".join(out)
+
+
 def shared_data_dir(cfg: DataConfig, default_name: str) -> Path:
     """Folder of a source that reads ../shared/data (override with `path` or $KDCACHE_DATA)."""
     base = cfg.path or str(Path(os.environ.get("KDCACHE_DATA", "../shared/data")) / default_name)
@@ -141,6 +164,9 @@ def _files(cfg: DataConfig) -> TaskData:
         path = Path(file)
         if not path.is_file():
             raise DataError(f"{path}: file for split `{split}` not found (data.files.{split})")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file for split `{split}` is empty (0 bytes; data.files.{split}); point it at "
+                            "the file with the rows")
         fmt = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(
             path.suffix.lower())
         if fmt is None:

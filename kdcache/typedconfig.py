@@ -125,6 +125,11 @@ def _coerce(tp: Any, value: Any, where: str, src: str) -> Any:
         return value
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if inner is float and isinstance(value, str):  # YAML 1.1 reads `1e30` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if inner is str and isinstance(value, str):
         return expand_env(value)
     if not isinstance(value, inner) or (inner is int and isinstance(value, bool)):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,25 @@ def tiny_cache(tmp_path_factory, teachers_dir) -> Path:
     """A finished tiny cache (do not modify it: copy it first)."""
     out, _ = build(tmp_path_factory.mktemp("tiny"), teachers=teachers_dir)
     return out
+
+
+def undocumented(manifest: dict) -> set[str]:
+    """Manifest field names (at any depth, list items and the free-form `config` aside) that docs/cache-format.md
+    does not mention in backticks."""
+    doc = re.sub(r"```.*?```", "", (REPO / "docs" / "cache-format.md").read_text(), flags=re.S)
+    named = set(re.findall(r"`([A-Za-z_][\w.]*)`", doc)) | {w for n in re.findall(r"`([^`]+)`", doc)
+                                                           for w in re.findall(r"[A-Za-z_]\w*", n)}
+    fields = set()
+
+    def walk(d, skip):
+        for k, v in d.items():
+            fields.add(k)
+            if isinstance(v, dict) and k not in skip:
+                walk(v, skip)
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    walk(item, skip)
+    walk(manifest, {"config", "splits", "arrays"})
+    for s in manifest["splits"].values():
+        walk(s, {"arrays"})
+    return fields - named

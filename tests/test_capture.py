@@ -14,7 +14,7 @@ import zarr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import build
-from kdcache.cache.format import MANIFEST, PROGRESS_DIR, CacheFormatError, read_manifest
+from kdcache.cache.format import MANIFEST, RECORDS_DIR, CacheFormatError, read_manifest
 from kdcache.cache.writer import CacheConflictError, CacheWriteError
 from kdcache.fingerprint import hash_ids, hash_obj, hash_weight_files
 
@@ -83,7 +83,7 @@ def test_cls_and_per_token_features_equal_hidden_states(tmp_path, teachers_dir, 
 
 def test_manifest_fields_and_checksums(tiny_cache, teachers_dir):
     m = read_manifest(tiny_cache)
-    assert m["format"] == "kdcache-cache" and m["format_version"] == 1
+    assert m["format"] == "kdcache-cache" and m["format_version"] == 2
     assert m["fingerprint"] == hash_obj(m["fingerprint_inputs"])
     fi = m["fingerprint_inputs"]
     assert fi["teacher"]["weights_sha256"] == hash_weight_files(teachers_dir / "tiny" / "topic")
@@ -109,7 +109,8 @@ def test_manifest_fields_and_checksums(tiny_cache, teachers_dir):
         assert s["stats"]["mean_entropy_nats"] == pytest.approx(float(-(p * p.log()).sum(1).mean()), rel=1e-5)
         assert table.column("row_id").to_pylist() == list(range(s["rows"]))
     assert m["totals"]["bytes"] == total_bytes
-    assert not (tiny_cache / PROGRESS_DIR).exists()
+    records = sorted(p.name for p in (tiny_cache / RECORDS_DIR).rglob("*.json"))  # kept: repairs start from them
+    assert records == sorted(["build.json"] + [f"{sh['name']}.json" for s in m["splits"].values() for sh in s["shards"]])
 
 
 def test_datasets_reads_a_shard_without_kdcache(tiny_cache):

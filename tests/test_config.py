@@ -115,3 +115,26 @@ def test_report_without_runs_says_which_command_makes_them(tmp_path, capsys):
 def test_head_specific_keys_are_checked_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
         load_pipeline("tiny", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.loss.temperature=0", r"`train.loss.temperature` = 0.0 must be > 0"),
+    ("train.loss.temperature=.inf", r"`train.loss.temperature` = inf must be > 0"),
+    ("tasks.topic.cache.batch_size=0", r"`tasks.topic.cache.batch_size` = 0 must be >= 1"),
+    ("train.loss.kind=klx", r"`train.loss.kind` = 'klx' must be one of kl, reverse_kl, jsd, soft_ce, mse"),
+    ("tasks.topic.cache.shard_rows=-5", r"`tasks.topic.cache.shard_rows` = -5 must be >= 1"),
+    ("train.loss.alpha=1.5", r"`train.loss.alpha` = 1.5 must be in \[0, 1\]"),
+    ("train.batch_size=0", r"`train.batch_size` = 0 must be >= 1"),
+    ("train.epochs=0", r"`train.epochs` = 0 must be >= 1"),
+    ("train.learning_rate=-1", r"`train.learning_rate` = -1.0 must be > 0"),
+    ("tasks.topic.cache.temperatures=[]", r"`tasks.topic.cache.temperatures` = \(\) must not be empty"),
+    ("tasks.topic.cache.temperatures=[1, -2]", r"item 1 \(-2.0\) must be > 0"),
+    ("tasks.topic.teacher.finetune.epochs=0", r"`tasks.topic.teacher.finetune.epochs` = 0.0 must be > 0"),
+    ("tasks.topic.data.limit=0", r"`tasks.topic.data.limit` = 0 must be >= 1"),
+    ("tasks.topic.teacher.precision=fp8", r"`tasks.topic.teacher.precision` = 'fp8' must be one of"),
+    ("train.loss={kind: jsd, beta: 1.0}", r"`train.loss.beta` = 1.0: the jsd loss needs 0 < beta < 1"),
+    ("students.bow.loss.features=[{teacher_layer: 1, kind: l1}]", r"features\[0\].kind` = 'l1' must be one of"),
+])
+def test_values_out_of_range_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline("tiny", [override])

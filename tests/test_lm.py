@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO
+from conftest import REPO, undocumented
 from kdcache.cache.format import CacheFormatError, read_manifest
 from kdcache.cache.verify import verify_cache
 from kdcache.capture.build import build_teacher_cache
@@ -49,6 +49,7 @@ def test_lm_cache_equals_the_dense_teacher_at_every_temperature(lm_cache):
     table, m = rows(cache, "validation")
     lm = m["lm"]
     assert verify_cache(cache).ok and lm["id_dtype"] == "uint16" and table.schema.field("topk_ids").type.value_type == "uint16"
+    assert not undocumented(m), "every manifest field of an LM cache is in docs/cache-format.md"
     task = pipeline.tasks["news"]
     model, _, _ = prepare_teacher("lm-tiny", "news", task, load_task_data(task.data), cache.parent / "teachers")
     L, k, temps = lm["seq_len"], lm["top_k"], lm["temperatures"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.train.losses import (TopKTargets, dense_kd_loss_per_row, distillation_loss, feature_loss, kd_loss_per_row,
-                            mse_logits_loss_per_row)
+from kdcache.train.losses import (TopKTargets, _buckets, dense_kd_loss_per_row, distillation_loss, feature_loss,
+                                  kd_loss_per_row, mse_logits_loss_per_row)
 
 
 def reference(kind, s, t, T, beta=0.5):
@@ -52,6 +52,39 @@ def test_topk_with_k_equal_classes_equals_dense_loss_and_gradient(kind):
     dense.sum().backward()
     sparse.sum().backward()
     torch.testing.assert_close(s2.grad, s1.grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "soft_ce", "jsd"])
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("classes", [2, 7, 1000])
+def test_k_equal_classes_is_exactly_dense_against_float64(kind, T, classes):
+    """No tail bucket when the top-k covers every class: with float64 inputs the dense path, top-k with k = C and a
+    cached LM row with k = V all equal the float64 textbook formulas to 1e-9 (float32 inputs: float32 rounding)."""
+    s, t = logits(n=64, c=classes, seed=7, scale=4.0)
+    want = reference(kind, s, t, T)
+    for dtype, atol, rtol in ((torch.float64, 1e-9, 0.0), (torch.float32, 1e-5 * max(1.0, T * T), 1e-5)):
+        s_, t_ = s.to(dtype), t.to(dtype)
+        paths = {"dense": dense_kd_loss_per_row(s_, t_, kind, T),
+                 "top-k, k = C": kd_loss_per_row(s_, TopKTargets.from_logits(t_, T, k=classes), kind, T),
+                 "cached LM row, k = V": kd_loss_per_row(s_, TopKTargets.from_cached(
+                     torch.arange(classes).expand(64, -1), t_, torch.logsumexp(t_ / T, -1),
+                     torch.full((64,), float("-inf"), dtype=dtype), T), kind, T)}
+        for name, v in paths.items():
+            assert v.dtype == dtype, name
+            torch.testing.assert_close(v.double(), want, atol=atol, rtol=rtol, msg=f"{name} ({dtype})")
+    teacher, student = _buckets(s.float(), TopKTargets.from_logits(t.float(), T, k=classes), T)
+    assert teacher.shape[-1] == student.shape[-1] == classes, "k = C: no tail bucket at all"
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "soft_ce", "jsd", "mse"])
+def test_float64_inputs_stay_float64(kind):
+    s, t = logits(n=4, c=6, seed=3)
+    out = dense_kd_loss_per_row(s, t, kind, 2.0)
+    assert out.dtype == torch.float64
+    if kind != "mse":
+        torch.testing.assert_close(out, reference(kind, s, t, 2.0), atol=1e-12, rtol=1e-10)
+    loss, _ = distillation_loss(s, t, torch.tensor([0, 1, -1, 2]), kind, 2.0, 0.5)
+    assert loss.dtype == torch.float64
 
 
 def bucketed_reference(kind, s, t, T, k):

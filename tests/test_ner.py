@@ -16,7 +16,7 @@ import torch
 import zarr
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from conftest import REPO, require_shared_data
+from conftest import REPO, require_shared_data, undocumented
 from kdcache.cache.format import CacheFormatError, read_manifest
 from kdcache.cache.verify import verify_cache
 from kdcache.capture.build import build_teacher_cache
@@ -81,6 +81,7 @@ def test_every_word_gets_its_first_subtoken_logits_and_truncation_is_counted(ner
     model = AutoModelForTokenClassification.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     m = read_manifest(tmp / "cache")
+    assert not undocumented(m), "every manifest field of a token cache is in docs/cache-format.md"
     table = pq.read_table([str(tmp / "cache" / s["parquet"]) for s in m["splits"]["validation"]["shards"]])
     max_length, C = pipeline.tasks["conll"].cache.max_length, len(CONLL_TAGS)
     uncovered = truncated = 0

@@ -39,6 +39,7 @@ def s3(tiny_cache):
         fsspec.config.conf.pop("s3", None)
     else:
         fsspec.config.conf["s3"] = saved
+    s3fs.S3FileSystem.clear_instance_cache()  # no cached client keeps talking to the stopped server
     server.stop()
 
 

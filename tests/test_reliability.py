@@ -45,7 +45,7 @@ def shard_sums(cache):
     ("zarr-written@3", 2),           # Zarr chunks written under a temporary group name
     ("before-shard-record@4", 3),    # both files renamed, commit record not yet written
     ("before-manifest", 9),          # every shard committed, manifest not yet written
-    ("after-manifest", None),        # manifest written, _progress/ not yet removed
+    ("after-manifest", None),        # manifest written, its folder not yet synced
 ])
 def test_kill_9_anywhere_then_rerun_gives_the_uninterrupted_cache(tmp_path, tiny_cache, teachers_dir, point,
                                                                   shards_kept):
@@ -61,7 +61,7 @@ def test_kill_9_anywhere_then_rerun_gives_the_uninterrupted_cache(tmp_path, tiny
     if shards_kept:
         assert f"{shards_kept} of 9 shards already written; resuming" in rerun.stderr
     assert shard_sums(task) == shard_sums(tiny_cache), "same rows, same bytes as the uninterrupted run"
-    assert verify_cache(task).ok and not list(task.rglob(".*.tmp-*")) and not (task / "_progress").exists()
+    assert verify_cache(task).ok and not list(task.rglob(".*.tmp-*"))
 
 
 def test_disk_full_leaves_nothing_trusted_and_a_rerun_completes(tmp_path, tiny_cache, teachers_dir, monkeypatch):
@@ -143,6 +143,10 @@ def test_bad_input_files_are_named(tmp_path):
     empty.write_text("text,label\n")
     with pytest.raises(DataError, match=r"empty\.csv split `train`: no rows could be read"):
         load_task_data(DataConfig(source="files", files={"train": str(empty)}, label_names=("neg", "pos")))
+    zero = tmp_path / "zero.csv"
+    zero.write_bytes(b"")
+    with pytest.raises(DataError, match=r"zero\.csv: file for split `train` is empty \(0 bytes; data\.files\.train\)"):
+        load_task_data(DataConfig(source="files", files={"train": str(zero)}, label_names=("neg", "pos")))
     with pytest.raises(DataError, match=r"nope\.csv: file for split `train` not found"):
         load_task_data(DataConfig(source="files", files={"train": str(tmp_path / "nope.csv")}, label_names=("a",)))
 

@@ -182,3 +182,35 @@ def test_sweep_trains_every_variant_with_its_own_loss(tmp_path):
     want = sorted((c["temperature"], c["alpha"], "features" in c) for c in SWEEP.values())
     assert got == want
     assert "<!-- fidelity:tiny-sweep-bow -->" in doc.read_text() and "| T=4 |" in doc.read_text()
+
+
+def test_a_student_alone_equals_the_same_student_in_company(tmp_path, tiny_cache):
+    """Each run draws dropout (and anything random) from its own seeded stream: bow trained alone or next to
+    other students (in another order) gives identical losses, validation curves and test metrics."""
+    pipeline = tiny_pipeline("train.epochs=3", "train.batch_size=16")
+    alone = {r["run"]: r for r in train_students(pipeline, ["bow"], {"topic": str(tiny_cache)}, tmp_path / "a")}
+    crowd = {r["run"]: r for r in train_students(pipeline, ["textcnn", "bilstm", "bow"], {"topic": str(tiny_cache)},
+                                                 tmp_path / "b")}
+    for name in ("bow", "bow-hard"):
+        a, b = alone[name], crowd[name]
+        assert [e["train_loss"] for e in a["epochs"]] == [e["train_loss"] for e in b["epochs"]], name
+        assert [e["eval"] for e in a["epochs"]] == [e["eval"] for e in b["epochs"]] and a["test"] == b["test"], name
+
+
+def test_a_non_finite_loss_stops_that_run_naming_epoch_and_step(tmp_path, tiny_cache, capsys):
+    """A learning rate that blows the weights up: the run stops at the first non-finite loss with a message naming
+    run, epoch and step; the other runs finish and are saved and reported."""
+    from kdcache.cli import main
+    (tmp_path / "caches").mkdir()
+    (tmp_path / "caches" / "topic").symlink_to(tiny_cache)
+    sets = [a for o in FAST for a in ("--set", o)]
+    code = main(["train", TINY_PATH, "--cache", str(tmp_path / "caches"), "--runs", str(tmp_path / "runs"),
+                 "--students", "bow,textcnn", *sets, "--set", "train.epochs=2", "--set", "train.grad_clip=0",
+                 "--set", "students.bow.learning_rate=1e30", "--set", "students.bow.twin=false",
+                 "--set", "students.textcnn.twin=false"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert "run bow: the training loss is nan at epoch 1, step 2" in err.err or \
+        "run bow: the training loss is inf at epoch 1, step 2" in err.err, err.err[-2000:]
+    assert (tmp_path / "runs" / "textcnn" / "metrics.json").is_file() and not (tmp_path / "runs" / "bow").exists()
+    assert "textcnn" in err.out and "report:" in err.out

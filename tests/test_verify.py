@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kdcache.cache.format import MANIFEST, read_manifest
+from kdcache.cache.format import DIGEST_KEY, MANIFEST, manifest_digest, read_manifest
 from kdcache.cache.verify import cache_info, verify_cache
 
 
@@ -44,6 +44,7 @@ def test_flipped_byte_names_the_shard(cache):
     proc = kdcache("verify", cache.parent)  # a folder of caches works too
     assert proc.returncode == 1
     assert "shard-00001.parquet" in proc.stdout and "checksum mismatch" in proc.stdout
+    assert "fix: `kdcache cache tiny" in proc.stdout
 
 
 @pytest.mark.parametrize("damage, expect", [
@@ -71,8 +72,9 @@ def test_damage_is_reported(cache, damage, expect):
         raw = json.loads((cache / MANIFEST).read_text())
         if damage == "version":
             raw["format_version"] = 99
-        else:
+        else:  # a hand edit that even recomputes the digest
             raw["splits"]["validation"]["shards"][0]["parquet"] = "../../etc/passwd"
+            raw[DIGEST_KEY] = manifest_digest(raw)
         (cache / MANIFEST).write_text(json.dumps(raw))
     r = verify_cache(cache)
     assert not r.ok

@@ -1,11 +1,13 @@
-"""The on-disk cache format, version 1 (specified in docs/cache-format.md).
+"""The on-disk cache format, version 2 (specified in docs/cache-format.md).
 
 One cache = one task taught by one teacher:
 
-    <cache>/manifest.json                        written last, atomically; the only thing readers trust
+    <cache>/manifest.json                        written last, atomically, with a digest of its own content;
+                                                 the only thing readers trust
     <cache>/<split>/shard-00000.parquet          rows [0, shard_rows), plain Parquet
     <cache>/<split>/features.zarr/shard-00000/   Zarr v3 group, arrays row-aligned with that shard
-    <cache>/_progress/                           per-shard commit records while a build runs (deleted at commit)
+    <cache>/_records/                            the build's fingerprint and a commit record per shard (kept: a
+                                                 rerun resumes from them, and repairs a damaged manifest)
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import KdcacheError
+from ..fingerprint import hash_obj
 
 FORMAT_NAME = "kdcache-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-PROGRESS_DIR = "_progress"
+DIGEST_KEY = "manifest_sha256"  # sha256 of the canonical JSON of every other manifest field
+RECORDS_DIR = "_records"
 BUILD_STATE = "build.json"
 LOCK_FILE = ".kdcache.lock"
 FEATURES_DIR = "features.zarr"
@@ -170,27 +174,51 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
+def manifest_digest(m: dict[str, Any]) -> str:
+    """The manifest's self-check: sha256 of the canonical JSON of every field but the digest itself."""
+    return hash_obj({k: v for k, v in m.items() if k != DIGEST_KEY})
+
+
+def repair_command(root: Path) -> str:
+    """The command that repairs the cache at `root` (recaptures damaged shards, rebuilds the manifest)."""
+    try:
+        build = json.loads((root / RECORDS_DIR / BUILD_STATE).read_text())
+        pipeline, task = build.get("pipeline") or "<pipeline>", build["fingerprint_inputs"]["task"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pipeline, task = "<pipeline>", root.name
+    if task == root.name:
+        return f"kdcache cache {pipeline} --out {root.parent} --task {task}"
+    return f"kdcache cache {pipeline} ... (the command that built {root}, same settings)"
+
+
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Read and check a cache's manifest: format name and version, required fields."""
+    """Read and check a cache's manifest: JSON, format name and version, its digest, required fields and paths.
+    Any damage is named as damage to the manifest, with the command that repairs it."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
         hint = " (a build was started but not finished: rerun `kdcache cache` to resume it)" \
-            if (root / PROGRESS_DIR).is_dir() else ""
+            if (root / RECORDS_DIR).is_dir() else ""
         raise CacheFormatError(f"{path}: no manifest, so {root} is not a finished kdcache cache{hint}")
+    damaged = f"the manifest is damaged; repair it with `{repair_command(root)}` (rebuilt from the shard records)"
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheFormatError(f"{path}: manifest is not valid JSON ({e}); rebuild the cache") from None
+        raise CacheFormatError(f"{path}: not valid JSON ({e}): {damaged}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise CacheFormatError(f"{path}: not a kdcache manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+        raise CacheFormatError(f"{path}: not a kdcache manifest "
+                               f"(format={m.get('format') if isinstance(m, dict) else None!r}): {damaged}")
     v = m.get("format_version")
     if v != FORMAT_VERSION:
         raise CacheFormatError(f"{path}: cache format version {v!r}, this kdcache reads version {FORMAT_VERSION}; "
-                               "upgrade kdcache to read it, or rebuild the cache with this version")
-    for key in ("task", "head", "fingerprint", "label_names", "text_fields", "splits"):
+                               "upgrade kdcache to read it, or rebuild the cache with this version "
+                               f"(`kdcache cache <pipeline> --out {root.parent} --task {root.name} --overwrite`)")
+    if m.get(DIGEST_KEY) != manifest_digest(m):
+        raise CacheFormatError(f"{path}: content does not match its digest ({DIGEST_KEY}): it was changed after it "
+                               f"was written: {damaged}")
+    for key in ("task", "head", "fingerprint", "fingerprint_inputs", "label_names", "text_fields", "splits"):
         if key not in m:
-            raise CacheFormatError(f"{path}: manifest field `{key}` is missing; rebuild the cache")
+            raise CacheFormatError(f"{path}: manifest field `{key}` is missing: {damaged}")
     if m["head"] not in HEADS:
         raise CacheFormatError(f"{path}: unknown head {m['head']!r}; this kdcache knows {HEADS}")
     for split, s in m["splits"].items():
@@ -206,9 +234,9 @@ def find_caches(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise CacheFormatError(f"{path}: no such folder; build it with `kdcache cache <pipeline> --out {path}`")
-    if (path / MANIFEST).is_file() or (path / PROGRESS_DIR).is_dir():
+    if (path / MANIFEST).is_file() or (path / RECORDS_DIR).is_dir():
         return [path]
-    found = sorted(p for p in path.iterdir() if p.is_dir() and ((p / MANIFEST).is_file() or (p / PROGRESS_DIR).is_dir()))
+    found = sorted(p for p in path.iterdir() if p.is_dir() and ((p / MANIFEST).is_file() or (p / RECORDS_DIR).is_dir()))
     if not found:
         raise CacheFormatError(f"{path}: no kdcache cache here (no {MANIFEST} in it or in its sub-folders)")
     return found

@@ -11,9 +11,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import zarr
 
-from ..fingerprint import hash_file, hash_tree
-from .format import (FEATURES_DIR, LOCK_FILE, MANIFEST, SCHEMA_METADATA_KEY, CacheFormatError, shard_schema,
-                     read_manifest, safe_path)
+from ..fingerprint import hash_file, hash_obj, hash_tree
+from .format import (LOCK_FILE, MANIFEST, RECORDS_DIR, SCHEMA_METADATA_KEY, CacheFormatError, read_manifest,
+                     repair_command, safe_path, shard_schema)
 
 
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
@@ -25,14 +25,25 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     bytes_checked: int = 0
     seconds: float = 0.0
+    stray: list[Path] = field(default_factory=list)  # files the manifest does not list
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def fix(self) -> str | None:
+        """The command (or action) that mends what was found."""
+        if self.ok:
+            return None
+        if len(self.stray) == len(self.problems):
+            return "delete the files not listed in the manifest (kdcache never reads them)"
+        return f"`{repair_command(self.root)}` recaptures what is damaged or missing and rebuilds the manifest, " \
+               "keeping every shard that checks out"
+
     def as_dict(self) -> dict[str, Any]:
-        return {"cache": str(self.root), "ok": self.ok, "problems": self.problems, "bytes_checked": self.bytes_checked,
-                "seconds": round(self.seconds, 3),
+        return {"cache": str(self.root), "ok": self.ok, "problems": self.problems, "fix": self.fix,
+                "bytes_checked": self.bytes_checked, "seconds": round(self.seconds, 3),
                 "mb_per_s": round(self.bytes_checked / 1e6 / self.seconds, 1) if self.seconds else None}
 
 
@@ -56,6 +67,10 @@ def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any
             return
         if pf.metadata.num_rows != shard["rows"]:
             report.problems.append(f"{where}: {pf.metadata.num_rows} rows, manifest says {shard['rows']}")
+        groups = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        if groups != shard["row_groups"]:
+            report.problems.append(f"{where}: row groups of {groups} rows in the file, the manifest says "
+                                   f"{shard['row_groups']} (readers plan from the manifest)")
         expected = shard_schema(m)
         if not pf.schema_arrow.remove_metadata().equals(expected.remove_metadata()):
             report.problems.append(f"{where}: columns differ from format v{m['format_version']}: {pf.schema_arrow}")
@@ -83,17 +98,53 @@ def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any
                 report.problems.append(f"{fpath}/{name} (split {split}): missing or shape differs from {spec['shape']}")
 
 
+def _check_records(root: Path, m: dict[str, Any], report: VerifyReport) -> set[Path]:
+    """Every shard's commit record (what a repair rebuilds the manifest from) is there and agrees with it."""
+    listed = {root / RECORDS_DIR / "build.json"}
+    try:
+        build = json.loads((root / RECORDS_DIR / "build.json").read_text())
+        if build.get("fingerprint") != m["fingerprint"]:
+            report.problems.append(f"{root / RECORDS_DIR / 'build.json'}: fingerprint differs from the manifest's")
+    except (OSError, ValueError, AttributeError):
+        report.problems.append(f"{root / RECORDS_DIR / 'build.json'}: missing or unreadable")
+    for split, s in m["splits"].items():
+        for shard in s["shards"]:
+            path = root / RECORDS_DIR / split / f"{shard['name']}.json"
+            listed.add(path)
+            try:
+                rec = json.loads(path.read_text())
+                same = rec["sha256"] == shard["sha256"] and rec["parquet"] == shard["parquet"]
+            except (OSError, ValueError, KeyError, TypeError):
+                same = False
+            if not same:
+                report.problems.append(f"{path}: the shard's commit record is missing, damaged or disagrees with the "
+                                       "manifest (a repair could not use it)")
+    return listed
+
+
 def verify_cache(root: str | Path) -> VerifyReport:
-    """Re-check every shard's size, checksum, row count and schema, and look for files the manifest does not list."""
+    """Re-check the manifest (digest, fingerprint), every shard's size, checksum, row count, row groups and schema,
+    every Zarr file, the commit records, and look for files the manifest does not list. Damage of any kind is
+    reported, never raised."""
     root = Path(root)
     report = VerifyReport(root)
     t0 = time.perf_counter()
     try:
         m = read_manifest(root)
+        _verify(root, m, report)
     except CacheFormatError as e:
         report.problems.append(str(e))
-        return report
-    listed = {root / MANIFEST, root / LOCK_FILE}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a manifest of the wrong shape
+        report.problems.append(f"{root / MANIFEST}: unexpected content ({type(e).__name__}: {e}); the manifest is "
+                               f"damaged: repair it with `{repair_command(root)}`")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _verify(root: Path, m: dict[str, Any], report: VerifyReport) -> None:
+    if hash_obj(m["fingerprint_inputs"]) != m["fingerprint"]:
+        report.problems.append(f"{root / MANIFEST}: `fingerprint` is not the sha256 of `fingerprint_inputs`")
+    listed = {root / MANIFEST, root / LOCK_FILE} | _check_records(root, m, report)
     for split, s in m["splits"].items():
         total = 0
         for shard in s["shards"]:
@@ -112,12 +163,17 @@ def verify_cache(root: str | Path) -> VerifyReport:
                 listed.add(root / shard["features"]["path"])
         if total != s["rows"]:
             report.problems.append(f"{root / MANIFEST}: split {split} shards hold {total} rows, manifest says {s['rows']}")
+        group = s.get("features_group")
+        if group:
+            path = safe_path(root, group["path"], f"split {split} features group")
+            listed.add(path)
+            if not path.is_file() or hash_file(path) != group["sha256"]:
+                report.problems.append(f"{path} (split {split}): the Zarr group's metadata is missing or changed")
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p not in listed and not (p.name == "zarr.json" and p.parent.name == FEATURES_DIR):
+        if p.is_file() and p not in listed:
+            report.stray.append(p)
             report.problems.append(f"{p}: file not listed in the manifest (stray or left by an unfinished build); "
                                    "delete it, or rebuild the cache")
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def cache_info(root: str | Path) -> dict[str, Any]:

@@ -1,15 +1,17 @@
 """CacheWriter: the one way a cache gets written.
 
 Each shard is written under a temporary name and renamed when complete; then a small commit record goes to
-`_progress/<split>/shard-NNNNN.json` (the shard's commit point, which also makes reruns resume). The manifest is
-written last, from those records, and is the only thing readers trust. Shard writes run on a background thread
-so the teacher's next forward pass overlaps them.
+`_records/<split>/shard-NNNNN.json` (the shard's commit point). The manifest is written last, from those records,
+with a digest of its own content, and is the only thing readers trust. The records stay: a rerun resumes from them,
+recaptures only the shards whose files no longer match, and rebuilds a damaged manifest. Shard writes run on a
+background thread so the teacher's next forward pass overlaps them.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import socket
@@ -26,8 +28,12 @@ import zarr
 from .. import __version__
 from ..failpoints import failpoint
 from ..fingerprint import diff_fields, hash_file, hash_tree
-from .format import (BUILD_STATE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PROGRESS_DIR, CacheFormatError,
-                     features_relpath, fsync_dir, parquet_relpath, parquet_write_options, shard_name, write_json_atomic)
+from .format import (BUILD_STATE, DIGEST_KEY, FEATURES_DIR, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST,
+                     RECORDS_DIR, CacheFormatError, features_relpath, fsync_dir, manifest_digest, parquet_relpath,
+                     parquet_write_options, read_manifest, shard_name, write_json_atomic)
+
+
+log = logging.getLogger(__name__)
 
 
 class CacheConflictError(CacheFormatError):
@@ -116,7 +122,7 @@ class CacheWriter:
         self.overwrite = overwrite
         self.row_group_rows = row_group_rows
         self.role = role  # "owner" locks, checks and cleans the folder; a "worker" (another rank) only writes
-        self.complete = False  # True when a finished cache with this fingerprint is already there
+        self.complete = False  # True when a finished, intact cache with this fingerprint is already there
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._lock: Path | None = None
@@ -133,47 +139,77 @@ class CacheWriter:
             if self.complete:
                 return self
             self._clean_temporaries()
-            (self.root / PROGRESS_DIR).mkdir(exist_ok=True)
-            state = self.root / PROGRESS_DIR / BUILD_STATE
-            if not state.exists():
-                write_json_atomic(state, {k: self.header[k] for k in ("fingerprint", "fingerprint_inputs")})
+            (self.root / RECORDS_DIR).mkdir(exist_ok=True)
+            write_json_atomic(self.root / RECORDS_DIR / BUILD_STATE,
+                              {k: self.header.get(k) for k in ("pipeline", "fingerprint", "fingerprint_inputs")})
         except BaseException:
             self._release()
             raise
         return self
 
-    def _existing_fingerprint(self) -> tuple[dict | None, str]:
-        for path, what in ((self.root / MANIFEST, "finished cache"),
-                           (self.root / PROGRESS_DIR / BUILD_STATE, "unfinished build")):
-            if path.is_file():
-                try:
-                    return json.loads(path.read_text()), what
-                except json.JSONDecodeError:
-                    raise CacheConflictError(f"{path}: unreadable; rerun with --overwrite to rebuild") from None
-        return None, ""
+    def _wipe(self) -> None:
+        for p in self.root.iterdir():
+            if p.name != LOCK_FILE:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _check_existing(self) -> None:
-        old, what = self._existing_fingerprint()
+        """Decide what the folder holds: nothing (build), our cache intact (nothing to do), our cache damaged or
+        unfinished (resume: redo what no longer checks out), another cache (refuse unless --overwrite)."""
+        manifest, state = self.root / MANIFEST, self.root / RECORDS_DIR / BUILD_STATE
+        if self.overwrite and (manifest.exists() or state.parent.exists()):
+            self._wipe()  # --overwrite always rebuilds, whatever state the cache is in
+            return
+        old, what, damage = None, "", None
+        if manifest.exists():
+            try:
+                old, what = read_manifest(self.root), "finished cache"
+            except CacheFormatError as e:
+                damage = e
+        if old is None and state.is_file():
+            try:
+                old, what = json.loads(state.read_text()), "damaged cache" if damage else "unfinished build"
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                old = None
         if old is None:
+            if damage is not None or state.parent.exists():
+                raise CacheConflictError(f"{self.root}: {damage or 'build records unreadable'}; there are no readable "
+                                         "shard records to repair it from: rerun with --overwrite to rebuild the cache")
             stray = [p.name for p in self.root.iterdir() if p.name != LOCK_FILE]
             if stray:
                 raise CacheConflictError(f"{self.root}: folder is not empty and holds no kdcache cache "
                                          f"({', '.join(sorted(stray)[:5])}); choose another --out")
             return
-        if old.get("fingerprint") == self.header["fingerprint"]:
-            self.complete = what == "finished cache"
-            if self.complete:  # a run killed right after its commit leaves its progress records behind
-                shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
-            return
-        if self.overwrite:
-            for p in self.root.iterdir():
-                if p.name != LOCK_FILE:
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-            return
-        changed = diff_fields(old.get("fingerprint_inputs", {}), self.header["fingerprint_inputs"])
-        raise CacheConflictError(
-            f"{self.root}: holds a {what} built with other settings (changed: {', '.join(changed) or 'unknown'}); "
-            "pass --overwrite to replace it, or choose another --out")
+        if old.get("fingerprint") != self.header["fingerprint"]:
+            changed = diff_fields(old.get("fingerprint_inputs", {}), self.header["fingerprint_inputs"])
+            raise CacheConflictError(
+                f"{self.root}: holds a {what} built with other settings (changed: {', '.join(changed) or 'unknown'}); "
+                "pass --overwrite to replace it, or choose another --out")
+        if what == "damaged cache":
+            log.warning("%s: %s; rebuilding it from the shard records", self.root, damage)
+        if what == "finished cache":
+            bad = self._damaged_shards(old)
+            self.complete = not bad
+            if bad:
+                log.warning("%s: %d shard(s) no longer match their checksums (%s); recapturing them", self.root,
+                            len(bad), ", ".join(bad[:5]))
+
+    def _damaged_shards(self, m: dict[str, Any]) -> list[str]:
+        """Shards of a finished cache whose files or commit records no longer match the manifest."""
+        bad = []
+        for split, s in m["splits"].items():
+            group = s.get("features_group")
+            if group and not self._group_intact(split, group["sha256"]):
+                bad.append(f"{split}/{FEATURES_DIR}")
+            for sh in s["shards"]:
+                rec = self._read_record(split, int(sh["name"].rsplit("-", 1)[1]))
+                if not (rec and rec.get("sha256") == sh["sha256"] and (rec.get("features") or {}).get("sha256") ==
+                        (sh.get("features") or {}).get("sha256") and self._files_match(rec)):
+                    bad.append(f"{split}/{sh['name']}")
+        return bad
+
+    def _group_intact(self, split: str, sha256: str) -> bool:
+        path = self.root / split / FEATURES_DIR / "zarr.json"
+        return path.is_file() and hash_file(path) == sha256
 
     def _clean_temporaries(self, pid: int | None = None) -> None:
         """Delete half-written files left under temporary names: every process's (we hold the lock), or one's."""
@@ -182,26 +218,31 @@ class CacheWriter:
 
     # -- shards
     def _record_path(self, split: str, index: int) -> Path:
-        return self.root / PROGRESS_DIR / split / f"{shard_name(index)}.json"
+        return self.root / RECORDS_DIR / split / f"{shard_name(index)}.json"
+
+    def _read_record(self, split: str, index: int) -> dict[str, Any] | None:
+        try:
+            rec = json.loads(self._record_path(split, index).read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def _files_match(self, rec: dict[str, Any]) -> bool:
+        """The record's Parquet file and feature group are there with the recorded sizes and checksums."""
+        try:
+            pq_path = self.root / rec["parquet"]
+            if not pq_path.is_file() or pq_path.stat().st_size != rec["bytes"] or hash_file(pq_path) != rec["sha256"]:
+                return False
+            feat = rec.get("features")
+            return not feat or ((self.root / feat["path"]).is_dir()
+                                and hash_tree(self.root / feat["path"]) == feat["sha256"])
+        except (KeyError, TypeError, ValueError):  # a damaged record: the shard is redone
+            return False
 
     def shard_done(self, split: str, index: int, row_start: int, rows: int) -> bool:
         """True when the shard's commit record exists and its files still match their checksums."""
-        rec_path = self._record_path(split, index)
-        if not rec_path.is_file():
-            return False
-        try:
-            rec = json.loads(rec_path.read_text())
-        except json.JSONDecodeError:
-            return False
-        if (rec.get("row_start"), rec.get("rows")) != (row_start, rows):
-            return False
-        pq_path = self.root / rec["parquet"]
-        if not pq_path.is_file() or pq_path.stat().st_size != rec["bytes"] or hash_file(pq_path) != rec["sha256"]:
-            return False
-        feat = rec.get("features")
-        if feat and (not (self.root / feat["path"]).is_dir() or hash_tree(self.root / feat["path"]) != feat["sha256"]):
-            return False
-        return True
+        rec = self._read_record(split, index)
+        return bool(rec) and (rec.get("row_start"), rec.get("rows")) == (row_start, rows) and self._files_match(rec)
 
     def submit(self, split: str, index: int, row_start: int, table: pa.Table,
                features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
@@ -262,8 +303,8 @@ class CacheWriter:
         self.flush()
         out_splits = {}
         for split, info in splits.items():
-            records = sorted((json.loads(p.read_text()) for p in (self.root / PROGRESS_DIR / split).glob("*.json")),
-                             key=lambda r: r["row_start"]) if (self.root / PROGRESS_DIR / split).is_dir() else []
+            records = sorted((json.loads(p.read_text()) for p in (self.root / RECORDS_DIR / split).glob("*.json")),
+                             key=lambda r: r["row_start"]) if (self.root / RECORDS_DIR / split).is_dir() else []
             covered = 0
             for r in records:
                 if r["row_start"] != covered:
@@ -276,6 +317,10 @@ class CacheWriter:
             shards = [{k: r[k] for k in ("name", "row_start", "rows", "row_groups", "parquet", "bytes", "sha256", "features")
                        if k in r} for r in records]
             out_splits[split] = {**info, "shards": shards, "stats": summarise([r["stats"] for r in records])}
+            group = self.root / split / FEATURES_DIR / "zarr.json"
+            if group.is_file():  # the split's Zarr group metadata, so verify covers every Zarr file
+                out_splits[split]["features_group"] = {"path": f"{split}/{FEATURES_DIR}/zarr.json",
+                                                       "sha256": hash_file(group)}
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kdcache_version": __version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -284,6 +329,7 @@ class CacheWriter:
                        "bytes": sum(sh["bytes"] + sh.get("features", {}).get("bytes", 0)
                                     for s in out_splits.values() for sh in s["shards"])},
         }
+        manifest[DIGEST_KEY] = manifest_digest(manifest)
         failpoint("before-manifest")
         try:
             write_json_atomic(self.root / MANIFEST, manifest)
@@ -292,7 +338,6 @@ class CacheWriter:
             raise CacheWriteError(f"{self.root}: writing {MANIFEST} failed: {e}. Every shard is written and kept; "
                                   "fix the cause and rerun the same command to commit the cache") from e
         failpoint("after-manifest")
-        shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         fsync_dir(self.root)
         self.complete = True
         return manifest

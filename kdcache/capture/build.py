@@ -14,7 +14,7 @@ from .. import config as C
 from .. import distributed
 from ..cache.format import FORMAT_VERSION, read_manifest, shard_schema
 from ..cache.writer import CacheWriter
-from ..data import TaskData, load_task_data
+from ..data import TaskData, load_task_data, portable_origin
 from ..fingerprint import hash_obj, hash_table, hash_tokenizer
 from ..progress import progress
 from .head import CaptureHead
@@ -45,7 +45,7 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
     features = inputs["features"]
     return {"pipeline": pipeline, "task": task_name, "head": head.name, "label_names": list(data.label_names),
             "text_fields": head.text_columns(task), "fingerprint": hash_obj(inputs), "fingerprint_inputs": inputs,
-            "data_origin": data.origin,
+            "data_origin": portable_origin(data.origin),
             "features": dict(features, hidden_size=getattr(model.config, "hidden_size", None)) if features else None,
             "config": C.to_dict(task), "device": str(runner.device), "processes": processes,
             **head.manifest_extras(inputs)}

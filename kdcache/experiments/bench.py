@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import config as C
-from ..cache.format import parquet_schema
+from ..cache.format import FORMAT_VERSION, parquet_schema
 from ..cache.reader import CacheDataset, collate
 from ..cache.writer import CacheWriter
 from ..capture.build import build_teacher_cache
@@ -45,7 +45,8 @@ def synthetic_cache(root: Path, rows: int, shard_rows: int = 4096, row_group_row
     header = {"pipeline": "synthetic", "task": "t", "head": "sequence-classification", "label_names": names,
               "text_fields": ["text"], "fingerprint": f"synthetic-{rows}", "fingerprint_inputs": {"rows": rows},
               "features": None, "config": {"data": {"source": "synthetic"}}}
-    schema = parquet_schema(("text",), num_labels, {"format_version": 1, "task": "t", "fingerprint": header["fingerprint"]})
+    schema = parquet_schema(("text",), num_labels,
+                            {"format_version": FORMAT_VERSION, "task": "t", "fingerprint": header["fingerprint"]})
     with CacheWriter(root, header, overwrite=True, row_group_rows=row_group_rows) as w:
         for i, start in enumerate(range(0, rows, shard_rows)):
             n = min(shard_rows, rows - start)

@@ -22,6 +22,7 @@ import yaml
 from torch.distributed.algorithms.join import Join
 
 from .. import config as C
+from ..errors import KdcacheError
 from ..optim import adamw, warmup_linear
 from ..progress import progress
 from ..students import REGISTRY
@@ -31,6 +32,14 @@ from .multitask import build_multitask, multitask_tokenizer
 from .sources import open_source
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(KdcacheError):
+    """Some runs stopped (a non-finite loss); `results` holds the metrics of the runs that finished."""
+
+    def __init__(self, message: str, results: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 @dataclass
@@ -51,6 +60,10 @@ class Run:
     best_score: float = float("-inf")
     best_state: dict[str, Any] | None = None
     seconds: float = 0.0
+    rng: torch.Tensor | None = None        # the run's own random stream (dropout), CPU state
+    cuda_rng: list[torch.Tensor] | None = None
+    steps: int = 0
+    failed: str | None = None
 
     @property
     def cross(self) -> bool:
@@ -88,23 +101,52 @@ def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str
                         train.weight_decay)
             sched = warmup_linear(opt, steps, train.warmup_ratio)
             model, opt = accelerator.prepare(model, opt)
-            runs.append(Run(name, s, st, loss, tasks, model, opt, sched, runs_dir / name))
+            runs.append(Run(name, s, st, loss, tasks, model, opt, sched, runs_dir / name, rng=torch.get_rng_state(),
+                            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     return runs
 
 
-def step(run: Run, source: Source, batch: dict[str, Any], targets: Any, train: C.TrainConfig,
-         accelerator: Any) -> dict[str, float]:
-    """One optimisation step of one student on one batch of one of its tasks."""
-    run.model.train()
-    logits, feats = run.model(source.task, batch)
-    loss, parts = source.head.loss(logits, feats, targets, batch, run.loss, f"students.{run.student}")
-    accelerator.backward(run.tasks[source.task] * loss)
-    if train.grad_clip:
-        accelerator.clip_grad_norm_(run.model.parameters(), train.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    parts["loss"] = float(loss.detach())
+@contextlib.contextmanager
+def own_rng(run: Run):
+    """Run the block on the run's own random stream (seeded like the run), so dropout and anything else random in a
+    student's step never depends on which other students share the pass: alone or in company, the same result."""
+    outer = torch.get_rng_state()
+    outer_cuda = torch.cuda.get_rng_state_all() if run.cuda_rng is not None else None
+    torch.set_rng_state(run.rng)
+    if run.cuda_rng is not None:
+        torch.cuda.set_rng_state_all(run.cuda_rng)
+    try:
+        yield
+    finally:
+        run.rng = torch.get_rng_state()
+        torch.set_rng_state(outer)
+        if outer_cuda is not None:
+            run.cuda_rng = torch.cuda.get_rng_state_all()
+            torch.cuda.set_rng_state_all(outer_cuda)
+
+
+def step(run: Run, source: Source, batch: dict[str, Any], targets: Any, train: C.TrainConfig, accelerator: Any,
+         epoch: int = 0) -> dict[str, float]:
+    """One optimisation step of one student on one batch of one of its tasks, on the run's own random stream;
+    a non-finite loss stops the run before it touches the weights."""
+    with own_rng(run):
+        run.model.train()
+        logits, feats = run.model(source.task, batch)
+        loss, parts = source.head.loss(logits, feats, targets, batch, run.loss, f"students.{run.student}")
+        parts["loss"] = float(loss.detach())
+        run.steps += 1
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(
+                f"run {run.name}: the training loss is {parts['loss']} at epoch {epoch + 1}, step {run.steps} (task "
+                f"{source.task}, {', '.join(f'{k} {v:.4g}' for k, v in parts.items() if k != 'loss')}); the run is "
+                "stopped. Lower the learning rate or the temperature, or check the cached targets with "
+                "`kdcache verify`")
+        accelerator.backward(run.tasks[source.task] * loss)
+        if train.grad_clip:
+            accelerator.clip_grad_norm_(run.model.parameters(), train.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
     return parts
 
 
@@ -140,10 +182,15 @@ def _epoch(runs: list[Run], sources: dict[str, Source], epoch: int, train: C.Tra
                     batch = src.transform(batch)
                 targets = src.head.targets(batch, src, accelerator.device)
                 for run in runs:
-                    if not run.tasks.get(t):  # not this student's task, or weighted 0: its head is left untouched
+                    if not run.tasks.get(t) or run.failed:  # not its task, or weighted 0: its head stays untouched
                         continue
                     t0 = time.perf_counter()
-                    parts = step(run, src, batch, targets, train, accelerator)
+                    try:
+                        parts = step(run, src, batch, targets, train, accelerator, epoch)
+                    except FloatingPointError as e:
+                        run.failed = str(e)
+                        log.error("%s", e)
+                        continue
                     run.seconds += time.perf_counter() - t0
                     sums[run.name][t] += parts["loss"]
                     feature_sums[run.name] += parts.get("feature", 0.0)
@@ -256,9 +303,13 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
         rows_info = {"train_rows_per_process": [len(x) for x in per_process],
                      "train_rows_distinct": len(set().union(*map(set, per_process)))}
         for run in runs:
-            _evaluate_epoch(run, sources, epoch, done, accelerator, rows_info, train.eval_split)
+            if not run.failed:
+                _evaluate_epoch(run, sources, epoch, done, accelerator, rows_info, train.eval_split)
     results = []
     for run in runs:
+        if run.failed:
+            results.append({"run": run.name, "failed": run.failed})
+            continue
         run.model = accelerator.unwrap_model(run.model)
         metrics = _finish(run, sources, pipeline, teacher)
         if accelerator.is_main_process:
@@ -289,6 +340,10 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
     missing = sorted({t for s in students for t in pipeline.student_tasks(s)} - set(caches))
     if missing:
         raise C.ConfigError(f"no cache given for task(s) {', '.join(missing)}")
-    return [r for names in groups.values()
-            for r in fit(pipeline, names, {t: str(c) for t, c in caches.items()}, runs_dir, teacher, teachers_dir,
-                         on_step)]
+    results = [r for names in groups.values()
+               for r in fit(pipeline, names, {t: str(c) for t, c in caches.items()}, runs_dir, teacher, teachers_dir,
+                            on_step)]
+    failed = [r["failed"] for r in results if "failed" in r]
+    if failed:
+        raise TrainingError("; ".join(failed), [r for r in results if "failed" not in r])
+    return results

@@ -6,13 +6,15 @@ Conventions, which others have got wrong:
 - the student is always normalised over its FULL output (log_softmax over every class / token);
 - with top-k targets the teacher's mass outside the top-k is one tail bucket with its exact probability
   (1 - Σ top-k), and the student's tail is its own mass outside those ids: nothing is renormalised away.
-  With k = number of classes the tail is empty and every sparse loss equals its dense version.
+  With k = number of classes there is no tail bucket at all, so every sparse loss IS its dense version.
+- computation is in float32, or float64 when the inputs are float64 (never narrower than the input).
 
 Shapes: N rows (examples or token positions), C classes (or V vocabulary), k cached ids per row.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,11 @@ import torch.nn.functional as F
 from ..config import KD_KINDS as KINDS
 
 _EPS = 1e-12
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype the losses compute in: float64 stays float64, anything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 @dataclass
@@ -40,7 +47,7 @@ class TopKTargets:
     @classmethod
     def from_logits(cls, teacher_logits: torch.Tensor, temperature: float, k: int | None = None) -> "TopKTargets":
         """Top-k of dense teacher logits [N, C] (k=None: all of them); the top-k is taken on the raw logits."""
-        logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        logp = F.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
         if k is None or k >= teacher_logits.shape[-1]:
             ids = torch.arange(teacher_logits.shape[-1], device=teacher_logits.device).expand_as(logp)
             return cls(ids, logp)
@@ -53,8 +60,8 @@ class TopKTargets:
         """From an LM cache row at one cached temperature T: raw top-k logits [N, k] (float16 on disk),
         logsumexp(z / T) of the FULL logits [N] and the tail's exact log-mass [N] (both float32).
         log p_i = z_i / T - lse_T, exact up to the float16 rounding of z_i (<= 2^-8 / T relative per id)."""
-        logprobs = (logits.float() / temperature - lse.float()[:, None]).clamp(max=0.0)
-        return cls(ids.long(), logprobs, tail.float())
+        logprobs = (_wide(logits) / temperature - _wide(lse)[:, None]).clamp(max=0.0)
+        return cls(ids.long(), logprobs, _wide(tail))
 
     def to(self, device: torch.device | str) -> "TopKTargets":
         return TopKTargets(self.ids.to(device), self.logprobs.to(device),
@@ -98,10 +105,10 @@ class _ChunkedLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, temperature, chunk, exclude):
-        full = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        full = torch.empty(x.shape[:-1], dtype=_wide(x[:0]).dtype, device=x.device)
         rest = torch.empty_like(full) if exclude is not None else None
         for a in range(0, x.shape[0], chunk):
-            z = x[a:a + chunk].float() / temperature
+            z = _wide(x[a:a + chunk]) / temperature
             full[a:a + chunk] = torch.logsumexp(z, dim=-1)
             if exclude is not None:
                 rest[a:a + chunk] = torch.logsumexp(z.scatter_(-1, exclude[a:a + chunk], float("-inf")), dim=-1)
@@ -115,7 +122,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         T, chunk = ctx.temperature, ctx.chunk
         gx = torch.empty_like(x)
         for a in range(0, x.shape[0], chunk):
-            z = x[a:a + chunk].float() / T
+            z = _wide(x[a:a + chunk]) / T
             g = torch.exp(z - full[a:a + chunk, None]).mul_(g_full[a:a + chunk, None] / T)
             if more and g_rest is not None:
                 rest, exclude = more
@@ -129,7 +136,7 @@ def logsumexp_t(x: torch.Tensor, temperature: float = 1.0, chunk: int | None = N
     """logsumexp(x / T, -1) of [N, V]. With `chunk`, the memory-lean chunked version (same value and gradient,
     no second [N, V] tensor kept for backward)."""
     if chunk is None:
-        return torch.logsumexp(x.float() / temperature, dim=-1)
+        return torch.logsumexp(_wide(x) / temperature, dim=-1)
     return _ChunkedLogSumExp.apply(x, float(temperature), int(chunk), None)
 
 
@@ -137,7 +144,7 @@ def logsumexp_split(x: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
                     chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp(x / T) over every id, logsumexp over the ids NOT in `ids` [N, k]), both [N], in one pass."""
     if chunk is None:
-        z = x.float() / temperature
+        z = _wide(x) / temperature
         return torch.logsumexp(z, dim=-1), torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)
     return _ChunkedLogSumExp.apply(x, float(temperature), int(chunk), ids)
 
@@ -147,14 +154,18 @@ LOG_TINY = -80.0  # log of a mass below float32 resolution: an empty tail, kept 
 
 def _buckets(student_logits: torch.Tensor, t: TopKTargets, temperature: float,
              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities over k+1 buckets (the k ids, then the tail) for teacher and student: both [N, k+1].
+    """Log-probabilities over k+1 buckets (the k ids, then the tail) for teacher and student: both [N, k+1]; over
+    the k ids alone when they cover every class (k = C: the dense distributions, exactly, with no tail bucket).
 
     The student is normalised over its full output (its log-sum-exp over every class/token); its tail is the
     log-sum-exp over the ids NOT in the top-k (exact even when the top-k holds nearly all of the student's mass,
     where log(1 - Σ q) would cancel). Extra memory is [N, k], plus [chunk, V] transiently when `chunk` is given.
     """
+    if t.ids.shape[-1] >= student_logits.shape[-1]:  # top-k ids are distinct, so these are all of them
+        s_lse = logsumexp_t(student_logits, temperature, chunk)
+        return t.logprobs, _wide(student_logits.gather(-1, t.ids)) / temperature - s_lse[:, None]
     s_lse, s_rest = logsumexp_split(student_logits, t.ids, temperature, chunk)        # [N], [N]
-    s_top = student_logits.gather(-1, t.ids).float() / temperature - s_lse[:, None]   # [N, k]
+    s_top = _wide(student_logits.gather(-1, t.ids)) / temperature - s_lse[:, None]   # [N, k]
     s_tail = (s_rest - s_lse).clamp(min=LOG_TINY)[:, None]
     t_tail = (t.tail.clamp(min=LOG_TINY)[:, None] if t.tail is not None
               else _log1mexp(torch.logsumexp(t.logprobs, dim=-1, keepdim=True)))
@@ -185,7 +196,7 @@ def kd_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, kind: st
     elif kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
-        logm = torch.logaddexp(logp + torch.log(torch.tensor(beta)), logq + torch.log(torch.tensor(1.0 - beta)))
+        logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1.0 - beta))
         loss = beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
     elif kind == "soft_ce":
         loss = -(logp.exp() * logq).sum(-1)
@@ -200,20 +211,20 @@ def sampled_kd_loss_per_row(student_logits: torch.Tensor, targets: SampledTarget
     sampled targets; it equals forward KL plus the teacher's entropy, a constant. `temperature` must be the
     one the samples were drawn at. The student is normalised over its full output."""
     s_lse = logsumexp_t(student_logits, temperature, chunk)
-    s_logq = student_logits.gather(-1, targets.ids.long()).float() / temperature - s_lse[:, None]
+    s_logq = _wide(student_logits.gather(-1, targets.ids.long())) / temperature - s_lse[:, None]
     return -(targets.weights() * s_logq).sum(-1) * temperature ** 2
 
 
 def token_ce_per_row(student_logits: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Cross-entropy per row [N] against hard ids [N] (rows with label < 0 give 0), full normalisation."""
     lse = logsumexp_t(student_logits, 1.0, chunk)
-    picked = student_logits.gather(-1, labels.clamp_min(0)[:, None]).float()[:, 0]
+    picked = _wide(student_logits.gather(-1, labels.clamp_min(0)[:, None]))[:, 0]
     return torch.where(labels >= 0, lse - picked, torch.zeros_like(lse))
 
 
 def mse_logits_loss_per_row(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared error between raw logits [N, C] per row [N] (the classic "soft-label MSE", no temperature)."""
-    return (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+    return (_wide(student_logits) - _wide(teacher_logits)).pow(2).mean(-1)
 
 
 def dense_kd_loss_per_row(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "kl",
@@ -232,7 +243,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     student_logits, teacher_logits: [N, C]; labels: [N] int64, -1 = unlabelled. alpha=1 is hard labels only.
     """
     labelled = labels >= 0
-    ce = F.cross_entropy(student_logits.float(), labels.clamp_min(0), reduction="none")
+    ce = F.cross_entropy(_wide(student_logits), labels.clamp_min(0), reduction="none")
     ce_mean = ce[labelled].mean() if labelled.any() else ce.sum() * 0.0
     if alpha >= 1.0:  # hard labels only (the "twin" of a KD student): unlabelled rows teach nothing
         return ce_mean, {"ce": float(ce_mean.detach()), "kd": 0.0}
@@ -243,7 +254,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Loss between projected student features and teacher features, both [N, H] (or [N, T, H])."""
-    student, teacher = student.float(), teacher.float()
+    student, teacher = _wide(student), _wide(teacher)
     if kind == "mse":
         return F.mse_loss(student, teacher)
     if kind == "cosine":
