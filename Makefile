@@ -16,7 +16,7 @@ KDCACHE    := $(BIN)/kdcache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install teacher-finetune teacher-cache train-student report bench fidelity verify info test clean-cache
+.PHONY: help install teacher-finetune teacher-cache train-student report bench gpu-check fidelity verify info test clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t22
@@ -46,6 +46,9 @@ report: install  ## rebuild data/runs/$(PIPELINE)/report.md and report.png
 
 bench: install  ## measure overheads, speed-up and storage (QUICK=1 for a smoke check); updates docs/benchmarks.md
 	$(KDCACHE) bench $(PIPELINE) $(if $(QUICK),--quick)
+
+gpu-check: install  ## on a GPU: autocast, on-device top-k and multi-GPU capture against the CPU; overhead there
+	$(BIN)/python -m kdcache.experiments.gpu_check
 
 fidelity: install  ## KD vs hard-label students over 3 seeds, all labels and label-scarce; writes docs/fidelity.md
 	$(KDCACHE) fidelity $(PIPELINE) $(ARGS)

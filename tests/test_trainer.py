@@ -135,13 +135,15 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path):
     from kdcache.experiments.bench import run_bench
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nhand-written notes stay\n")
-    res = run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc)
-    assert set(res) >= {"stage_one", "loader", "stage_two", "online_kd", "storage"}
-    assert res["stage_one"]["capture_rows_per_s"] > 0 and res["loader"]["headroom"] > 0
+    res = run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc, repeats=2)
+    assert set(res) >= {"stage_one", "loader", "stage_two", "online_kd", "storage", "load_before", "load_after"}
+    assert res["loader"]["headroom"] > 0
+    for spread in (res["stage_one"]["ratio"], res["stage_two"]["ratio"], res["online_kd"]["bilstm"]["ideal"]):
+        assert len(spread["values"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
     assert set(res["online_kd"]) == {"bow", "bilstm"}
     text = doc.read_text()
     assert "hand-written notes stay" in text and "<!-- bench:quick -->" in text and "online KD" in text
-    run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc)
+    run_bench("tiny", quick=True, out_dir=tmp_path / "bench", doc=doc, repeats=1)
     assert doc.read_text().count("<!-- bench:quick -->") == 1, "a rerun replaces its section"
     assert json.loads((tmp_path / "bench" / "bench-quick.json").read_text())["mode"] == "quick"
 

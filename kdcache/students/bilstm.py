@@ -18,12 +18,13 @@ class BiLSTMParams:
     layers: int = 1
     mlp: int = 128
     dropout: float = 0.2
+    sparse_embedding: bool = False  # row-sparse embedding gradients: only a batch's rows are stepped
 
 
 class BiLSTM(Student):
     def __init__(self, p: BiLSTMParams, vocab_size: int, num_labels: int, pad_id: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, p.embed_dim, padding_idx=pad_id)
+        self.embed = nn.Embedding(vocab_size, p.embed_dim, padding_idx=pad_id, sparse=p.sparse_embedding)
         self.lstm = nn.LSTM(p.embed_dim, p.hidden, num_layers=p.layers, batch_first=True, bidirectional=True,
                             dropout=p.dropout if p.layers > 1 else 0.0)
         self.mlp = nn.Sequential(nn.Dropout(p.dropout), nn.Linear(2 * p.hidden, p.mlp), nn.ReLU(), nn.Dropout(p.dropout))

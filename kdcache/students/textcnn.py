@@ -16,12 +16,13 @@ class TextCNNParams:
     filters: int = 100
     kernel_sizes: tuple[int, ...] = (3, 4, 5)
     dropout: float = 0.5
+    sparse_embedding: bool = False  # row-sparse embedding gradients: only a batch's rows are stepped
 
 
 class TextCNN(Student):
     def __init__(self, p: TextCNNParams, vocab_size: int, num_labels: int, pad_id: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, p.embed_dim, padding_idx=pad_id)
+        self.embed = nn.Embedding(vocab_size, p.embed_dim, padding_idx=pad_id, sparse=p.sparse_embedding)
         self.convs = nn.ModuleList(nn.Conv1d(p.embed_dim, p.filters, k, padding=k // 2) for k in p.kernel_sizes)
         self.drop = nn.Dropout(p.dropout)
         self.out = nn.Linear(p.filters * len(p.kernel_sizes), num_labels)

@@ -23,7 +23,7 @@ from torch.distributed.algorithms.join import Join
 
 from .. import config as C
 from ..errors import KdcacheError
-from ..optim import adamw, warmup_linear
+from ..optim import clip_grad_norm_, optimizer_for, sparse_params, warmup_linear
 from ..progress import progress
 from ..students import REGISTRY
 from .head import Source, StudentModel
@@ -64,6 +64,7 @@ class Run:
     cuda_rng: list[torch.Tensor] | None = None
     steps: int = 0
     failed: str | None = None
+    sparse: bool = False  # has embeddings with sparse (row) gradients
 
     @property
     def cross(self) -> bool:
@@ -97,12 +98,13 @@ def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str
             else:
                 src = sources[next(iter(tasks))]
                 model = src.head.build_model(st, loss, src, tok, train.max_length, where)
-            opt = adamw([p for p in model.parameters() if p.requires_grad], st.learning_rate or train.learning_rate,
-                        train.weight_decay)
+            opt = optimizer_for(model, st.learning_rate or train.learning_rate, train.weight_decay)
             sched = warmup_linear(opt, steps, train.warmup_ratio)
+            sparse = bool(sparse_params(model))
             model, opt = accelerator.prepare(model, opt)
             runs.append(Run(name, s, st, loss, tasks, model, opt, sched, runs_dir / name, rng=torch.get_rng_state(),
-                            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+                            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                            sparse=sparse))
     return runs
 
 
@@ -142,7 +144,10 @@ def step(run: Run, source: Source, batch: dict[str, Any], targets: Any, train: C
                 "stopped. Lower the learning rate or the temperature, or check the cached targets with "
                 "`kdcache verify`")
         accelerator.backward(run.tasks[source.task] * loss)
-        if train.grad_clip:
+        if train.grad_clip and run.sparse:  # torch's clipping refuses sparse gradients
+            accelerator.unscale_gradients()
+            clip_grad_norm_(run.model.parameters(), train.grad_clip)
+        elif train.grad_clip:
             accelerator.clip_grad_norm_(run.model.parameters(), train.grad_clip)
         run.optimizer.step()
         run.scheduler.step()
