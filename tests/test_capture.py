@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_to_the_same_cache(tmp_path, teachers_dir, monke
             tmp = path.with_name(f".{path.name}.tmp-999")
             tmp.write_bytes(b"PAR1 half a shard")
             raise OSError("simulated crash while writing a shard")
-        real(path, table, row_group_rows)
+        return real(path, table, row_group_rows)
 
     monkeypatch.setattr(writer, "_write_parquet", crash_on_third)
     out = tmp_path / "b"
@@ -149,7 +149,7 @@ def test_interrupted_run_resumes_to_the_same_cache(tmp_path, teachers_dir, monke
     monkeypatch.setattr(writer, "_write_parquet", real)
 
     written = []
-    monkeypatch.setattr(writer, "_write_parquet", lambda p, t, g: (written.append(p.name), real(p, t, g)))
+    monkeypatch.setattr(writer, "_write_parquet", lambda p, t, g: written.append(p.name) or real(p, t, g))
     _, m = build(tmp_path / "b", teachers=teachers_dir, out=out)
     assert len(written) == sum(len(s["shards"]) for s in m["splits"].values()) - 2  # the first two were kept
     assert not list(out.rglob(".*.tmp-*"))

@@ -10,6 +10,7 @@ background thread so the teacher's next forward pass overlaps them.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -82,14 +83,44 @@ class CacheWriteError(CacheFormatError):
     """Writing a shard failed (disk full, permissions, I/O); nothing half-written is trusted."""
 
 
-def _write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> None:
+class _HashingFile:
+    """A binary file that hashes what goes through it, so a shard's sha256 needs no second read."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha256, self.size, self.closed = f, hashlib.sha256(), 0, False
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _write_parquet(path: Path, table: pa.Table, row_group_rows: int) -> dict[str, Any]:
+    """Write one shard under a temporary name, fsync, rename; its size, sha256 and row groups as written."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    footer: list = []
     with open(tmp, "wb") as f:
-        pq.write_table(table, f, **parquet_write_options(table.schema, row_group_rows))
+        out = _HashingFile(f)
+        pq.write_table(table, out, metadata_collector=footer, **parquet_write_options(table.schema, row_group_rows))
         f.flush()
         os.fsync(f.fileno())
     failpoint("parquet-written")  # a complete temporary file, not yet renamed
     os.replace(tmp, path)
+    meta = footer[0]
+    return {"bytes": out.size, "sha256": out.sha256.hexdigest(),
+            "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]}
 
 
 def _write_features(path: Path, features: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
@@ -280,10 +311,7 @@ class CacheWriter:
             record["features"] = {"path": rel, "bytes": size, "sha256": hash_tree(self.root / rel),
                                   "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in features.items()}}
         rel = parquet_relpath(split, index)
-        _write_parquet(self.root / rel, table, self.row_group_rows)
-        meta = pq.ParquetFile(self.root / rel).metadata
-        record.update(parquet=rel, bytes=(self.root / rel).stat().st_size, sha256=hash_file(self.root / rel),
-                      row_groups=[meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        record.update(parquet=rel, **_write_parquet(self.root / rel, table, self.row_group_rows))
         rec_path = self._record_path(split, index)
         rec_path.parent.mkdir(parents=True, exist_ok=True)
         failpoint("before-shard-record")
