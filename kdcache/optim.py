@@ -52,13 +52,21 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
 
 class Optimizers(torch.optim.Optimizer):
-    """Several optimisers stepped as one (one scheduler, one `accelerator.prepare`): their param groups are shared,
-    so a learning-rate schedule set on this object reaches each of them."""
+    """Several optimisers stepped as one (one scheduler, one `accelerator.prepare`): `param_groups` are always the
+    inner optimisers' own groups (also after `load_state_dict` replaces them), so a schedule reaches each of them."""
 
     def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
         self.optimizers = optimizers
-        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
+        # the base class wants parameters of its own: it gets a placeholder, which lands in no group (see below)
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        pass  # the base class sets its own list; the inner optimisers own the groups
 
     def step(self, closure: Any = None) -> None:
         for o in self.optimizers:

@@ -95,3 +95,21 @@ def test_a_sparse_embedding_student_takes_the_dense_students_first_step(tiny_cac
     a, b = dense.model.core.state_dict(), sparse.model.core.state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_schedule_reaches_both_optimisers_of_a_sparse_student_after_accelerate_prepares_it():
+    """accelerate's prepare reloads the optimiser's state, which replaces its param groups: the warm-up/decay schedule
+    must still set the learning rate the inner optimisers step with (a bug here froze the student at lr/warm-up)."""
+    from accelerate import Accelerator
+    from kdcache.optim import optimizer_for, warmup_linear
+    net = torch.nn.Sequential(torch.nn.Embedding(20, 4, sparse=True), torch.nn.Linear(4, 2))
+    opt = optimizer_for(net, lr=1.0)
+    sched = warmup_linear(opt, steps=10, warmup_ratio=0.5)
+    net, opt = Accelerator(cpu=True).prepare(net, opt)
+    for _ in range(5):
+        net(torch.tensor([[1, 2]])).sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    inner = [g["lr"] for o in opt.optimizer.optimizers for g in o.param_groups]
+    assert inner == pytest.approx([1.0, 1.0]), inner  # the end of the warm-up, in both

@@ -51,8 +51,12 @@ def tiny300(tmp_path_factory):
 
 def test_a_student_learns_and_the_run_directory_is_complete(tmp_path, tiny300):
     pipeline = tiny_pipeline("tasks.topic.data.limit=300", "tasks.topic.cache.shard_rows=128",
-                             "tasks.topic.teacher.finetune.epochs=3", "train.epochs=10")
-    results = {r["run"]: r for r in train_students(pipeline, ["bow"], {"topic": str(tiny300)}, tmp_path)}
+                             "tasks.topic.teacher.finetune.epochs=3", "train.epochs=10",
+                             # the same bow with row-sparse embedding gradients (its own optimiser and schedule)
+                             "students.textcnn.arch=bow", "students.textcnn.params={sparse_embedding: true}",
+                             "students.textcnn.loss=null", "students.textcnn.twin=false")
+    results = {r["run"]: r for r in train_students(pipeline, ["bow", "textcnn"], {"topic": str(tiny300)}, tmp_path)}
+    assert results.pop("textcnn")["test"]["accuracy"] > 0.45, "a sparse-embedding student learns too"
     assert set(results) == {"bow", "bow-hard"}
     for name, r in results.items():
         # 5 balanced-ish topics: chance is ~0.2
