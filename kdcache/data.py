@@ -12,15 +12,23 @@ import csv
 import gzip
 import hashlib
 import importlib.util
+import io
+import json
+import logging
+import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .config import DataConfig
 from .errors import KdcacheError
+
+log = logging.getLogger(__name__)
 
 
 class DataError(KdcacheError):
@@ -46,9 +54,9 @@ def package_dir(module: str, install_hint: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _bucket(key: str, seed: str = "kdcache-split") -> int:
-    """Deterministic 0..99 bucket of a key, for splits that keep groups (e.g. a movie) together."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big") % 100
+def _bucket(key: str, seed: str = "kdcache-split", buckets: int = 100) -> int:
+    """Deterministic 0..buckets-1 bucket of a key, for splits that keep groups (e.g. a movie) together."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big") % buckets
 
 
 def _split_of(key: str) -> str:
@@ -144,9 +152,32 @@ def _sst2(cfg: DataConfig) -> TaskData:
     return TaskData(splits, ("negative", "positive"), str(root), "id")
 
 
-def _check_utf8(path: Path) -> None:
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                ".parquet": "parquet"}
+
+
+def _file_kind(path: Path) -> tuple[str, str | None]:
+    """(format, compression) from a file name such as `train.tsv.gz`."""
+    suffixes = [x.lower() for x in path.suffixes]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    fmt = FILE_FORMATS.get(suffixes[-2 if compression else -1]) if len(suffixes) > (1 if compression else 0) else None
+    if fmt is None or (fmt == "parquet" and compression):
+        raise DataError(f"{path}: unsupported file type {''.join(path.suffixes)!r}; use csv, tsv, json, jsonl or "
+                        "parquet, text formats optionally compressed as .gz, .bz2, .xz or .zst")
+    return fmt, compression
+
+
+def _open_bytes(path: Path, compression: str | None) -> BinaryIO:
+    """The file's decompressed bytes as a stream (xz by Python, the rest by pyarrow's codecs)."""
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    return io.BufferedReader(pa.input_stream(str(path), compression=compression))
+
+
+def _check_utf8(path: Path, compression: str | None) -> None:
     """Text files must be UTF-8; name the line of the first bad byte rather than fail deep inside a parser."""
-    with open(path, "rb") as f:
+    with _open_bytes(path, compression) as f:
         for lineno, line in enumerate(f, 1):
             try:
                 line.decode("utf-8")
@@ -155,8 +186,56 @@ def _check_utf8(path: Path) -> None:
                                 "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
+def _read_delimited(path: Path, compression: str | None, delimiter: str, quoting: str, split: str) -> list[dict]:
+    """Rows of a csv/tsv file as dicts of strings; a row with more or fewer fields than the header is named."""
+    with io.TextIOWrapper(_open_bytes(path, compression), encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, strict=True,
+                                quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
+        rows = []
+        try:
+            for row in reader:
+                if None in row or None in row.values():  # extra fields land under None, missing ones are None
+                    width = len(reader.fieldnames or [])
+                    found = width + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                    raise DataError(f"{path}: line {reader.line_num} has {found} fields, the header {width}; check "
+                                    f"data.delimiter ({delimiter!r}) and data.quoting ({quoting!r}) for split "
+                                    f"`{split}`")
+                rows.append(row)
+        except csv.Error as e:
+            # (the reader counts a line once it is parsed: the bad one is the next)
+            raise DataError(f"{path}: line {reader.line_num + 1}: {e}; texts with quote characters may need "
+                            f"data.quoting: none (now {quoting!r}); data.delimiter is {delimiter!r}; split "
+                            f"`{split}`") from None
+    return rows
+
+
+def _read_json(path: Path, compression: str | None, lines: bool, split: str) -> list[dict]:
+    """Objects of a jsonl file (one per line) or a json file (a list of objects); a bad line or item is named."""
+    with io.TextIOWrapper(_open_bytes(path, compression), encoding="utf-8") as f:
+        if lines:
+            items = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        items.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {n} is not JSON ({e.msg}); split `{split}`") from None
+        else:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno}); split `{split}`") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: a .json file must hold a list of row objects (one object per line: .jsonl)")
+            items = list(enumerate(data))
+    for where, item in items:
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: {'line' if lines else 'item'} {where} is not an object of columns")
+    return [item for _, item in items]
+
+
 def _files(cfg: DataConfig) -> TaskData:
-    """Local csv/json/jsonl/parquet files, one per split."""
+    """Local files, one per split: csv/tsv/json/jsonl (optionally compressed) or parquet."""
     if not cfg.files:
         raise DataError("source `files` needs `data.files: {split: path}`")
     splits = {}
@@ -167,17 +246,19 @@ def _files(cfg: DataConfig) -> TaskData:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file for split `{split}` is empty (0 bytes; data.files.{split}); point it at "
                             "the file with the rows")
-        fmt = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(
-            path.suffix.lower())
-        if fmt is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use csv, tsv, json, jsonl or parquet")
-        kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        if fmt != "parquet":
-            _check_utf8(path)
-        try:
-            splits[split] = datasets.load_dataset(fmt, data_files=str(path), split="train", **kw)
-        except ValueError as e:  # datasets' words for an empty or unparsable file
-            raise DataError(f"{path} split `{split}`: no rows could be read ({e}); check the file") from None
+        fmt, compression = _file_kind(path)
+        if fmt == "parquet":
+            splits[split] = datasets.Dataset(pq.read_table(path))
+            continue
+        _check_utf8(path, compression)
+        if fmt in ("csv", "tsv"):
+            rows = _read_delimited(path, compression, cfg.delimiter or ("\t" if fmt == "tsv" else ","), cfg.quoting,
+                                   split)
+        else:
+            rows = _read_json(path, compression, fmt == "jsonl", split)
+        if not rows:
+            raise DataError(f"{path} split `{split}`: no rows could be read (a header only?); check the file")
+        splits[split] = datasets.Dataset.from_list(rows)
     return TaskData(splits, tuple(cfg.label_names), ", ".join(cfg.files.values()))
 
 
@@ -291,6 +372,8 @@ def _normalise(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names: t
         raw = ds[cfg.label_field][:]
         labels = []
         for i, y in enumerate(raw):
+            if isinstance(y, str) and y not in label_names:  # text files: label ids arrive as text, blank = none
+                y = None if not y.strip() else int(y) if y.strip().lstrip("-").isdigit() else y
             if y is None or (isinstance(y, int) and y < 0):
                 labels.append(-1)
             elif isinstance(y, str):
@@ -307,6 +390,44 @@ def _normalise(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names: t
     else:
         out["label"] = [-1] * len(ds)
     return datasets.Dataset.from_dict(out)
+
+
+SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation", "development": "validation"}
+
+
+def canonical_splits(splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+    """`dev`, `valid`, `val` are called `validation` (unless the source also has a `validation`)."""
+    out = {}
+    for name, ds in splits.items():
+        canon = SPLIT_ALIASES.get(name.lower(), name)
+        out[name if canon != name and canon in splits else canon] = ds
+    return out
+
+
+def carve_validation(splits: dict[str, datasets.Dataset], cfg: DataConfig, origin: str,
+                     id_field: str | None) -> dict[str, datasets.Dataset]:
+    """A `validation` split carved from `train` when the source has none: rows whose key (`group_field`, else the
+    id, else the row index) hashes below `validation_fraction`, so a group never straddles the two and reruns agree."""
+    if "validation" in splits or "train" not in splits or cfg.validation_fraction == 0:
+        return splits
+    train = splits["train"]
+    key_field = cfg.group_field or id_field
+    if key_field and key_field not in train.column_names:
+        raise DataError(f"{origin} split `train`: column `{key_field}` not found for carving a validation split "
+                        f"(columns: {', '.join(train.column_names)}); set data.group_field or data.id_field")
+    keys = [str(k) for k in train[key_field][:]] if key_field else [str(i) for i in range(len(train))]
+    cut = cfg.validation_fraction * 10_000
+    held = [i for i, k in enumerate(keys) if _bucket(k, "kdcache-validation", 10_000) < cut]
+    if not held or len(held) == len(keys):
+        log.warning("%s: no validation split, and %d training rows are too few to carve one (data.validation_fraction"
+                    " %s); give the data a `validation` split", origin, len(keys), cfg.validation_fraction)
+        return splits
+    held_set = set(held)
+    log.info("%s: no validation split; carved %d of %d training rows (data.validation_fraction %s, by %s) into "
+             "`validation`; set data.validation_fraction=0 to turn this off", origin, len(held), len(keys),
+             cfg.validation_fraction, f"column `{key_field}`" if key_field else "row index")
+    return {**splits, "train": train.select([i for i in range(len(keys)) if i not in held_set]),
+            "validation": train.select(held)}
 
 
 def load_task_data(cfg: DataConfig) -> TaskData:
@@ -331,6 +452,9 @@ def load_task_data(cfg: DataConfig) -> TaskData:
             raise DataError(f"{raw.origin}: split(s) {missing} not found; available: {sorted(raw.splits)} "
                             "(data.splits)")
         selected = {s: raw.splits[src] for s, src in cfg.splits.items()}
+    elif not cfg.splits:
+        selected = canonical_splits(selected)
+    selected = carve_validation(selected, cfg, raw.origin, cfg.id_field or raw.id_field)
     out = {}
     for split, ds in selected.items():
         if cfg.limit is not None:

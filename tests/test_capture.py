@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,7 +16,9 @@ import zarr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import build
-from kdcache.cache.format import MANIFEST, RECORDS_DIR, CacheFormatError, read_manifest
+from kdcache.cache.format import DIGEST_KEY, MANIFEST, RECORDS_DIR, CacheFormatError, manifest_digest, read_manifest
+from kdcache.cache.reader import CacheDataset
+from kdcache.cache.verify import verify_cache
 from kdcache.cache.writer import CacheConflictError, CacheWriteError
 from kdcache.fingerprint import hash_ids, hash_obj, hash_weight_files
 
@@ -122,6 +126,43 @@ def test_datasets_reads_a_shard_without_kdcache(tiny_cache):
     table = pq.read_table(tiny_cache / shard["parquet"])
     np.testing.assert_array_equal(np.array(ds["logits"][:], dtype=np.float32),
                                   np.stack(table.column("logits").to_numpy(zero_copy_only=False)))
+
+
+def test_plain_engines_open_a_split_folder_as_it_is(tiny_cache):
+    """A split folder holds Parquet only: pyarrow's and datasets' folder readers see exactly the split's rows."""
+    import pyarrow.dataset as pads
+    m = read_manifest(tiny_cache)
+    for split, s in m["splits"].items():
+        reference = pa.concat_tables(pq.read_table(tiny_cache / sh["parquet"]) for sh in s["shards"])
+        folder = pads.dataset(tiny_cache / split, format="parquet").to_table().sort_by("row_id")
+        assert folder.drop_columns([]).equals(reference.replace_schema_metadata(folder.schema.metadata)), split
+        ds = datasets.load_dataset("parquet", data_dir=str(tiny_cache / split), split="train")
+        assert sorted(ds["row_id"][:]) == list(range(s["rows"])) and sorted(ds["id"][:]) == sorted(
+            reference.column("id").to_pylist())
+
+
+def test_a_cache_of_the_earlier_layout_still_reads_and_verifies(tmp_path, tiny_cache):
+    """Before 2026-11-27 the Zarr groups sat inside the split folders; the manifest's paths say where they are."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_cache, old)
+    m = read_manifest(old)
+    for split, s in m["splits"].items():
+        (old / "features.zarr" / split).rename(old / split / "features.zarr")
+        s["features_group"]["path"] = f"{split}/features.zarr/zarr.json"
+        for sh in s["shards"]:
+            sh["features"]["path"] = f"{split}/features.zarr/{sh['name']}"
+    (old / "features.zarr").rmdir()
+    m[DIGEST_KEY] = manifest_digest(m)
+    (old / MANIFEST).write_text(json.dumps(m))
+    assert verify_cache(old).ok, verify_cache(old).problems
+    layers = tuple(m["features"]["layers"])
+    new_rows = list(CacheDataset(str(tiny_cache), "train", feature_layers=layers))
+    old_rows = list(CacheDataset(str(old), "train", feature_layers=layers))
+    assert len(old_rows) == len(new_rows) == m["splits"]["train"]["rows"]
+    for a, b in zip(old_rows, new_rows):
+        assert a["features"].keys() == b["features"].keys() and len(a["features"]) == len(layers)
+        for k in a["features"]:
+            np.testing.assert_array_equal(a["features"][k], b["features"][k])
 
 
 def test_interrupted_run_resumes_to_the_same_cache(tmp_path, teachers_dir, monkeypatch):

@@ -125,7 +125,7 @@ def test_verify_rederives_what_a_consistent_edit_claims(cache):
     assert any("row groups of" in p for p in
                write(lambda m: m["splits"]["train"]["shards"][0].update(row_groups=[1] * 25)))
     (cache / MANIFEST).write_text(json.dumps(original))
-    group = cache / "train" / "features.zarr" / "zarr.json"
+    group = cache / "features.zarr" / "train" / "zarr.json"
     group.write_text(group.read_text().replace('"group"', '"grouq"'))
     assert any("Zarr group's metadata" in p for p in verify_cache(cache).problems)
 

@@ -13,6 +13,7 @@ import torch
 
 from conftest import FAST, REPO, build, tiny_pipeline
 from kdcache.cache.reader import CacheMismatchError
+from kdcache.cache.reader import read_column
 from kdcache.report import build_report
 from kdcache.train.loop import train_students
 
@@ -72,9 +73,36 @@ def test_a_student_learns_and_the_run_directory_is_complete(tmp_path, tiny300):
 
     report = build_report(tmp_path, tiny300.parent)
     text = report.read_text()
-    for name in ("teacher (from_config)", "bow (bow, KD)", "bow-hard (bow, hard labels)", "KD gain"):
+    for name in ("teacher (from_config)", "bow (bow, KD)", "bow-hard (bow, hard labels)", "KD gain", "ONE CPU thread"):
         assert name in text
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the majority-class row: the training split's commonest label, scored on test (a dense count here)
+    train_labels, test_labels = (read_column(str(tiny300), s, "label") for s in ("train", "test"))
+    common = max(set(train_labels), key=train_labels.count)
+    row = next(line for line in text.splitlines() if line.startswith("| majority class ("))
+    assert float(row.split("|")[5]) == pytest.approx(test_labels.count(common) / len(test_labels), abs=1e-4)
+
+
+def test_plot_labels_never_overlap_and_baselines_are_drawn():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdcache.report import _scatter
+    runs = [{"run": name, "kd": not name.endswith("hard"), "parameters": 1000 + i, "test": {"accuracy": 0.70}}
+            for i, name in enumerate(["bow", "bow-hard", "bilstm", "bilstm-hard"])]
+    teacher = {"run": "teacher (x)", "parameters": 5000, "test": {"accuracy": 0.9},
+               "baseline": {"run": "majority class (a)", "test": {"accuracy": 0.31}}}
+    fig, ax = plt.subplots()
+    _scatter(ax, runs, [teacher], "parameters", "accuracy")
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text() in {"bow", "bow-hard", "bilstm", "bilstm-hard", "teacher"}]
+    assert len(labels) == 5
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "labels overprint"
+    assert [line.get_ydata()[0] for line in ax.lines] == [0.31], "the majority-class line"
+    assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels()), "minor tick labels overprint"
+    plt.close(fig)
 
 
 def test_training_is_reproducible(tmp_path, tiny_cache):

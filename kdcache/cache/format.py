@@ -4,8 +4,11 @@ One cache = one task taught by one teacher:
 
     <cache>/manifest.json                        written last, atomically, with a digest of its own content;
                                                  the only thing readers trust
-    <cache>/<split>/shard-00000.parquet          rows [0, shard_rows), plain Parquet
-    <cache>/<split>/features.zarr/shard-00000/   Zarr v3 group, arrays row-aligned with that shard
+    <cache>/<split>/shard-00000.parquet          rows [0, shard_rows), plain Parquet (a split folder holds only
+                                                 Parquet, so any engine opens it as a data set)
+    <cache>/features.zarr/<split>/shard-00000/   Zarr v3 group, arrays row-aligned with that shard
+                                                 (caches written before 2026-11-27 keep them in
+                                                 <split>/features.zarr/: readers follow the manifest's paths)
     <cache>/_records/                            the build's fingerprint and a commit record per shard (kept: a
                                                  rerun resumes from them, and repairs a damaged manifest)
 """
@@ -49,7 +52,12 @@ def parquet_relpath(split: str, index: int) -> str:
 
 
 def features_relpath(split: str, index: int) -> str:
-    return f"{split}/{FEATURES_DIR}/{shard_name(index)}"
+    return f"{features_group_relpath(split)}/{shard_name(index)}"
+
+
+def features_group_relpath(split: str) -> str:
+    """The split's Zarr group (beside the split's folder, which then holds Parquet only)."""
+    return f"{FEATURES_DIR}/{split}"
 
 
 def safe_path(root: Path, rel: str, what: str = "path") -> Path:

@@ -29,9 +29,9 @@ import zarr
 from .. import __version__
 from ..failpoints import failpoint
 from ..fingerprint import diff_fields, hash_file, hash_tree
-from .format import (BUILD_STATE, DIGEST_KEY, FEATURES_DIR, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST,
-                     RECORDS_DIR, CacheFormatError, features_relpath, fsync_dir, manifest_digest, parquet_relpath,
-                     parquet_write_options, read_manifest, shard_name, write_json_atomic)
+from .format import (BUILD_STATE, DIGEST_KEY, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, RECORDS_DIR,
+                     CacheFormatError, features_group_relpath, features_relpath, fsync_dir, manifest_digest,
+                     parquet_relpath, parquet_write_options, read_manifest, safe_path, shard_name, write_json_atomic)
 
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,8 @@ class CacheWriter:
         bad = []
         for split, s in m["splits"].items():
             group = s.get("features_group")
-            if group and not self._group_intact(split, group["sha256"]):
-                bad.append(f"{split}/{FEATURES_DIR}")
+            if group and not self._group_intact(group):
+                bad.append(group["path"])
             for sh in s["shards"]:
                 rec = self._read_record(split, int(sh["name"].rsplit("-", 1)[1]))
                 if not (rec and rec.get("sha256") == sh["sha256"] and (rec.get("features") or {}).get("sha256") ==
@@ -238,9 +238,9 @@ class CacheWriter:
                     bad.append(f"{split}/{sh['name']}")
         return bad
 
-    def _group_intact(self, split: str, sha256: str) -> bool:
-        path = self.root / split / FEATURES_DIR / "zarr.json"
-        return path.is_file() and hash_file(path) == sha256
+    def _group_intact(self, group: dict[str, Any]) -> bool:
+        path = safe_path(self.root, group["path"], "features group")
+        return path.is_file() and hash_file(path) == group["sha256"]
 
     def _clean_temporaries(self, pid: int | None = None) -> None:
         """Delete half-written files left under temporary names: every process's (we hold the lock), or one's."""
@@ -303,6 +303,7 @@ class CacheWriter:
             parent = (self.root / rel).parent
             if not (parent / "zarr.json").is_file():  # the split's group, so zarr.open_group lists every shard
                 try:
+                    parent.mkdir(parents=True, exist_ok=True)
                     zarr.open_group(str(parent), mode="a")
                 except zarr.errors.ContainsGroupError:
                     pass  # another process of a multi-process capture created it first
@@ -345,10 +346,9 @@ class CacheWriter:
             shards = [{k: r[k] for k in ("name", "row_start", "rows", "row_groups", "parquet", "bytes", "sha256", "features")
                        if k in r} for r in records]
             out_splits[split] = {**info, "shards": shards, "stats": summarise([r["stats"] for r in records])}
-            group = self.root / split / FEATURES_DIR / "zarr.json"
-            if group.is_file():  # the split's Zarr group metadata, so verify covers every Zarr file
-                out_splits[split]["features_group"] = {"path": f"{split}/{FEATURES_DIR}/zarr.json",
-                                                       "sha256": hash_file(group)}
+            group = f"{features_group_relpath(split)}/zarr.json"
+            if (self.root / group).is_file():  # the split's Zarr group metadata, so verify covers every Zarr file
+                out_splits[split]["features_group"] = {"path": group, "sha256": hash_file(self.root / group)}
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kdcache_version": __version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -19,6 +19,7 @@ from ..fingerprint import hash_obj, hash_table, hash_tokenizer
 from ..progress import progress
 from .head import CaptureHead
 from .heads import HEADS
+from .sanity import check_teacher
 from .teacher import prepare_teacher
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,13 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         return head.table(rows, out, start, split, schema, task), head.shard_features(out), stats
 
     sizes = {split: len(u) for split, u in units.items()}
-    return write_shards(out_dir, header, task, task_name, sizes, inputs["data"]["splits"], produce, head.summarise,
-                        overwrite)
+    manifest = write_shards(out_dir, header, task, task_name, sizes, inputs["data"]["splits"], produce,
+                            head.summarise, overwrite)
+    judged = next((s for s in ("validation", "test") if s in manifest["splits"]), None)
+    if judged:
+        check_teacher(task_name, task, head, manifest["splits"][judged].get("stats") or {},
+                      len(manifest["label_names"]), f"cached in {out_dir} (split `{judged}`)")
+    return manifest
 
 
 def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task_name: str, sizes: dict[str, int],

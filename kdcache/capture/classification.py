@@ -141,6 +141,7 @@ class SequenceClassification(CaptureHead):
         entropy = -(np.exp(logp) * logp).sum(1)
         labelled = labels >= 0
         return {"rows": int(len(labels)), "labelled": int(labelled.sum()),
+                "label_counts": np.bincount(labels[labelled], minlength=len(label_names)).tolist(),
                 "correct": int((out.logits.argmax(1)[labelled] == labels[labelled]).sum()),
                 "entropy_sum": float(entropy.sum()), "truncated": int(out.truncated.sum()),
                 "tokens_sum": int(out.num_tokens.sum()), "max_tokens": int(out.num_tokens.max(initial=0))}
@@ -149,13 +150,21 @@ class SequenceClassification(CaptureHead):
         tot = {k: sum(s[k] for s in stats)
                for k in ("rows", "labelled", "correct", "entropy_sum", "truncated", "tokens_sum", "seconds")}
         rows = max(tot["rows"], 1)
+        # (shards written by kdcache before label counts were kept have none: no baseline then)
+        counts = np.sum([s["label_counts"] for s in stats], axis=0) if all("label_counts" in s for s in stats) else []
         return {"rows": tot["rows"], "labelled_rows": tot["labelled"],
                 "teacher_accuracy": tot["correct"] / tot["labelled"] if tot["labelled"] else None,
+                # the best constant guess on this split: what a teacher must beat (sanity.py)
+                "majority_accuracy": float(np.max(counts)) / tot["labelled"] if tot["labelled"] and np.size(counts)
+                else None,
                 "mean_entropy_nats": tot["entropy_sum"] / rows, "truncated_rows": tot["truncated"],
                 "mean_tokens": tot["tokens_sum"] / rows,
                 "max_tokens": max((s["max_tokens"] for s in stats), default=0),
                 # teacher forward + tokenisation only (not I/O); resumed shards count their original time
                 "teacher_rows_per_s": tot["rows"] / tot["seconds"] if tot["seconds"] else None}
+
+    def count_labelled(self, ds):
+        return sum(1 for y in ds["label"][:] if y >= 0)
 
     def finetune_examples(self, tokenizer, ds, task):
         labelled = [i for i, y in enumerate(ds["label"][:]) if y >= 0]
@@ -167,18 +176,32 @@ class SequenceClassification(CaptureHead):
     def finetune_loss(self, logits, targets):
         return torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets))
 
+    def quality(self, summary):
+        if summary.get("teacher_accuracy") is None or summary.get("majority_accuracy") is None:
+            return None
+        return ("accuracy", summary["teacher_accuracy"], "majority-class", summary["majority_accuracy"],
+                summary["mean_entropy_nats"])
+
     @torch.inference_mode()
     def finetune_eval(self, model, tokenizer, ds, task, label_names, batch_size: int = 64):
-        """Accuracy of the classifier on the labelled rows of `ds`."""
+        """Accuracy, majority-class accuracy and mean entropy of the classifier on the labelled rows of `ds`."""
         model.eval()
+        ds = ds.select([i for i, y in enumerate(ds["label"][:]) if y >= 0])
         ids = _encode(tokenizer, ds, task)
         labels = np.array(ds["label"][:])
-        preds = []
+        logits = []
         for b in range(0, len(ids), batch_size):
             input_ids, mask = pad_rows(ids, range(b, min(b + batch_size, len(ids))), tokenizer.pad_token_id or 0)
-            preds.append(model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1).numpy())
-        pred = np.concatenate(preds)
-        return {"accuracy": classification_metrics(pred, labels, pred, len(label_names))["accuracy"]}
+            logits.append(model(input_ids=input_ids, attention_mask=mask).logits.float().numpy())
+        if not logits:
+            return {}
+        logits = np.concatenate(logits)
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        pred = logits.argmax(1)
+        return {"teacher_accuracy": classification_metrics(pred, labels, pred, len(label_names))["accuracy"],
+                "majority_accuracy": float(np.bincount(labels, minlength=len(label_names)).max() / len(labels)),
+                "mean_entropy_nats": float(-(np.exp(logp) * logp).sum(1).mean())}
 
 
 def _encode(tokenizer: Any, ds: Any, task: TaskConfig) -> list[list[int]]:

@@ -64,7 +64,16 @@ class CaptureHead:
         """Head-specific manifest fields besides the common header."""
         return {}
 
+    def quality(self, summary: dict[str, Any]) -> tuple[str, float, str, float, float | None] | None:
+        """For the teacher gate (sanity.py), from a split's summary: (metric, score, baseline name, baseline score,
+        mean entropy in nats or None); None when the head has no baseline or the split no labels."""
+        return None
+
     # -- fine-tuning a head onto a pretrained encoder (labelled heads)
+    def count_labelled(self, ds: Any) -> int:
+        """Rows of `ds` that `finetune_examples` keeps (they set the number of fine-tuning steps)."""
+        raise NotImplementedError
+
     def finetune_examples(self, tokenizer: Any, ds: Any, task: TaskConfig) -> tuple[list[list[int]], list[Any]]:
         """(input ids, training target) per labelled row of `ds`."""
         raise NotImplementedError
@@ -74,4 +83,5 @@ class CaptureHead:
 
     def finetune_eval(self, model: torch.nn.Module, tokenizer: Any, ds: Any, task: TaskConfig,
                       label_names: Sequence[str]) -> dict[str, float]:
+        """The fine-tuned teacher on `ds`, in the keys of `summarise` (so `quality` reads both)."""
         raise NotImplementedError

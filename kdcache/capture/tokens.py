@@ -125,9 +125,12 @@ class TokenClassification(CaptureHead):
                 "gold_entities": tot["gold_entities"], "mean_tokens": tot["tokens_sum"] / max(tot["rows"], 1),
                 "teacher_rows_per_s": tot["rows"] / tot["seconds"] if tot["seconds"] else None}
 
+    def count_labelled(self, ds):
+        return len(_gold_tagged(ds))
+
     def finetune_examples(self, tokenizer, ds, task):
         """Gold-tagged sentences only; each word's tag on its first sub-token, -100 elsewhere."""
-        ds = ds.select([i for i, t in enumerate(ds["tags"][:]) if t and min(t) >= 0])
+        ds = ds.select(_gold_tagged(ds))
         if len(ds) == 0:
             return [], []
         ids, first, _ = align_words(tokenizer, ds["words"][:], task.cache.max_length)
@@ -140,7 +143,18 @@ class TokenClassification(CaptureHead):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
     @torch.inference_mode()
+    def quality(self, summary):
+        if not summary.get("gold_entities"):
+            return None
+        return "entity F1", summary["teacher_entity_f1"], "all-`O`", 0.0, None
+
     def finetune_eval(self, model, tokenizer, ds, task, label_names):
         gold, pred = word_predictions(model, tokenizer, ds["words"][:], ds["tags"][:], label_names,
                                       task.cache.max_length)
-        return {"entity_f1": entity_f1(gold, pred)["f1"]}
+        return {"teacher_entity_f1": entity_f1(gold, pred)["f1"],
+                "gold_entities": sum(len(entity_spans(g)) for g in gold)}
+
+
+def _gold_tagged(ds: Any) -> list[int]:
+    """Rows whose every word has a gold tag (what the teacher fine-tunes on)."""
+    return [i for i, t in enumerate(ds["tags"][:]) if t and min(t) >= 0]

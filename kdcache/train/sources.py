@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import config as C
-from ..cache.reader import CacheDataset
+from ..cache.reader import CacheDataset, open_manifest
 from ..cache.verify import refuse_damaged
 from .head import Source
 from .heads import HEADS
@@ -33,9 +33,23 @@ def training_split(cache: str, pipeline: C.PipelineConfig, task: str, accelerato
                         rank=accelerator.process_index, world_size=accelerator.num_processes)
 
 
+def _require_splits(cache: str, train: C.TrainConfig) -> None:
+    """Each split the training settings name is in the cache, or a message naming the key that picks it."""
+    have = open_manifest(cache)[2]["splits"]
+    for key in ("train_split", "eval_split", "test_split"):
+        split = getattr(train, key)
+        if split is not None and split not in have:
+            raise C.ConfigError(
+                f"{cache}: no cached split {split!r} for train.{key} (the cache has {', '.join(have)}); set "
+                f"train.{key} to one of them (--set train.{key}=...), or give the data that split "
+                "(`dev`/`valid` files count as `validation`; data.validation_fraction carves one from train) and "
+                "rebuild the cache")
+
+
 def open_source(pipeline: C.PipelineConfig, task: str, cache: str, accelerator: Any,
                 feature_layers: tuple[int, ...] = ()) -> Source:
     train = pipeline.train
+    _require_splits(cache, train)
     ds = training_split(cache, pipeline, task, accelerator, feature_layers)
     head = HEADS[ds.manifest["head"]]
     head.check_cache(ds.manifest, pipeline, task, cache)
