@@ -101,3 +101,23 @@ def test_mismatched_cache_is_refused_with_the_field(cache):
         CacheDataset(cache, "dev")
     with pytest.raises(CacheFormatError, match=r"teacher layer\(s\) \[3\] are not cached"):
         CacheDataset(cache, "train", feature_layers=(3,))
+
+
+def test_a_cache_older_than_a_data_setting_counts_it_at_its_default(tmp_path, tiny_cache):
+    """A setting kdcache added later (data.quoting) is absent from an older cache's config: the cache was built as
+    its default reads, so a pipeline at the default trains on it and one that changes it is refused."""
+    import json
+    import shutil
+
+    from conftest import tiny_pipeline
+    from kdcache.cache.format import DIGEST_KEY, MANIFEST, manifest_digest
+    from kdcache.train.sources import expectation
+    old = tmp_path / "old"
+    shutil.copytree(tiny_cache, old)
+    m = json.loads((old / MANIFEST).read_text())
+    del m["config"]["data"]["quoting"]
+    m[DIGEST_KEY] = manifest_digest(m)
+    (old / MANIFEST).write_text(json.dumps(m))
+    CacheDataset(old, "train", expect=expectation(tiny_pipeline(), "topic"))
+    with pytest.raises(CacheMismatchError, match=r"data\.quoting: cache has 'minimal', pipeline expects 'none'"):
+        CacheDataset(old, "train", expect=expectation(tiny_pipeline("tasks.topic.data.quoting=none"), "topic"))

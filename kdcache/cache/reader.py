@@ -46,8 +46,12 @@ def _is_local(fs: Any) -> bool:
 
 def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
     """Refuse a cache whose task, head, labels or data config differ from what the student's pipeline expects."""
-    got = {"task": manifest["task"], "head": manifest["head"], "label_names": manifest["label_names"],
-           "data": manifest.get("config", {}).get("data")}
+    expect = dict(expect)
+    data = manifest.get("config", {}).get("data")
+    defaults = expect.pop("data_defaults", None)
+    if isinstance(data, dict) and defaults:  # settings newer than the cache: it was built with their defaults
+        data = {**{k: v for k, v in defaults.items() if k not in data}, **data}
+    got = {"task": manifest["task"], "head": manifest["head"], "label_names": manifest["label_names"], "data": data}
     wanted = {k: v for k, v in expect.items() if v is not None}
     changed = diff_fields({k: got.get(k) for k in wanted}, wanted)
     if changed:

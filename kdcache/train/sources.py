@@ -17,7 +17,9 @@ from .heads import HEADS
 def expectation(pipeline: C.PipelineConfig, task: str) -> dict[str, Any]:
     """What a student of `task` expects of its cache: that task, its teacher's head and its data settings."""
     t = pipeline.tasks[task]
-    return {"task": task, "head": t.teacher.head, "data": C.to_dict(t.data)}
+    return {"task": task, "head": t.teacher.head, "data": C.to_dict(t.data),
+            # a data setting added after a cache was built counts as its default there (it behaved so then)
+            "data_defaults": C.to_dict(C.DataConfig(source=t.data.source))}
 
 
 def training_split(cache: str, pipeline: C.PipelineConfig, task: str, accelerator: Any,
