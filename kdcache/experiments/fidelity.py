@@ -67,12 +67,16 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                                      "labelled_train_rows": manifest["splits"]["train"]["stats"].get(
                                          "labelled_rows", manifest["splits"]["train"]["rows"]),
                                      "train_rows": manifest["splits"]["train"]["rows"], "students": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"fidelity-{base.name}.json").write_text(json.dumps(results, indent=1))
-    text = render(results)
+    return _publish(results, out_dir / f"fidelity-{base.name}.json", render(results), doc, f"fidelity:{base.name}")
+
+
+def _publish(results: dict[str, Any], path: Path, text: str, doc: Path | None, section: str) -> dict[str, Any]:
+    """Keep the raw results as JSON, print the table, and (when asked) write it into its doc section."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
     print(text)
     if doc is not None:
-        write_section(doc, f"fidelity:{base.name}", text, header=HEADER)
+        write_section(doc, section, text, header=HEADER)
     return results
 
 
@@ -123,13 +127,8 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
             rows.setdefault(variants[r["run"]][0], []).append(r["test"][metric[0]])
     results = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name, "student": student,
                "seeds": seeds, "overrides": list(overrides), "metric": metric, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"sweep-{base.name}-{student}.json").write_text(json.dumps(results, indent=1))
-    text = render_sweep(results)
-    print(text)
-    if doc is not None:
-        write_section(doc, f"fidelity:{base.name}-sweep-{student}", text, header=HEADER)
-    return results
+    return _publish(results, out_dir / f"sweep-{base.name}-{student}.json", render_sweep(results), doc,
+                    f"fidelity:{base.name}-sweep-{student}")
 
 
 def render_sweep(r: dict[str, Any]) -> str:
