@@ -86,6 +86,11 @@ class FinetuneConfig:
     limit: int | None = setting(None, help="Fine-tune on at most this many training rows (label-scarce settings).",
                                 check=at_least(1))
     seed: int = setting(0, help="Seed for the head initialisation and the data order.")
+    folds: int = setting(0, help="Out-of-fold training targets (cross-fitting): with k >= 2, the training split is cut "
+                                 "into k folds by a hash of each row's id and a teacher fine-tuned on the other k-1 "
+                                 "folds labels each fold, so no row's soft label comes from a teacher that saw it "
+                                 "(validation and test: the teacher fine-tuned on all of train). Costs k more "
+                                 "fine-tunes. 0: off. Sequence classification.", check=at_least(0))
 
 
 @dataclass(frozen=True)
@@ -288,6 +293,10 @@ def _check_task(name: str, task: TaskConfig) -> None:
         allowed = " or ".join(HEAD_POOLINGS[head]) or "no features (a causal-LM cache keeps targets only)"
         raise ConfigError(f"`{where}.cache.features.pooling` = {feats.pooling!r}: a {head} teacher keeps {allowed}; "
                           f"set `{where}.cache.features.pooling` accordingly")
+    folds = task.teacher.finetune.folds if task.teacher.finetune is not None else 0
+    if folds == 1 or (folds and (head != SEQUENCE or feats.pooling == "tokens" and feats.layers)):
+        raise ConfigError(f"`{where}.teacher.finetune.folds` = {folds}: out-of-fold targets need k >= 2 folds (0 = "
+                          "off), a sequence-classification teacher, and pooled features (cls/mean) if any")
     if head == CAUSAL_LM and task.teacher.finetune is not None:
         raise ConfigError(f"`{where}.teacher.finetune`: kdcache fine-tunes classification and token-classification "
                           "heads; a causal-LM teacher is used as it is (remove the section)")

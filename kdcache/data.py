@@ -54,13 +54,13 @@ def package_dir(module: str, install_hint: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _bucket(key: str, seed: str = "kdcache-split", buckets: int = 100) -> int:
+def stable_bucket(key: str, seed: str = "kdcache-split", buckets: int = 100) -> int:
     """Deterministic 0..buckets-1 bucket of a key, for splits that keep groups (e.g. a movie) together."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big") % buckets
 
 
 def _split_of(key: str) -> str:
-    b = _bucket(key)
+    b = stable_bucket(key)
     return "train" if b < 80 else "validation" if b < 90 else "test"
 
 
@@ -417,7 +417,7 @@ def carve_validation(splits: dict[str, datasets.Dataset], cfg: DataConfig, origi
                         f"(columns: {', '.join(train.column_names)}); set data.group_field or data.id_field")
     keys = [str(k) for k in train[key_field][:]] if key_field else [str(i) for i in range(len(train))]
     cut = cfg.validation_fraction * 10_000
-    held = [i for i, k in enumerate(keys) if _bucket(k, "kdcache-validation", 10_000) < cut]
+    held = [i for i, k in enumerate(keys) if stable_bucket(k, "kdcache-validation", 10_000) < cut]
     if not held or len(held) == len(keys):
         log.warning("%s: no validation split, and %d training rows are too few to carve one (data.validation_fraction"
                     " %s); give the data a `validation` split", origin, len(keys), cfg.validation_fraction)

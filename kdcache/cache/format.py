@@ -69,8 +69,10 @@ def safe_path(root: Path, rel: str, what: str = "path") -> Path:
     return root / p
 
 
-def parquet_schema(text_fields: tuple[str, ...], num_labels: int, meta: dict[str, Any]) -> pa.Schema:
-    """Columns of a sequence-classification shard (one row per example)."""
+def parquet_schema(text_fields: tuple[str, ...], num_labels: int, meta: dict[str, Any],
+                   teacher_folds: int = 0) -> pa.Schema:
+    """Columns of a sequence-classification shard (one row per example); with out-of-fold targets, which fold's
+    teacher labelled each row."""
     fields = [
         pa.field("row_id", pa.int64(), nullable=False),          # position in the split, 0-based
         pa.field("id", pa.string(), nullable=False),             # stable example id from the source
@@ -82,6 +84,8 @@ def parquet_schema(text_fields: tuple[str, ...], num_labels: int, meta: dict[str
         pa.field("num_tokens", pa.int32(), nullable=False),      # teacher tokens after truncation
         pa.field("truncated", pa.bool_(), nullable=False),       # input was longer than max_length
     ]
+    if teacher_folds:  # the fold whose teacher (trained without it) labelled the row; -1 = the full teacher
+        fields.append(pa.field("teacher_fold", pa.int8(), nullable=False))
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
@@ -137,7 +141,8 @@ def _lm_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
 
 
 # head -> (manifest fields, shard metadata) -> the Parquet schema of its shards
-SCHEMAS = {SEQUENCE: lambda m, meta: parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), meta),
+SCHEMAS = {SEQUENCE: lambda m, meta: parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), meta,
+                                                    m.get("teacher_folds", 0)),
            TOKEN: lambda m, meta: ner_parquet_schema(len(m["label_names"]), meta),
            CAUSAL_LM: _lm_schema}
 

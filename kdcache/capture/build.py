@@ -10,6 +10,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from .. import config as C
 from .. import distributed
 from ..cache.format import FORMAT_VERSION, read_manifest, shard_schema
@@ -18,6 +21,7 @@ from ..data import TaskData, load_task_data, portable_origin
 from ..fingerprint import hash_obj, hash_table, hash_tokenizer
 from ..progress import progress
 from .head import CaptureHead
+from .folds import prepare_fold_teachers, run_out_of_fold
 from .heads import HEADS
 from .sanity import check_teacher
 from .teacher import prepare_teacher
@@ -67,20 +71,36 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         lambda: prepare_teacher(pipeline.name, task_name, task, data, teachers_dir))
     device = task.teacher.device if task.teacher.device != "auto" or dist.num_processes == 1 else str(dist.device)
     runner = head.runner(model, tokenizer, task, device)
+    ft = task.teacher.finetune
+    folds = ft.folds if ft is not None and ft.folds >= 2 else 0
+    fold_runners = []
+    if folds:  # out-of-fold targets on the training split (folds.py)
+        fold_models, identity["fold_teachers_sha256"] = distributed.main_first(
+            lambda: prepare_fold_teachers(pipeline.name, task_name, task, data, teachers_dir))
+        fold_runners = [head.runner(m, tokenizer, task, device) for m in fold_models]
     units = head.units(data, tokenizer, task)
     inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
     header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
+    if folds:
+        header["teacher_folds"] = folds
     schema = shard_schema(header, {"format_version": FORMAT_VERSION, "task": task_name,
                                    "fingerprint": header["fingerprint"]})
+    head_schema = schema.remove(schema.get_field_index("teacher_fold")) if folds else schema
 
     def produce(split: str, start: int, stop: int, bar) -> tuple[Any, dict | None, dict]:
         rows = units[split][start:stop]
         t0 = time.perf_counter()
         # any sampling is seeded per shard: a resumed or re-dealt shard draws the same samples
         seed = zlib.crc32(f"{header['fingerprint']}/{split}/{start}".encode())
-        out = head.run(runner, rows, task, seed, bar.update)
+        if folds and split == ft.train_split:
+            out, fold = run_out_of_fold(head, fold_runners, rows, task, seed, bar.update)
+        else:
+            out, fold = head.run(runner, rows, task, seed, bar.update), np.full(stop - start, -1, np.int8)
         stats = dict(head.stats(rows, out, data.label_names), seconds=time.perf_counter() - t0)
-        return head.table(rows, out, start, split, schema, task), head.shard_features(out), stats
+        table = head.table(rows, out, start, split, head_schema, task)
+        if folds:
+            table = table.append_column(schema.field("teacher_fold"), pa.array(fold, pa.int8()))
+        return table, head.shard_features(out), stats
 
     sizes = {split: len(u) for split, u in units.items()}
     manifest = write_shards(out_dir, header, task, task_name, sizes, inputs["data"]["splits"], produce,

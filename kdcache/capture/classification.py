@@ -116,6 +116,18 @@ class SequenceClassification(CaptureHead):
         return runner.run(rows[fields[0]], rows[fields[1]] if len(fields) > 1 else None, on_batch=on_batch,
                           row_ids=rows["id"])
 
+    def merge_rows(self, parts, rows):
+        def gather(get):
+            first = get(parts[0][1])
+            out = np.empty((rows, *first.shape[1:]), first.dtype)
+            for idx, o in parts:
+                out[idx] = get(o)
+            return out
+        return TeacherOutputs(gather(lambda o: o.logits),
+                              {k: gather(lambda o, k=k: o.features[k]) for k in parts[0][1].features},
+                              gather(lambda o: o.input_hash), gather(lambda o: o.num_tokens),
+                              gather(lambda o: o.truncated))
+
     def table(self, rows, out, row_start, split, schema, task):
         n = len(rows["id"])
         labels = np.asarray(rows["label"], dtype=np.int32)

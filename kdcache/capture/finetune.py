@@ -45,9 +45,10 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
             "tokenizer": task.teacher.tokenizer, "labels": list(data.label_names),
             "train_data": hash_table(train.data.table), "text_fields": list(task.data.text_fields),
             "max_length": task.cache.max_length,
-            # min_steps only where it lengthens the run, so teachers fine-tuned before it existed keep their key
-            "settings": {k: getattr(ft, k) for k in ft.__dataclass_fields__
-                         if k != "min_steps" or finetune_steps(ft, rows) > _epoch_steps(ft, rows)},
+            # min_steps only where it lengthens the run, so teachers fine-tuned before it existed keep their key;
+            # `folds` never changes this teacher (the fold teachers differ by their training rows)
+            "settings": {k: getattr(ft, k) for k in ft.__dataclass_fields__ if k != "folds" and
+                         (k != "min_steps" or finetune_steps(ft, rows) > _epoch_steps(ft, rows))},
             # (only for other heads, so existing sequence-classification teachers keep their key)
             **({"head": task.teacher.head} if task.teacher.head != "sequence-classification" else {})}
 

@@ -30,6 +30,10 @@ class CaptureHead:
         """The teacher's outputs for one shard's rows (`seed`: for any sampling, fixed per shard)."""
         raise NotImplementedError
 
+    def merge_rows(self, parts: list[tuple[Any, Any]], rows: int) -> Any:
+        """One output for `rows` rows from (row indices, output) pairs (out-of-fold capture, folds.py)."""
+        raise NotImplementedError
+
     def table(self, rows: Any, out: Any, row_start: int, split: str, schema: pa.Schema,
               task: TaskConfig) -> pa.Table:
         raise NotImplementedError
