@@ -22,9 +22,10 @@ Three teacher heads: sequence classification (exact logits per example), token c
 per WORD, e.g. NER) and causal LM (top-k ids + raw logits per position, with the full log-sum-exp and the exact
 tail mass at each configured temperature, optionally sampled targets).
 
-A PIPELINE is a name under pipelines/ (default, tiny, sst2, sib200-en, ner, ner-tiny, lm, lm-tiny, cross) or a path to a
-YAML file. A pipeline may hold several tasks with their own teachers; a cross-task student (arch bilstm-multitask)
-learns several of them at once, with a weight per task.
+A PIPELINE is a name under pipelines/ (default, tiny, sst2, sib200-en, ner, ner-tiny, lm, lm-tiny, cross) or a
+path to a YAML file. A pipeline may hold several tasks with their own teachers; a cross-task student (arch
+bilstm-multitask) learns several of them at once, with a weight per task. Your own data: source `files` (csv,
+tsv, json, jsonl, parquet, compressed or not); your own student or trainer: the Python API (docs/api.md).
 """
 
 EPILOG = """\
