@@ -25,6 +25,7 @@ def test_a_pipeline_of_a_classification_and_a_token_task_caches_trains_and_repor
     ner = yaml.safe_load((REPO / "pipelines" / "ner-tiny" / "pipeline.yaml").read_text())
     tiny["tasks"]["topic"]["data"]["limit"] = 60
     tiny["tasks"]["topic"]["teacher"]["finetune"]["epochs"] = 2
+    tiny["tasks"]["topic"]["teacher"]["sanity"] = {"enabled": False}  # a 60-row, 2-epoch teacher: no gate here
     mixed = {"name": "mixed", "tasks": {**tiny["tasks"], **ner["tasks"]},
              "train": {**tiny["train"], "epochs": 2},
              "students": {"bow": {**tiny["students"]["bow"], "task": "topic"},

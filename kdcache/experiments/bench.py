@@ -139,7 +139,9 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None,
     task_name = next(iter(base.tasks))
     over = [f"tasks.{task_name}.data.limit={rows}"]
     if base.tasks[task_name].teacher.finetune is not None:  # speed only: a few fine-tuning steps suffice
-        over += [f"tasks.{task_name}.teacher.finetune.limit=64", f"tasks.{task_name}.teacher.finetune.epochs=1"]
+        over += [f"tasks.{task_name}.teacher.finetune.limit=64", f"tasks.{task_name}.teacher.finetune.epochs=1",
+                 f"tasks.{task_name}.teacher.finetune.min_steps=0",
+                 f"tasks.{task_name}.teacher.sanity.enabled=false"]  # its quality is not what is measured
     pipeline = C.load_pipeline(pipeline_name, over)
     task = pipeline.tasks[task_name]
     teachers, cache = out_dir / "teachers", out_dir / "cache" / task_name

@@ -135,7 +135,8 @@ def overhead_on_device(device: str, rows: int) -> dict[str, Any]:
     from ..capture.teacher import prepare_teacher
     from .bench import _raw_forward_rows_per_s
     over = [f"tasks.sentiment.data.limit={rows}", "tasks.sentiment.teacher.finetune.limit=64",
-            "tasks.sentiment.teacher.finetune.epochs=1", f"tasks.sentiment.teacher.device={device}"]
+            "tasks.sentiment.teacher.finetune.epochs=1", "tasks.sentiment.teacher.finetune.min_steps=0",
+            "tasks.sentiment.teacher.sanity.enabled=false", f"tasks.sentiment.teacher.device={device}"]
     pipeline = C.load_pipeline("default", over)
     task = pipeline.tasks["sentiment"]
     with tempfile.TemporaryDirectory() as tmp:
