@@ -100,14 +100,23 @@ def classification_lines(runs: list[dict], teachers: dict[str, dict]) -> list[st
             b = t["baseline"]["test"]
             lines.append(f"| {t['baseline']['run']} | {task} | 0 | – | {_fmt(b['accuracy'])} | {_fmt(b['macro_f1'])} | "
                          "– | – | – | – |")
-    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
+    for r in _in_order(runs):
         test = r.get("test", {})
-        lines.append(f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | "
-                     f"{r['parameters']:,} | {_fmt((r.get('size_bytes') or 0) / 1e6, '.2f')} | "
+        lines.append(f"{_student(r)} {_fmt((r.get('size_bytes') or 0) / 1e6, '.2f')} | "
                      f"{_fmt(test.get('accuracy'))} | {_fmt(test.get('macro_f1'))} | {_fmt(test.get('agreement'))} | "
                      f"{_fmt(r.get('inference_examples_per_s_cpu'), '.0f')} | {_fmt(r['train_seconds'], '.1f')} | "
                      f"{_fmt(_gain(r, by_run, 'accuracy'), '+.4f')} |")
     return lines
+
+
+def _in_order(runs: list[dict]) -> list[dict]:
+    """By task and student, each KD run just before its hard-label twin."""
+    return sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"]))
+
+
+def _student(r: dict[str, Any]) -> str:
+    """The cells every head's table starts a student row with: name (arch, KD or hard labels), task, params."""
+    return f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | {r['parameters']:,} |"
 
 
 def token_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
@@ -121,10 +130,9 @@ def token_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
         lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | {t['test']['f1']:.4f} | – | – | 1.0000 | "
                      "– | – |")
         lines.append(f"| {t['baseline']['run']} | {task} | 0 | 0.0000 | – | – | – | – | – |")
-    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
+    for r in _in_order(runs):
         test = r.get("test", {})
-        lines.append(f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | "
-                     f"{r['parameters']:,} | {_fmt(test.get('f1'))} | {_fmt(test.get('precision'))} | "
+        lines.append(f"{_student(r)} {_fmt(test.get('f1'))} | {_fmt(test.get('precision'))} | "
                      f"{_fmt(test.get('recall'))} | {_fmt(test.get('teacher_agreement'))} | "
                      f"{r['train_seconds']:.1f} | {_fmt(_gain(r, by_run, 'f1'), '+.4f')} |")
     return lines
@@ -139,7 +147,7 @@ def lm_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
     for task, t in teachers.items():
         lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | – | {t['test']['perplexity']:.2f} | 0 | – "
                      f"| – |")
-    for r in sorted(runs, key=lambda r: (r["task"], r["student"], not r["kd"])):
+    for r in _in_order(runs):
         test = r.get("test", {})
         targets = r["loss"].get("targets", "topk") if r["kd"] else "next-token CE"
         lines.append(f"| {r['run']} | {r['task']} | {r['parameters']:,} | {targets} | "
