@@ -1,5 +1,6 @@
 """The public Python API (docs/api.md): open a cached split as a streaming dataset, batch it, read a column and
-apply the KD losses, from a plain PyTorch loop or a Hugging Face `Trainer`; no pipeline file, no CLI."""
+apply the KD losses, from a plain PyTorch loop or a Hugging Face `Trainer`; no pipeline file, no CLI. The names
+kdcache exports are listed once, in kdcache/__init__.py (which imports this module on first use)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ from .cache.reader import CacheDataset, collate, open_manifest, read_column as _
 from .train.losses import (SampledTargets, TopKTargets, dense_kd_loss_per_row, distillation_loss, feature_loss,
                            kd_loss_per_row)
 
-__all__ = ["CacheDataset", "CacheFormatError", "SampledTargets", "TopKTargets", "collate", "dense_kd_loss_per_row",
-           "distillation_loss", "feature_loss", "find_cache", "kd_loss_per_row", "manifest", "open_split",
-           "read_column"]
 
 
 def find_cache(path: str, task: str | None = None) -> str:

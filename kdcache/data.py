@@ -19,7 +19,7 @@ import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import datasets
 import pyarrow as pa
@@ -175,12 +175,13 @@ def _open_bytes(path: Path, compression: str | None) -> BinaryIO:
     return io.BufferedReader(pa.input_stream(str(path), compression=compression))
 
 
-def _check_utf8(path: Path, compression: str | None) -> None:
-    """Text files must be UTF-8; name the line of the first bad byte rather than fail deep inside a parser."""
+def _text_lines(path: Path, compression: str | None) -> Iterator[str]:
+    """The file's lines as text, endings kept, read once; a line that is not UTF-8 is named rather than failing deep
+    inside a parser."""
     with _open_bytes(path, compression) as f:
         for lineno, line in enumerate(f, 1):
             try:
-                line.decode("utf-8")
+                yield line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                                 "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
@@ -188,46 +189,43 @@ def _check_utf8(path: Path, compression: str | None) -> None:
 
 def _read_delimited(path: Path, compression: str | None, delimiter: str, quoting: str, split: str) -> list[dict]:
     """Rows of a csv/tsv file as dicts of strings; a row with more or fewer fields than the header is named."""
-    with io.TextIOWrapper(_open_bytes(path, compression), encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, strict=True,
-                                quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
-        rows = []
-        try:
-            for row in reader:
-                if None in row or None in row.values():  # extra fields land under None, missing ones are None
-                    width = len(reader.fieldnames or [])
-                    found = width + len(row[None]) if None in row else sum(v is not None for v in row.values())
-                    raise DataError(f"{path}: line {reader.line_num} has {found} fields, the header {width}; check "
-                                    f"data.delimiter ({delimiter!r}) and data.quoting ({quoting!r}) for split "
-                                    f"`{split}`")
-                rows.append(row)
-        except csv.Error as e:
-            # (the reader counts a line once it is parsed: the bad one is the next)
-            raise DataError(f"{path}: line {reader.line_num + 1}: {e}; texts with quote characters may need "
-                            f"data.quoting: none (now {quoting!r}); data.delimiter is {delimiter!r}; split "
-                            f"`{split}`") from None
+    reader = csv.DictReader(_text_lines(path, compression), delimiter=delimiter, strict=True,
+                            quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
+    rows = []
+    try:
+        for row in reader:
+            if None in row or None in row.values():  # extra fields land under None, missing ones are None
+                width = len(reader.fieldnames or [])
+                found = width + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                raise DataError(f"{path}: line {reader.line_num} has {found} fields, the header {width}; check "
+                                f"data.delimiter ({delimiter!r}) and data.quoting ({quoting!r}) for split `{split}`")
+            rows.append(row)
+    except csv.Error as e:
+        # (the reader counts a line once it is parsed: the bad one is the next)
+        raise DataError(f"{path}: line {reader.line_num + 1}: {e}; texts with quote characters may need "
+                        f"data.quoting: none (now {quoting!r}); data.delimiter is {delimiter!r}; split "
+                        f"`{split}`") from None
     return rows
 
 
 def _read_json(path: Path, compression: str | None, lines: bool, split: str) -> list[dict]:
     """Objects of a jsonl file (one per line) or a json file (a list of objects); a bad line or item is named."""
-    with io.TextIOWrapper(_open_bytes(path, compression), encoding="utf-8") as f:
-        if lines:
-            items = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        items.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {n} is not JSON ({e.msg}); split `{split}`") from None
-        else:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno}); split `{split}`") from None
-            if not isinstance(data, list):
-                raise DataError(f"{path}: a .json file must hold a list of row objects (one object per line: .jsonl)")
-            items = list(enumerate(data))
+    if lines:
+        items = []
+        for n, line in enumerate(_text_lines(path, compression), 1):
+            if line.strip():
+                try:
+                    items.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n} is not JSON ({e.msg}); split `{split}`") from None
+    else:
+        try:
+            data = json.loads("".join(_text_lines(path, compression)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno}); split `{split}`") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json file must hold a list of row objects (one object per line: .jsonl)")
+        items = list(enumerate(data))
     for where, item in items:
         if not isinstance(item, dict):
             raise DataError(f"{path}: {'line' if lines else 'item'} {where} is not an object of columns")
@@ -250,7 +248,6 @@ def _files(cfg: DataConfig) -> TaskData:
         if fmt == "parquet":
             splits[split] = datasets.Dataset(pq.read_table(path))
             continue
-        _check_utf8(path, compression)
         if fmt in ("csv", "tsv"):
             rows = _read_delimited(path, compression, cfg.delimiter or ("\t" if fmt == "tsv" else ","), cfg.quoting,
                                    split)

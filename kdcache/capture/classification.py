@@ -148,9 +148,7 @@ class SequenceClassification(CaptureHead):
 
     def stats(self, rows, out, label_names):
         labels = np.asarray(rows["label"])
-        z = out.logits - out.logits.max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        entropy = -(np.exp(logp) * logp).sum(1)
+        entropy = _entropy(out.logits)
         labelled = labels >= 0
         return {"rows": int(len(labels)), "labelled": int(labelled.sum()),
                 "label_counts": np.bincount(labels[labelled], minlength=len(label_names)).tolist(),
@@ -176,12 +174,11 @@ class SequenceClassification(CaptureHead):
                 "teacher_rows_per_s": tot["rows"] / tot["seconds"] if tot["seconds"] else None}
 
     def count_labelled(self, ds):
-        return sum(1 for y in ds["label"][:] if y >= 0)
+        return len(_labelled(ds))
 
     def finetune_examples(self, tokenizer, ds, task):
-        labelled = [i for i, y in enumerate(ds["label"][:]) if y >= 0]
-        ds = ds.select(labelled)
-        if not labelled:
+        ds = ds.select(_labelled(ds))
+        if len(ds) == 0:
             return [], []
         return _encode(tokenizer, ds, task), list(ds["label"][:])
 
@@ -198,7 +195,7 @@ class SequenceClassification(CaptureHead):
     def finetune_eval(self, model, tokenizer, ds, task, label_names, batch_size: int = 64):
         """Accuracy, majority-class accuracy and mean entropy of the classifier on the labelled rows of `ds`."""
         model.eval()
-        ds = ds.select([i for i, y in enumerate(ds["label"][:]) if y >= 0])
+        ds = ds.select(_labelled(ds))
         ids = _encode(tokenizer, ds, task)
         labels = np.array(ds["label"][:])
         logits = []
@@ -208,12 +205,22 @@ class SequenceClassification(CaptureHead):
         if not logits:
             return {}
         logits = np.concatenate(logits)
-        logp = logits - logits.max(1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         pred = logits.argmax(1)
         return {"teacher_accuracy": classification_metrics(pred, labels, pred, len(label_names))["accuracy"],
                 "majority_accuracy": float(np.bincount(labels, minlength=len(label_names)).max() / len(labels)),
-                "mean_entropy_nats": float(-(np.exp(logp) * logp).sum(1).mean())}
+                "mean_entropy_nats": float(_entropy(logits).mean())}
+
+
+def _entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy in nats of softmax(logits) per row [N] (T = 1), computed stably."""
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(1)
+
+
+def _labelled(ds: Any) -> list[int]:
+    """Rows with a gold label (what the teacher fine-tunes and is evaluated on)."""
+    return [i for i, y in enumerate(ds["label"][:]) if y >= 0]
 
 
 def _encode(tokenizer: Any, ds: Any, task: TaskConfig) -> list[list[int]]:

@@ -142,17 +142,17 @@ class TokenClassification(CaptureHead):
             target[r, :len(labels)] = torch.as_tensor(labels)
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
-    @torch.inference_mode()
     def quality(self, summary):
         if not summary.get("gold_entities"):
             return None
         return "entity F1", summary["teacher_entity_f1"], "all-`O`", 0.0, None
 
+    @torch.inference_mode()
     def finetune_eval(self, model, tokenizer, ds, task, label_names):
         gold, pred = word_predictions(model, tokenizer, ds["words"][:], ds["tags"][:], label_names,
                                       task.cache.max_length)
-        return {"teacher_entity_f1": entity_f1(gold, pred)["f1"],
-                "gold_entities": sum(len(entity_spans(g)) for g in gold)}
+        scores = entity_f1(gold, pred)
+        return {"teacher_entity_f1": scores["f1"], "gold_entities": scores["entities"]}
 
 
 def _gold_tagged(ds: Any) -> list[int]:
