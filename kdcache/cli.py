@@ -162,7 +162,8 @@ def cmd_fidelity(args) -> int:
                   None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
         return 0
     run_fidelity(args.pipeline, [int(x) for x in args.seeds.split(",")], args.students.split(","), args.scarce,
-                 args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
+                 args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides,
+                 folds=args.folds, all_labels=not args.only_scarce)
     return 0
 
 
@@ -292,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--students", default="bow,bilstm", help="comma-separated students of the pipeline")
     p.add_argument("--scarce", type=int, default=1000, help="labelled training rows in the label-scarce setting (0: all-labels setting only)")
+    p.add_argument("--only-scarce", action="store_true", help="run the label-scarce setting only")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="also run every setting with out-of-fold training targets from K fold teachers "
+                        "(teacher.finetune.folds=K) and compare them with the in-sample targets")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline value (repeatable), e.g. tasks.sst2.data.limit=null for the full set")
     p.add_argument("--sweep", metavar="STUDENT", default=None,

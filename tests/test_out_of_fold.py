@@ -62,3 +62,23 @@ def test_folds_are_refused_where_they_cannot_work():
         tiny_pipeline("tasks.topic.teacher.finetune.folds=1")
     with pytest.raises(ConfigError, match=r"pooled features"):
         tiny_pipeline("tasks.topic.teacher.finetune.folds=2", "tasks.topic.cache.features.pooling=tokens")
+
+
+def test_fidelity_compares_out_of_fold_with_in_sample_targets(tmp_path):
+    """`kdcache fidelity --folds 2 --only-scarce`: the label-scarce setting twice, its own doc section, paired gains."""
+    from conftest import FAST, REPO
+    from kdcache.experiments.fidelity import OOF, run_fidelity
+    doc = tmp_path / "f.md"
+    res = run_fidelity(str(REPO / "pipelines" / "tiny" / "pipeline.yaml"), [0], ["bow"], 30, tmp_path / "fid", doc,
+                       teachers_dir=tmp_path / "teachers", cache_root=tmp_path / "caches",
+                       overrides=[*FAST, "train.epochs=1"], folds=2, all_labels=False)
+    ins, oof = res["settings"]["30 labelled training rows"], res["settings"][f"30 labelled training rows, {OOF} (k=2)"]
+    assert (ins["teacher_folds"], oof["teacher_folds"]) == (0, 2) and "all labels" not in res["settings"]
+    assert oof["labelled_train_rows"] == ins["labelled_train_rows"] == 30
+    table = pq.read_table(tmp_path / "fid" / "cache-scarce-oof" / "topic" / "train")
+    assert table["teacher_fold"].to_numpy().tolist() == fold_of(table["id"].to_pylist(), 2).tolist()
+    text = doc.read_text()
+    assert "<!-- fidelity:tiny-oof -->" in text and "--folds 2" in text
+    gain = oof["students"]["bow"]["kd"][0] - ins["students"]["bow"]["kd"][0]
+    assert f"| 30 labelled training rows | bow | {ins['students']['bow']['kd'][0]:.4f}" in text
+    assert f"{gain:.4f} ± 0.0000" in text

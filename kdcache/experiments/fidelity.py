@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ import numpy as np
 from .. import config as C
 from ..cache.format import CAUSAL_LM, SEQUENCE
 from ..capture.build import build_teacher_cache
+from ..data import load_task_data
 from ..metrics import METRICS
 from ..train.loop import train_students
 from .docsections import write_section
 from .machine import machine
+
+
+OOF = "out-of-fold targets"
 
 
 def _metric(head: str) -> list[str]:
@@ -32,27 +37,38 @@ def _mean_std(xs: list[float]) -> str:
 
 def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scarce: int, out_dir: Path,
                  doc: Path | None, teachers_dir: Path = Path("data/teachers"), cache_root: Path = Path("data/cache"),
-                 overrides: list[str] = ()) -> dict[str, Any]:
-    """The all-labels setting reuses the pipeline's own teacher and cache; the label-scarce one builds its own."""
+                 overrides: list[str] = (), folds: int = 0, all_labels: bool = True) -> dict[str, Any]:
+    """The all-labels setting reuses the pipeline's own teacher and cache; the label-scarce one builds its own.
+    With `folds` = k, each setting is run again with out-of-fold training targets (k fold teachers beside the
+    setting's teacher), and the render compares the two: KD gain and teacher build time."""
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     metric = _metric(base.tasks[task].teacher.head)
-    settings = {"all labels": (list(overrides), teachers_dir, cache_root / base.name / task)}
+    settings = {}
+    if all_labels:
+        settings["all labels"] = (list(overrides), teachers_dir, cache_root / base.name / task)
     if scarce:  # 0 = all-labels setting only
         settings[f"{scarce} labelled training rows"] = ([*overrides, f"tasks.{task}.data.labelled_limit={scarce}"],
                                                          out_dir / "teachers-scarce", out_dir / "cache-scarce" / task)
+    if not settings:
+        raise C.ConfigError("kdcache fidelity: no setting left to run (--scarce 0 with --only-scarce)")
+    if folds:
+        for name, (over, teachers, cache) in list(settings.items()):
+            settings[f"{name}, {OOF} (k={folds})"] = ([*over, f"tasks.{task}.teacher.finetune.folds={folds}"],
+                                                      teachers, cache.parent.parent / f"{cache.parent.name}-oof" / task)
     results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name,
                                "source": base.tasks[task].data.source, "limit": base.tasks[task].data.limit,
                                "seeds": seeds, "students": students, "metric": metric, "settings": {}}
-    train_rows = None
+    ft = base.tasks[task].teacher.finetune
+    train_rows = len(load_task_data(base.tasks[task].data).splits["train"]) if ft is not None and scarce else 0
     for name, (over, teachers, cache) in settings.items():
-        ft = base.tasks[task].teacher.finetune
-        if ft is not None and train_rows and "labelled_limit" in " ".join(over):
+        if train_rows and "labelled_limit" in " ".join(over):
             # the small-label teacher gets about as many steps as the full one (up to 10 epochs), not 1/N of them
             over = [*over, f"tasks.{task}.teacher.finetune.epochs={min(10.0, ft.epochs * train_rows / scarce):.2f}"]
         pipeline = C.load_pipeline(pipeline_name, over)
+        started = time.perf_counter()
         manifest = build_teacher_cache(pipeline, task, cache, teachers)
-        train_rows = train_rows or manifest["splits"]["train"]["rows"]
+        built_s = time.perf_counter() - started
         rows: dict[str, dict[str, list[float]]] = {s: {"kd": [], "hard": []} for s in students}
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
@@ -66,8 +82,18 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                                      # caches of token tasks built before kdcache counted labelled rows: all were
                                      "labelled_train_rows": manifest["splits"]["train"]["stats"].get(
                                          "labelled_rows", manifest["splits"]["train"]["rows"]),
-                                     "train_rows": manifest["splits"]["train"]["rows"], "students": rows}
-    return _publish(results, out_dir / f"fidelity-{base.name}.json", render(results), doc, f"fidelity:{base.name}")
+                                     "train_rows": manifest["splits"]["train"]["rows"], "students": rows,
+                                     "teacher_folds": manifest.get("teacher_folds", 0),
+                                     # how far the training targets are from one-hot (in-sample vs out-of-fold)
+                                     "teacher_train": {k: manifest["splits"]["train"]["stats"].get(k)
+                                                       for k in (metric[1], "mean_entropy_nats")},
+                                     # 0 when an earlier run's teacher and cache were reused as they were
+                                     "build_seconds": round(built_s, 1)}
+    # an out-of-fold comparison has its own JSON and doc section: it does not replace the pipeline's main one
+    name = base.name + ("-oof" if folds else "")
+    results["flags"] = (f" --students {','.join(students)} --scarce {scarce}" + (" --only-scarce" if not all_labels else "")
+                        + (f" --folds {folds}" if folds else "") + "".join(f" --set {o}" for o in overrides))
+    return _publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
 
 
 def _publish(results: dict[str, Any], path: Path, text: str, doc: Path | None, section: str) -> dict[str, Any]:
@@ -164,8 +190,11 @@ def render(r: dict[str, Any]) -> str:
     """One pipeline's section of docs/fidelity.md."""
     limit = f", at most {r['limit']} rows per split (the first ones)" if r.get("limit") else ""
     words = (r.get("metric") or _metric(SEQUENCE))[2]
-    lines = [f"## Pipeline `{r['pipeline']}` (data: {r.get('source', '?')}{limit})", "",
-             f"`kdcache fidelity {r['pipeline']}` on {r['date']} ({r['machine']}); seeds {r['seeds']}; "
+    oof = " --folds" in r.get("flags", "")
+    lines = [f"## Pipeline `{r['pipeline']}` (data: {r.get('source', '?')}{limit})"
+             + (f": {OOF} against in-sample targets" if oof else ""), "",
+             f"`kdcache fidelity {r['pipeline']}{r.get('flags', '') if oof else ''}` on {r['date']} "
+             f"({r['machine']}); seeds {r['seeds']}; "
              f"{words}.", ""]
     for name, s in r["settings"].items():
         lines += [f"### {name}", "",
@@ -178,6 +207,7 @@ def render(r: dict[str, Any]) -> str:
             gain = [a - b for a, b in zip(v["kd"], v["hard"])]
             lines.append(f"| {student} | {_mean_std(v['kd'])} | {_mean_std(v['hard'])} | {_mean_std(gain)} |")
         lines.append("")
+    lines += _render_oof(r)
     if r.get("source") == "sst2":
         lines += ["Next to Tang et al. (2019, full SST-2, BERT-large teacher, 300-d word2vec BiLSTM, "
                   f"training set augmented for distillation): BiLSTM hard labels {TANG_2019['bilstm']:.3f}; BiLSTM distilled "
@@ -186,3 +216,30 @@ def render(r: dict[str, Any]) -> str:
                   "and the training subset above; the comparison is of the gain's direction and size, not of "
                   "absolute accuracy.", ""]
     return "\n".join(lines)
+
+
+def _render_oof(r: dict[str, Any]) -> list[str]:
+    """Out-of-fold against in-sample targets, paired by seed: what cross-fitting buys each KD student, and its cost."""
+    pairs = [(name, r["settings"][name.split(f", {OOF}")[0]], s) for name, s in r["settings"].items() if OOF in name]
+    if not pairs:
+        return []
+    lines = [f"### {OOF} against in-sample targets", "",
+             "KD students trained on out-of-fold targets minus the same students (same seed, initial weights and "
+             "batches) trained on in-sample targets; teacher build time is the wall time of `kdcache cache` for the "
+             "setting on this machine (0 where an earlier run's teacher and cache were reused).", "",
+             "| setting | student | in-sample KD | out-of-fold KD | gain | teacher build s (in-sample / out-of-fold) |",
+             "|---|---|---:|---:|---:|---:|"]
+    stats = []
+    for name, ins, oof in pairs:
+        t = [(s.get("teacher_train") or {}) for s in (ins, oof)]
+        key = r["metric"][1]
+        if all(x.get(key) is not None for x in t):
+            stats.append(f"- {name.split(f', {OOF}')[0]}: the teacher's {key.removeprefix('teacher_').replace('_', ' ')} on the rows "
+                         f"it labels for training {t[0][key]:.3f} in-sample, {t[1][key]:.3f} out-of-fold; mean entropy of "
+                         f"those targets {t[0]['mean_entropy_nats']:.3f} / {t[1]['mean_entropy_nats']:.3f} nats.")
+        for student, v in oof["students"].items():
+            base = ins["students"][student]["kd"]
+            gain = [a - b for a, b in zip(v["kd"], base)]
+            lines.append(f"| {name.split(f', {OOF}')[0]} | {student} | {_mean_std(base)} | {_mean_std(v['kd'])} | "
+                         f"{_mean_std(gain)} | {ins.get('build_seconds', 0):.0f} / {oof.get('build_seconds', 0):.0f} |")
+    return lines + ([""] + stats if stats else []) + [""]
