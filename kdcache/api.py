@@ -41,18 +41,23 @@ def find_cache(path: str, task: str | None = None) -> str:
 
 def open_split(path: str, split: str = "train", *, task: str | None = None, shuffle: bool = True, seed: int = 0,
                shuffle_buffer: int = 2048, feature_layers: tuple[int, ...] = (), rank: int | None = None,
-               world_size: int | None = None) -> CacheDataset:
+               world_size: int | None = None, languages: tuple[str, ...] | None = None,
+               mixing: str = "proportional") -> CacheDataset:
     """A streaming `torch` dataset of one cached split, shuffled by default (pass shuffle=False to evaluate).
     Call `ds.set_epoch(e)` at the start of each epoch for a new order; batch with `ds.collate` (or `collate`).
     Under `accelerate`/`torchrun` each process reads its own share of row groups (rank/world_size default to
-    the running process group)."""
+    the running process group). Multilingual caches: `languages` reads only those partitions; `mixing` is each
+    language's share of an epoch (`proportional`, `uniform` or `temperature:T`)."""
     return CacheDataset(find_cache(path, task), split, shuffle=shuffle, seed=seed, shuffle_buffer=shuffle_buffer,
-                        feature_layers=tuple(feature_layers), rank=rank, world_size=world_size)
+                        feature_layers=tuple(feature_layers), rank=rank, world_size=world_size,
+                        languages=tuple(languages) if languages else None, mixing=mixing)
 
 
-def read_column(path: str, split: str, column: str, *, task: str | None = None) -> list[Any]:
-    """One column of a cached split, in row order (e.g. the texts, to build a student's vocabulary)."""
-    return _read_column(find_cache(path, task), split, column)
+def read_column(path: str, split: str, column: str, *, task: str | None = None,
+                languages: tuple[str, ...] | None = None) -> list[Any]:
+    """One column of a cached split, in row order (e.g. the texts, to build a student's vocabulary); with
+    `languages`, of those languages only."""
+    return _read_column(find_cache(path, task), split, column, tuple(languages) if languages else None)
 
 
 def manifest(path: str, *, task: str | None = None) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import yaml
 
 from .cache.format import CAUSAL_LM, HEADS, SEQUENCE, TOKEN
 from .students import REGISTRY
-from .typedconfig import (ConfigError, above, apply_override, at_least, between, build, each, nonempty, one_of,
-                          setting, to_dict)
+from .typedconfig import (ConfigError, above, apply_override, at_least, between, build, each, matches, nonempty,
+                          one_of, setting, to_dict)
 
 __all__ = ["ConfigError", "build", "load_pipeline", "to_dict"]
 
@@ -63,8 +63,30 @@ class DataConfig:
     group_field: str | None = setting(None, help="Column whose rows must stay together when a validation split is "
                                                  "carved from train (e.g. a movie or an author: no leakage).")
     labelled_limit: int | None = setting(None, help="Keep gold labels for only the first N training rows; the rest "
-                                                   "become unlabelled (label-scarce experiments: only KD learns from them).",
+                                                   "become unlabelled (label-scarce experiments: only KD learns from them). "
+                                                   "0 in a language's settings: that language has no training labels.",
                                                   check=at_least(0))
+    languages: dict[str, dict[str, Any]] = setting({}, help="Multilingual data: language code -> that language's own "
+                                                            "settings of this section (e.g. its `files`, `subset` or "
+                                                            "`labelled_limit: 0`), over the shared ones. Every row gets "
+                                                            "a `language` and an id `<code>/<id>`; the cache stores each "
+                                                            "split as `language=<code>/` partitions. Empty: one "
+                                                            "unnamed language.")
+
+    def __post_init__(self) -> None:
+        for code in self.languages:
+            if not code or "/" in code or "=" in code or code != code.strip():
+                raise ConfigError(f"`data.languages`: language code {code!r} must be a plain name such as `de` "
+                                  "(it names a folder `language=<code>/`)")
+            self.language(code)  # each language's settings are checked at load
+
+    def language(self, code: str) -> "DataConfig":
+        """The settings of one language: the shared ones with the language's own on top."""
+        own = self.languages[code]
+        if not isinstance(own, dict) or "languages" in own:
+            raise ConfigError(f"`data.languages.{code}` must be a mapping of data settings (not `languages`)")
+        shared = {k: v for k, v in to_dict(self).items() if k != "languages"}
+        return build(DataConfig, {**shared, **own}, f"data.languages.{code}")
 
 
 @dataclass(frozen=True)
@@ -232,6 +254,12 @@ class TrainConfig:
     eval_split: str = setting("validation", help="Cached split for per-epoch evaluation and best-checkpoint choice.")
     test_split: str | None = setting("test", help="Cached split for the final report (null: none).")
     verify: bool = setting(True, help="Re-check every checksum of a local cache before training (~300 MB/s).")
+    language_mixing: str = setting("proportional", help="Multilingual caches: each language's share of an epoch, "
+                                                        "`proportional` to its rows (every row once per epoch), "
+                                                        "`uniform`, or `temperature:T` (share ∝ rows^(1/T); T=1 is "
+                                                        "proportional, larger T lifts small languages).",
+                                   check=matches(r"proportional|uniform|temperature:[0-9]*\.?[0-9]+",
+                                                 "`proportional`, `uniform` or `temperature:<T>`"))
     loss: LossConfig = setting(LossConfig(), help="Default loss for every student.")
 
 
@@ -254,6 +282,12 @@ class StudentConfig:
                                           check=above(0))
     loss: LossConfig | None = setting(None, help="Overrides train.loss for this student.")
     twin: bool = setting(True, help="Also train a hard-label-only twin (`<name>-hard`) to show the gain from KD.")
+    languages: tuple[str, ...] = setting((), help="Multilingual caches: learn (and be evaluated) on these languages "
+                                                  "only; only their partitions are read. Empty: every language (one "
+                                                  "multilingual student).")
+    per_language: bool = setting(False, help="Multilingual caches: one student per language (of `languages`, or of "
+                                             "every language of its task), named `<name>@<code>`, each trained on "
+                                             "its own partition with its own word vocabulary.")
 
 
 @dataclass(frozen=True)
@@ -274,6 +308,7 @@ class PipelineConfig:
             _check_task(name, task)
         for name, st in self.students.items():
             _check_student(self, name, st)
+        object.__setattr__(self, "students", _per_language_students(self))
 
     def student_tasks(self, student: str) -> dict[str, float]:
         """The tasks a student learns, with their loss weights (one task, weight 1, unless it lists `tasks:`)."""
@@ -316,6 +351,16 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
                               "to a loss weight >= 0")
     elif (st.task or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)) not in p.tasks:
         raise ConfigError(f"pipeline {p.name!r}: `{where}.task` must name one of the tasks ({', '.join(p.tasks)})")
+    if st.languages or st.per_language:
+        if st.tasks:
+            raise ConfigError(f"`{where}`: a cross-task student learns every language of its tasks; remove "
+                              "`languages` / `per_language`")
+        have = p.tasks[next(iter(p.student_tasks(name)))].data.languages
+        unknown = [c for c in st.languages if c not in have]
+        if not have or unknown:
+            raise ConfigError(f"`{where}.languages`/`per_language`: its task's data has "
+                              f"{'languages ' + ', '.join(have) if have else 'no `data.languages`'}"
+                              f"{'; unknown: ' + ', '.join(unknown) if unknown else ''}")
     loss = st.loss or p.train.loss
     lw = f"{where}.loss" if st.loss else "train.loss"
     if loss.kind == "jsd" and not 0 < loss.beta < 1:
@@ -333,6 +378,20 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
                 if f.student_layer not in (0, -1):
                     raise ConfigError(f"`{lw}.features[{i}].student_layer` = {f.student_layer}: a tagger exposes "
                                       "one per-word representation (its last layer); use -1 (or 0)")
+
+
+def _per_language_students(p: "PipelineConfig") -> dict[str, StudentConfig]:
+    """Students with `per_language` become one student per language, `<name>@<code>` (in the task's language order)."""
+    out = {}
+    for name, st in p.students.items():
+        if not st.per_language:
+            out[name] = st
+            continue
+        task = p.student_tasks(name)
+        codes = st.languages or tuple(p.tasks[next(iter(task))].data.languages)
+        for code in codes:
+            out[f"{name}@{code}"] = dataclasses.replace(st, per_language=False, languages=(code,))
+    return out
 
 
 def check_lm_loss(loss: LossConfig, cache: CacheConfig, lw: str) -> None:

@@ -43,6 +43,16 @@ class TaskData:
     label_names: tuple[str, ...]
     origin: str  # where the rows came from, for messages
     id_field: str | None = None  # the source's own stable id column, if it has one
+    languages: tuple[str, ...] = ()  # multilingual data: every split has a `language` column, rows grouped by it
+
+    def only(self, language: str) -> "TaskData":
+        """The rows of one language (splits where it has none are left out)."""
+        splits = {}
+        for split, ds in self.splits.items():
+            keep = [i for i, code in enumerate(ds["language"][:]) if code == language]
+            if keep:
+                splits[split] = ds.select(keep)
+        return TaskData(splits, self.label_names, self.origin, self.id_field, (language,))
 
 
 def package_dir(module: str, install_hint: str) -> Path:
@@ -427,8 +437,30 @@ def carve_validation(splits: dict[str, datasets.Dataset], cfg: DataConfig, origi
             "validation": train.select(held)}
 
 
+def _multilingual(cfg: DataConfig) -> TaskData:
+    """Each language loaded with its own settings, then one Dataset per split: rows grouped by language in config
+    order, a `language` column, and ids `<code>/<id>` (parallel corpora share ids across languages)."""
+    parts = {code: load_task_data(cfg.language(code)) for code in cfg.languages}
+    first, names = next(iter(parts)), next(iter(parts.values())).label_names
+    for code, d in parts.items():
+        if d.label_names != names:
+            raise DataError(f"data.languages.{code} ({d.origin}): label names {list(d.label_names)} differ from "
+                            f"those of `{first}` {list(names)}; every language of a task needs the same labels "
+                            "(set data.label_names)")
+    splits: dict[str, list[datasets.Dataset]] = {}
+    for code, d in parts.items():
+        for split, ds in d.splits.items():
+            ids = [f"{code}/{i}" for i in ds["id"][:]]
+            ds = ds.remove_columns("id").add_column("id", ids).add_column("language", [code] * len(ds))
+            splits.setdefault(split, []).append(ds)
+    return TaskData({split: datasets.concatenate_datasets(p) for split, p in splits.items()}, names,
+                    "; ".join(f"{code}: {d.origin}" for code, d in parts.items()), "id", tuple(parts))
+
+
 def load_task_data(cfg: DataConfig) -> TaskData:
     """Load, select, check and normalise a task's splits (see module docstring)."""
+    if cfg.languages:
+        return _multilingual(cfg)
     if cfg.source not in SOURCES:
         raise DataError(f"unknown data.source {cfg.source!r}; one of: {', '.join(SOURCES)}")
     raw = SOURCES[cfg.source](cfg)

@@ -12,7 +12,7 @@ import numpy as np
 from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN, CacheFormatError
 from .cache.reader import open_manifest, read_column
 from .errors import KdcacheError
-from .metrics import classification_metrics
+from .metrics import METRICS, classification_metrics
 
 CROSS = "cross-task"
 
@@ -239,6 +239,71 @@ def _label_apart(ax, points: list[tuple[float, float, str]], step: float = 11.0)
             dy -= step
 
 
+def _majority_accuracy(cache: str, language: str, test_split: str) -> float | None:
+    """Test accuracy of predicting the most frequent training label of `language` for each of its test rows."""
+    train = [y for y in read_column(cache, "train", "label", (language,)) if y is not None and y >= 0]
+    test = np.array([-1 if y is None else y for y in read_column(cache, test_split, "label", (language,))])
+    if not train or not (test >= 0).any():
+        return None
+    return float((test[test >= 0] == np.bincount(train).argmax()).mean())
+
+
+def language_section(runs: list[dict[str, Any]], runs_dir: Path, test_split: str) -> list[str]:
+    """Students of multilingual caches, metric per language: a table (teacher and the split's majority class per
+    language first; per-language students `<name>@<code>` gathered in one row) and report-languages.png."""
+    import matplotlib.pyplot as plt
+    lines: list[str] = []
+    tasks = sorted({r["task"] for r in runs if r.get("languages") and r.get("head") != CROSS})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(7 * max(1, len(tasks)), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in runs if r["task"] == task and r.get("languages") and r.get("head") != CROSS]
+        try:
+            m = open_manifest(mine[0]["cache"])[2]
+        except (KeyError, FileNotFoundError, CacheFormatError):
+            continue
+        metric = METRICS[m["head"]]
+        codes = list(m.get("languages") or sorted({c for r in mine for c in r["languages"]}))
+        per_lang = m["splits"].get(test_split, {}).get("languages", {})
+        rows: dict[str, dict[str, float | None]] = {
+            "teacher": {c: per_lang.get(c, {}).get("stats", {}).get(metric.teacher_stat) for c in codes}}
+        if m["head"] == SEQUENCE and "train" in m["splits"]:
+            rows["majority class (of each language's training split)"] = {
+                c: _majority_accuracy(mine[0]["cache"], c, test_split) for c in codes}
+        for r in _in_order(mine):
+            family = r["student"].split("@")[0]
+            kind = "one per language" if "@" in r["student"] else "multilingual"
+            label = f"{family} ({kind}, {'KD' if r['kd'] else 'hard labels'})"
+            got = rows.setdefault(label, {})
+            if len(r["languages"]) == 1:
+                got[r["languages"][0]] = (r.get("test") or {}).get(metric.key)
+            else:
+                got.update({c: v.get(metric.key) for c, v in (r.get("test_by_language") or {}).items()})
+        lines += [f"### Per language: task `{task}` ({metric.words})", "",
+                  "The teacher's value comes from its cached test logits; a per-language student (`<name>@<code>`) "
+                  "is trained and tested on its own language's partition, a multilingual one on all of them.", "",
+                  "| model | " + " | ".join(codes) + " | mean |", "|---|" + "---:|" * (len(codes) + 1)]
+        for label, vals in rows.items():
+            have = [vals[c] for c in codes if vals.get(c) is not None]
+            lines.append(f"| {label} | " + " | ".join(_fmt(vals.get(c)) for c in codes) +
+                         f" | {_fmt(float(np.mean(have)) if len(have) == len(codes) else None)} |")
+        lines.append("")
+        width = 0.8 / len(rows)
+        for i, (label, vals) in enumerate(rows.items()):
+            ax.bar([j + i * width for j in range(len(codes))], [vals.get(c) or 0.0 for c in codes], width,
+                   label=label, color="black" if label == "teacher" else "lightgray" if label.startswith("majority") else None)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(codes))], codes)
+        ax.set_ylabel(metric.words)
+        ax.set_title(f"{task}: {metric.words} per language")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    if lines:
+        fig.savefig(runs_dir / "report-languages.png", dpi=110)
+        lines += ["![metric per language](report-languages.png)", ""]
+    plt.close(fig)
+    return lines
+
+
 # head -> (teacher row, table, plotted metric, axis label); cross-task runs have a table of their own
 HEADS: dict[str, tuple[Callable, Callable, str, str]] = {
     SEQUENCE: (teacher_row_classification, classification_lines, "accuracy", "test accuracy"),
@@ -304,6 +369,7 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
         panels.append((head, mine, list(teachers.values()), metric, label))
     if cross:
         lines += [*cross_lines(cross), ""]
+    lines += language_section(all_runs, runs_dir, test_split)
     if any(head == SEQUENCE for head, *_ in panels):
         _, mine, teachers, metric, label = next(p for p in panels if p[0] == SEQUENCE)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -399,6 +465,8 @@ def info_lines(i: dict[str, Any]) -> list[str]:
                    f"everything included) on {i['device']} x {i['processes']} process(es), last run")
     for split, s in i["splits"].items():
         out.append(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {SPLIT_INFO[i['head']](s)}")
+        for code, lang in (s.get("languages") or {}).items():
+            out.append(f"    {code:<10} {lang['rows']:>8} rows {lang['shards']:>3} shards {SPLIT_INFO[i['head']](lang)}")
     return out
 
 

@@ -64,6 +64,11 @@ def one_of(*choices: Any) -> Check:
     return _rule(f"one of {', '.join(map(str, choices))}", lambda v: v in choices)
 
 
+def matches(pattern: str, rule: str) -> Check:
+    """A string that matches the regular expression `pattern` (whole string)."""
+    return _rule(rule, lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None)
+
+
 def each(check: Check) -> Check:
     """Apply `check` to every item of a tuple value."""
     def run(v: Any) -> str | None:

@@ -47,8 +47,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def parquet_relpath(split: str, index: int) -> str:
-    return f"{split}/{shard_name(index)}.parquet"
+def parquet_relpath(split: str, index: int, language: str | None = None) -> str:
+    """A shard's Parquet file; multilingual caches keep each language in a hive partition `language=<code>/`."""
+    return f"{split}/{'' if language is None else f'language={language}/'}{shard_name(index)}.parquet"
 
 
 def features_relpath(split: str, index: int) -> str:
@@ -69,10 +70,8 @@ def safe_path(root: Path, rel: str, what: str = "path") -> Path:
     return root / p
 
 
-def parquet_schema(text_fields: tuple[str, ...], num_labels: int, meta: dict[str, Any],
-                   teacher_folds: int = 0) -> pa.Schema:
-    """Columns of a sequence-classification shard (one row per example); with out-of-fold targets, which fold's
-    teacher labelled each row."""
+def parquet_schema(text_fields: tuple[str, ...], num_labels: int, meta: dict[str, Any]) -> pa.Schema:
+    """Columns of a sequence-classification shard (one row per example)."""
     fields = [
         pa.field("row_id", pa.int64(), nullable=False),          # position in the split, 0-based
         pa.field("id", pa.string(), nullable=False),             # stable example id from the source
@@ -84,8 +83,6 @@ def parquet_schema(text_fields: tuple[str, ...], num_labels: int, meta: dict[str
         pa.field("num_tokens", pa.int32(), nullable=False),      # teacher tokens after truncation
         pa.field("truncated", pa.bool_(), nullable=False),       # input was longer than max_length
     ]
-    if teacher_folds:  # the fold whose teacher (trained without it) labelled the row; -1 = the full teacher
-        fields.append(pa.field("teacher_fold", pa.int8(), nullable=False))
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
@@ -141,15 +138,25 @@ def _lm_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
 
 
 # head -> (manifest fields, shard metadata) -> the Parquet schema of its shards
-SCHEMAS = {SEQUENCE: lambda m, meta: parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), meta,
-                                                    m.get("teacher_folds", 0)),
+SCHEMAS = {SEQUENCE: lambda m, meta: parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), meta),
            TOKEN: lambda m, meta: ner_parquet_schema(len(m["label_names"]), meta),
            CAUSAL_LM: _lm_schema}
 
 
-def shard_schema(m: dict[str, Any], meta: dict[str, Any] | None = None) -> pa.Schema:
-    """The shard schema a manifest's (or a manifest header's) head and settings call for."""
-    return SCHEMAS[m["head"]](m, meta or {})
+def build_columns(m: dict[str, Any]) -> list[pa.Field]:
+    """Columns the build loop adds after any head's own: which fold's teacher (trained without the row) labelled
+    it, -1 = the full teacher (out-of-fold targets); the row's language (multilingual data)."""
+    return ([pa.field("teacher_fold", pa.int8(), nullable=False)] if m.get("teacher_folds") else []) + \
+        ([pa.field("language", pa.string(), nullable=False)] if m.get("languages") else [])
+
+
+def shard_schema(m: dict[str, Any], meta: dict[str, Any] | None = None, head_only: bool = False) -> pa.Schema:
+    """The shard schema a manifest's (or a manifest header's) head and settings call for (`head_only`: without the
+    build loop's columns, i.e. what the head itself writes)."""
+    schema = SCHEMAS[m["head"]](m, meta or {})
+    for f in [] if head_only else build_columns(m):
+        schema = schema.append(f)
+    return schema
 
 
 def parquet_write_options(schema: pa.Schema, row_group_rows: int) -> dict[str, Any]:

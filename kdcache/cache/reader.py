@@ -4,6 +4,10 @@ Work is planned in row groups (the manifest lists them, so no footer is read up 
 groups are permuted with a seed (shard and row-group order at once), dealt round-robin to every (process,
 DataLoader worker) pair — so each row is read exactly once per epoch across all of them — and their rows pass
 through a seeded shuffle buffer. Memory holds one row group plus the buffer, whatever the cache's size.
+
+A multilingual cache can be read for some of its languages (only their partitions are opened) and mixed in other
+proportions than their sizes: each language then gives its share of the epoch's rows, in whole row groups, taken
+from a seeded stream of its row groups (so a smaller share walks through all of its rows over several epochs).
 """
 
 from __future__ import annotations
@@ -74,7 +78,32 @@ class Unit:
     row_group: int
     start: int  # first row inside the shard
     rows: int
+    language: str | None = None
 
+
+MIXINGS = ("proportional", "uniform", "temperature:<T>")
+
+
+def mixing_weights(rows: dict[str, int], mixing: str) -> dict[str, float]:
+    """Each language's share of an epoch: `proportional` to its rows (every row once per epoch), `uniform`, or
+    `temperature:T` (p ∝ rows^(1/T), as in multilingual pre-training: T=1 proportional, large T near uniform)."""
+    if mixing == "proportional":
+        w = {k: float(n) for k, n in rows.items()}
+    elif mixing == "uniform":
+        w = {k: 1.0 for k in rows}
+    elif mixing.startswith("temperature:"):
+        try:
+            t = float(mixing.split(":", 1)[1])
+        except ValueError:
+            t = 0.0
+        if not t > 0:
+            raise CacheFormatError(f"language mixing {mixing!r}: the temperature must be a number > 0, e.g. "
+                                   "`temperature:3`")
+        w = {k: float(n) ** (1.0 / t) for k, n in rows.items()}
+    else:
+        raise CacheFormatError(f"language mixing {mixing!r}: use one of {', '.join(MIXINGS)}")
+    total = sum(w.values())
+    return {k: v / total for k, v in w.items()}
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of this process: torch.distributed when initialised, else accelerate's env vars."""
@@ -96,7 +125,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, url: str, split: str, *, shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 2048,
                  feature_layers: tuple[int, ...] = (), expect: dict[str, Any] | None = None,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, languages: tuple[str, ...] | None = None,
+                 mixing: str = "proportional") -> None:
         super().__init__()
         self.url = str(url)
         self.fs, self.root, self.manifest = open_manifest(self.url)
@@ -107,7 +137,9 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.split = split
         self.collate = COLLATE[self.manifest["head"]]  # rows of this cache -> a batch
         self.shards = self.manifest["splits"][split]["shards"]
-        self.num_rows = self.manifest["splits"][split]["rows"]
+        self.languages = self._select_languages(languages)
+        chosen = [i for i, sh in enumerate(self.shards) if not languages or sh.get("language") in self.languages]
+        self.num_rows = sum(self.shards[i]["rows"] for i in chosen)
         self.text_fields = tuple(self.manifest["text_fields"])
         self.shuffle, self.seed, self.buffer = shuffle, seed, max(1, shuffle_buffer)
         self.feature_layers = tuple(feature_layers)
@@ -120,19 +152,60 @@ class CacheDataset(torch.utils.data.IterableDataset):
             raise CacheFormatError(f"{self.url}: per-token features cannot feed a sequence-level feature loss yet")
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
         self.epoch = 0
-        self.units = [Unit(i, g, sum(sh["row_groups"][:g]), n)
-                      for i, sh in enumerate(self.shards) for g, n in enumerate(sh["row_groups"])]
+        self.units = [Unit(i, g, sum(self.shards[i]["row_groups"][:g]), n, self.shards[i].get("language"))
+                      for i in chosen for g, n in enumerate(self.shards[i]["row_groups"])]
+        rows = {code: sum(u.rows for u in self.units if u.language == code) for code in self.languages}
+        self.shares = mixing_weights(rows, mixing) if self.languages else {}
+        # proportional mixing is the plain epoch (every row once); other mixings give each language a row budget
+        self.budgets = {} if mixing == "proportional" else {k: round(p * self.num_rows) for k, p in self.shares.items()}
+
+    def _select_languages(self, wanted: tuple[str, ...] | None) -> list[str]:
+        have = self.manifest.get("languages") or []
+        if wanted and not have:
+            raise CacheFormatError(f"{self.url}: the cache has no language partitions (built from data without "
+                                   "`data.languages`, or before kdcache had them); drop the language selection, or "
+                                   "rebuild the cache with data.languages set (`kdcache cache --overwrite`)")
+        unknown = [c for c in wanted or () if c not in have]
+        if unknown:
+            raise CacheFormatError(f"{self.url}: no language {', '.join(map(repr, unknown))} in split {self.split!r} "
+                                   f"(languages: {', '.join(have)})")
+        return list(wanted) if wanted else list(have)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_units(self) -> list[Unit]:
+        """The row groups of the current epoch: all of them, or each language's budget of them (mixing)."""
+        if not self.budgets:
+            return list(self.units)
+        out: list[Unit] = []
+        for li, code in enumerate(self.languages):
+            mine = [u for u in self.units if u.language == code]
+            if not mine:
+                continue
+            cycles: dict[int, np.ndarray] = {}  # the language's stream: one seeded permutation of it per cycle
+            pos, taken = 0, []
+            for _ in range(self.epoch + 1):  # replay earlier epochs to find where this one starts
+                taken, rows = [], 0
+                while rows < self.budgets[code]:
+                    cycle, at = divmod(pos, len(mine))
+                    if cycle not in cycles:
+                        cycles[cycle] = (np.random.default_rng([self.seed, li, cycle]).permutation(len(mine))
+                                         if self.shuffle else np.arange(len(mine)))
+                    taken.append(mine[cycles[cycle][at]])
+                    rows += taken[-1].rows
+                    pos += 1
+            out += taken
+        return out
+
     def my_units(self, worker: int = 0, num_workers: int = 1) -> list[Unit]:
         """This (rank, worker)'s row groups for the current epoch, in reading order."""
-        order = np.arange(len(self.units))
+        units = self.epoch_units()
+        order = np.arange(len(units))
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.units))
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(units))
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        return [self.units[i] for i in order[slot::slots]]
+        return [units[i] for i in order[slot::slots]]
 
     def __len__(self) -> int:
         return self.num_rows
@@ -149,7 +222,10 @@ class CacheDataset(torch.utils.data.IterableDataset):
         if table.num_rows != u.rows:
             raise CacheFormatError(f"{path}: row group {u.row_group} has {table.num_rows} rows, manifest says "
                                    f"{u.rows}; the shard changed since it was written: run `kdcache verify`")
-        return DECODERS[self.manifest["head"]](self, table, shard, u)
+        cols = DECODERS[self.manifest["head"]](self, table, shard, u)
+        if u.language is not None:
+            cols["language"] = [u.language] * u.rows
+        return cols
 
     def _word_features(self, shard: dict[str, Any], u: Unit, covered: np.ndarray) -> dict[str, list[np.ndarray]]:
         """Per-word features of a row group's sentences: {layer_j: [covered_words_r x H] per row}."""
@@ -283,6 +359,8 @@ def _collate_lm(rows: list[dict[str, Any]]) -> dict[str, Any]:
            for k in _STACKED if k in rows[0]}
     out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
     out["id"] = [r["id"] for r in rows]
+    if "language" in rows[0]:
+        out["language"] = [r["language"] for r in rows]
     if "sample_ids" in rows[0]:
         out["sample_ids"] = torch.as_tensor(np.concatenate([r["sample_ids"] for r in rows]).astype(np.int64))
         out["sample_counts"] = torch.as_tensor(np.concatenate([r["sample_counts"] for r in rows]).astype(np.int64))
@@ -301,11 +379,14 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return COLLATE[head](rows)
 
 
-def read_column(url: str, split: str, column: str) -> list[Any]:
-    """One column of a cached split, in row order (e.g. the training text to build a word vocabulary)."""
+def read_column(url: str, split: str, column: str, languages: tuple[str, ...] | None = None) -> list[Any]:
+    """One column of a cached split, in row order (e.g. the training text to build a word vocabulary); with
+    `languages`, of those languages' partitions only."""
     fs, root, m = open_manifest(url)
     out: list[Any] = []
     for shard in m["splits"][split]["shards"]:
+        if languages and shard.get("language") not in languages:
+            continue
         with fs.open(f"{root}/{shard['parquet']}", "rb") as f:
             out += pq.read_table(f, columns=[column]).column(column).to_pylist()
     return out

@@ -176,19 +176,28 @@ def _verify(root: Path, m: dict[str, Any], report: VerifyReport) -> None:
                                    "delete it, or rebuild the cache")
 
 
+def _summary(shards: list[dict[str, Any]], rows: int, stats: dict[str, Any]) -> dict[str, Any]:
+    """Rows, shards, bytes (per example, per token) and the head's statistics of a split or a language of it."""
+    pq_bytes = sum(sh["bytes"] for sh in shards)
+    feat_bytes = sum(sh.get("features", {}).get("bytes", 0) for sh in shards)
+    out = {"rows": rows, "shards": len(shards), "parquet_bytes": pq_bytes, "feature_bytes": feat_bytes,
+           "bytes_per_example": round((pq_bytes + feat_bytes) / max(rows, 1), 1), **stats}
+    if "tokens" in stats:
+        out["bytes_per_token"] = round(pq_bytes / max(stats["tokens"], 1), 1)
+    return out
+
+
 def cache_info(root: str | Path) -> dict[str, Any]:
     """Rows, bytes, bytes per example, fingerprint and statistics of one cache."""
     root = Path(root)
     m = read_manifest(root)
     splits = {}
     for split, s in sorted(m["splits"].items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], 9), kv[0])):
-        pq_bytes = sum(sh["bytes"] for sh in s["shards"])
-        feat_bytes = sum(sh.get("features", {}).get("bytes", 0) for sh in s["shards"])
-        splits[split] = {"rows": s["rows"], "shards": len(s["shards"]), "parquet_bytes": pq_bytes,
-                         "feature_bytes": feat_bytes,
-                         "bytes_per_example": round((pq_bytes + feat_bytes) / max(s["rows"], 1), 1), **s["stats"]}
-        if "tokens" in s["stats"]:
-            splits[split]["bytes_per_token"] = round(pq_bytes / max(s["stats"]["tokens"], 1), 1)
+        splits[split] = _summary(s["shards"], s["rows"], s["stats"])
+        if s.get("languages"):
+            splits[split]["languages"] = {code: _summary([sh for sh in s["shards"] if sh.get("language") == code],
+                                                         lang["rows"], lang["stats"])
+                                          for code, lang in s["languages"].items()}
     total_rows = m["totals"]["rows"]
     return {"cache": str(root), "task": m["task"], "pipeline": m.get("pipeline"), "head": m["head"],
             "format_version": m["format_version"], "fingerprint": m["fingerprint"],

@@ -139,6 +139,17 @@ def _write_features(path: Path, features: dict[str, np.ndarray], attrs: dict[str
     os.replace(tmp, path)
 
 
+def _per_language(records: list[dict[str, Any]], summarise) -> dict[str, Any]:
+    """A multilingual split's rows, shards, bytes and head statistics per language (shard records in row order)."""
+    out: dict[str, Any] = {}
+    for code in dict.fromkeys(r["language"] for r in records):
+        mine = [r for r in records if r["language"] == code]
+        out[code] = {"rows": sum(r["rows"] for r in mine), "shards": len(mine),
+                     "bytes": sum(r["bytes"] + (r.get("features") or {}).get("bytes", 0) for r in mine),
+                     "stats": summarise([r["stats"] for r in mine])}
+    return out
+
+
 class CacheWriter:
     """Context manager that owns a cache folder while a build runs (see module docstring).
 
@@ -276,17 +287,19 @@ class CacheWriter:
         return bool(rec) and (rec.get("row_start"), rec.get("rows")) == (row_start, rows) and self._files_match(rec)
 
     def submit(self, split: str, index: int, row_start: int, table: pa.Table,
-               features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
-        """Queue one shard for writing; at most one write waits while the caller computes the next shard."""
+               features: dict[str, np.ndarray] | None, stats: dict[str, Any], language: str | None = None) -> None:
+        """Queue one shard for writing (in its language's partition when given); at most one write waits while the
+        caller computes the next shard."""
         assert self._pool is not None, "use CacheWriter as a context manager"
         while len(self._pending) >= 1:
             self._pending.pop(0).result()  # re-raises a failed write here
-        self._pending.append(self._pool.submit(self._write_shard, split, index, row_start, table, features, stats))
+        self._pending.append(self._pool.submit(self._write_shard, split, index, row_start, table, features, stats,
+                                               language))
 
     def _write_shard(self, split: str, index: int, row_start: int, table: pa.Table,
-                     features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
+                     features: dict[str, np.ndarray] | None, stats: dict[str, Any], language: str | None) -> None:
         try:
-            self._write_shard_files(split, index, row_start, table, features, stats)
+            self._write_shard_files(split, index, row_start, table, features, stats, language)
         except OSError as e:
             self._clean_temporaries(os.getpid())
             raise CacheWriteError(
@@ -294,10 +307,13 @@ class CacheWriter:
                 "fix the cause (e.g. free disk space) and rerun the same command to resume") from e
 
     def _write_shard_files(self, split: str, index: int, row_start: int, table: pa.Table,
-                           features: dict[str, np.ndarray] | None, stats: dict[str, Any]) -> None:
-        (self.root / split).mkdir(exist_ok=True)
+                           features: dict[str, np.ndarray] | None, stats: dict[str, Any], language: str | None) -> None:
+        pq_rel = parquet_relpath(split, index, language)
+        (self.root / pq_rel).parent.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {"name": shard_name(index), "row_start": row_start, "rows": table.num_rows,
                                   "stats": stats}
+        if language is not None:
+            record["language"] = language
         if features:
             rel = features_relpath(split, index)
             parent = (self.root / rel).parent
@@ -311,8 +327,7 @@ class CacheWriter:
             size = sum(p.stat().st_size for p in (self.root / rel).rglob("*") if p.is_file())
             record["features"] = {"path": rel, "bytes": size, "sha256": hash_tree(self.root / rel),
                                   "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in features.items()}}
-        rel = parquet_relpath(split, index)
-        record.update(parquet=rel, **_write_parquet(self.root / rel, table, self.row_group_rows))
+        record.update(parquet=pq_rel, **_write_parquet(self.root / pq_rel, table, self.row_group_rows))
         rec_path = self._record_path(split, index)
         rec_path.parent.mkdir(parents=True, exist_ok=True)
         failpoint("before-shard-record")
@@ -343,9 +358,11 @@ class CacheWriter:
             if covered != info["rows"]:
                 raise CacheFormatError(f"{self.root}: split {split} has {covered} of {info['rows']} rows written; "
                                        "rerun `kdcache cache` to finish the build")
-            shards = [{k: r[k] for k in ("name", "row_start", "rows", "row_groups", "parquet", "bytes", "sha256", "features")
-                       if k in r} for r in records]
+            shards = [{k: r[k] for k in ("name", "row_start", "rows", "row_groups", "parquet", "bytes", "sha256", "features",
+                                         "language") if k in r} for r in records]
             out_splits[split] = {**info, "shards": shards, "stats": summarise([r["stats"] for r in records])}
+            if any("language" in r for r in records):
+                out_splits[split]["languages"] = _per_language(records, summarise)
             group = f"{features_group_relpath(split)}/zarr.json"
             if (self.root / group).is_file():  # the split's Zarr group metadata, so verify covers every Zarr file
                 out_splits[split]["features_group"] = {"path": group, "sha256": hash_file(self.root / group)}

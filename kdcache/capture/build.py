@@ -38,7 +38,8 @@ def fingerprint_inputs(task_name: str, task: C.TaskConfig, data: TaskData, head:
         "shard_rows": task.cache.shard_rows,
         "data": {"source": task.data.source, "text_fields": list(task.data.text_fields),
                  "label_names": list(data.label_names),
-                 "splits": {s: hash_table(ds.data.table) for s, ds in data.splits.items()}},
+                 "splits": {s: hash_table(ds.data.table) for s, ds in data.splits.items()},
+                 **({"languages": list(data.languages)} if data.languages else {})},
         "features": head.features(task, runner),
         **head.settings(task, runner, model, tokenizer),
     }
@@ -78,16 +79,17 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         fold_models, identity["fold_teachers_sha256"] = distributed.main_first(
             lambda: prepare_fold_teachers(pipeline.name, task_name, task, data, teachers_dir))
         fold_runners = [head.runner(m, tokenizer, task, device) for m in fold_models]
-    units = head.units(data, tokenizer, task)
+    units, segments = language_units(head, data, tokenizer, task)
     inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
     header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
     if folds:
         header["teacher_folds"] = folds
-    schema = shard_schema(header, {"format_version": FORMAT_VERSION, "task": task_name,
-                                   "fingerprint": header["fingerprint"]})
-    head_schema = schema.remove(schema.get_field_index("teacher_fold")) if folds else schema
+    if data.languages:
+        header["languages"] = list(data.languages)
+    meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": header["fingerprint"]}
+    schema, head_schema = shard_schema(header, meta), shard_schema(header, meta, head_only=True)
 
-    def produce(split: str, start: int, stop: int, bar) -> tuple[Any, dict | None, dict]:
+    def produce(split: str, start: int, stop: int, bar, language: str | None) -> tuple[Any, dict | None, dict]:
         rows = units[split][start:stop]
         t0 = time.perf_counter()
         # any sampling is seeded per shard: a resumed or re-dealt shard draws the same samples
@@ -100,10 +102,11 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         table = head.table(rows, out, start, split, head_schema, task)
         if folds:
             table = table.append_column(schema.field("teacher_fold"), pa.array(fold, pa.int8()))
+        if language is not None:
+            table = table.append_column(schema.field("language"), pa.array([language] * table.num_rows, pa.string()))
         return table, head.shard_features(out), stats
 
-    sizes = {split: len(u) for split, u in units.items()}
-    manifest = write_shards(out_dir, header, task, task_name, sizes, inputs["data"]["splits"], produce,
+    manifest = write_shards(out_dir, header, task, task_name, segments, inputs["data"]["splits"], produce,
                             head.summarise, overwrite)
     judged = next((s for s in ("validation", "test") if s in manifest["splits"]), None)
     if judged:
@@ -112,10 +115,35 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     return manifest
 
 
-def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task_name: str, sizes: dict[str, int],
-                 dataset_sha: dict[str, str], produce, summarise, overwrite: bool = False) -> dict[str, Any]:
+def language_units(head: CaptureHead, data: TaskData, tokenizer: Any, task: C.TaskConfig) -> tuple[dict, dict]:
+    """(per split, the head's units; per split, its (language, start, stop) segments). Multilingual data gets its
+    units language by language (so packed LM sequences never mix two languages), concatenated in language order."""
+    if not data.languages:
+        units = head.units(data, tokenizer, task)
+        return units, {split: [(None, 0, len(u))] for split, u in units.items()}
+    parts: dict[str, list] = {}
+    segments: dict[str, list] = {}
+    for code in data.languages:
+        for split, u in head.units(data.only(code), tokenizer, task).items():
+            start = sum(len(x) for x in parts.get(split, []))
+            parts.setdefault(split, []).append(u)
+            segments.setdefault(split, []).append((code, start, start + len(u)))
+    return {split: _concat(p) for split, p in parts.items()}, segments
+
+
+def _concat(parts: list) -> Any:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import datasets
+    return datasets.concatenate_datasets(parts)
+
+
+def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task_name: str,
+                 segments: dict[str, list[tuple[str | None, int, int]]], dataset_sha: dict[str, str], produce,
+                 summarise, overwrite: bool = False) -> dict[str, Any]:
     """The shard loop: open the writer (process 0 first), write this process's missing shards with
-    `produce(split, start, stop, progress_bar) -> (table, features, stats)`, then commit.
+    `produce(split, start, stop, progress_bar, language) -> (table, features, stats)`, then commit. `segments`:
+    per split, its (language or None, start, stop) ranges; a shard never spans two languages.
 
     Under `accelerate launch` the n-th missing shard goes to process n mod N; process 0 commits the manifest.
     """
@@ -127,7 +155,7 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
 
     writer = distributed.main_first(open_writer)
     try:
-        manifest = _shard_loop(writer, sizes, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
+        manifest = _shard_loop(writer, segments, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
                                dist, out_dir)
     except BaseException:
         writer.__exit__(*sys.exc_info())
@@ -136,30 +164,32 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
     return manifest
 
 
-def _shard_loop(writer: CacheWriter, sizes: dict[str, int], dataset_sha: dict[str, str], shard_rows: int, produce,
-                summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
+def _shard_loop(writer: CacheWriter, segments: dict[str, list], dataset_sha: dict[str, str], shard_rows: int,
+                produce, summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
     """This process's missing shards, then the commit."""
     if distributed.share(writer.complete):
         log.info("%s: already complete with this fingerprint; nothing to do", out_dir)
         return read_manifest(out_dir)
-    plan = [(split, i, s, min(s + shard_rows, n))
-            for split, n in sizes.items() for i, s in enumerate(range(0, n, shard_rows))]
+    plan = []  # (split, shard index, start, stop, language): indices run on across a split's languages
+    for split, segs in segments.items():
+        starts = [(code, s, min(s + shard_rows, b)) for code, a, b in segs for s in range(a, b, shard_rows)]
+        plan += [(split, i, s, e, code) for i, (code, s, e) in enumerate(starts)]
     todo = [p for p in plan if not writer.shard_done(p[0], p[1], p[2], p[3] - p[2])]
     if len(todo) < len(plan):
         log.info("%s: %d of %d shards already written; resuming", out_dir, len(plan) - len(todo), len(plan))
     mine = todo[dist.process_index::dist.num_processes]
     t_loop = time.perf_counter()
-    with progress(sum(b - a for _, _, a, b in mine), desc=f"cache {task_name}",
+    with progress(sum(b - a for _, _, a, b, _ in mine), desc=f"cache {task_name}",
                   disable=not dist.is_local_main_process) as bar:
-        for split, index, start, stop in mine:
-            table, features, stats = produce(split, start, stop, bar)
-            writer.submit(split, index, start, table, features, stats)
+        for split, index, start, stop, code in mine:
+            table, features, stats = produce(split, start, stop, bar, code)
+            writer.submit(split, index, start, table, features, stats, code)
     writer.flush()
     # this run's wall clock for everything (tokenise, forward, pooling, Parquet + Zarr writes), per process
-    rows_now = sum(b - a for _, _, a, b in mine)
+    rows_now = sum(b - a for _, _, a, b, _ in mine)
     capture = {"rows": rows_now, "seconds": round(time.perf_counter() - t_loop, 3)}
     distributed.barrier()
-    splits = {s: {"rows": n, "dataset_sha256": dataset_sha[s]} for s, n in sizes.items()}
+    splits = {s: {"rows": segs[-1][2], "dataset_sha256": dataset_sha[s]} for s, segs in segments.items()}
     return distributed.main_first(
         lambda: writer.commit(splits, summarise, extra={"capture": capture}) if dist.is_main_process
         else read_manifest(out_dir))

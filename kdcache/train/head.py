@@ -46,6 +46,7 @@ class Source:
     test: CacheDataset | None
     loader: torch.utils.data.DataLoader
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # the live teacher (online KD)
+    languages: tuple[str, ...] | None = None  # the languages read (None: every one the cache has)
     _columns: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
 
     @property
@@ -55,8 +56,15 @@ class Source:
     def column(self, split: str, name: str) -> list[Any]:
         """A column of a cached split, read once (e.g. training text for the students' vocabularies)."""
         if (split, name) not in self._columns:
-            self._columns[split, name] = read_column(self.cache, split, name)
+            self._columns[split, name] = read_column(self.cache, split, name, self.languages)
         return self._columns[split, name]
+
+    def labelled_train_rows(self) -> int | None:
+        """Gold-labelled rows in the training selection (None when the head keeps no such count)."""
+        split = self.manifest["splits"][self.train.split]
+        stats = [split["languages"][c]["stats"] for c in self.languages] if self.languages else [split["stats"]]
+        counts = [s.get("labelled_rows") for s in stats]
+        return None if None in counts else sum(counts)
 
     @property
     def feature_dims(self) -> dict[int, int]:

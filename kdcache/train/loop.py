@@ -22,6 +22,7 @@ import yaml
 from torch.distributed.algorithms.join import Join
 
 from .. import config as C
+from ..cache.reader import CacheDataset
 from ..errors import KdcacheError
 from ..optim import clip_grad_norm_, optimizer_for, sparse_params, warmup_linear
 from ..progress import progress
@@ -92,6 +93,10 @@ def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str
         steps = train.epochs * sum(math.ceil(sources[t].train.num_rows / accelerator.num_processes / train.batch_size)
                                    for t, w in tasks.items() if w)
         for name, loss in variants(pipeline, s):
+            if loss.alpha >= 1.0 and not multitask and sources[next(iter(tasks))].labelled_train_rows() == 0:
+                log.warning("%s: no gold labels in its training rows (languages %s): a hard-label run would learn "
+                            "nothing, so it is skipped", name, ", ".join(st.languages) or "all")
+                continue
             torch.manual_seed(train.seed)  # a KD student and its hard-label twin start from the same weights
             if multitask:
                 model = build_multitask(st, sources, tok, where)
@@ -256,6 +261,12 @@ def _finish(run: Run, sources: dict[str, Source], pipeline: C.PipelineConfig, te
         metrics.update(cache=single.cache, cache_fingerprint=single.manifest["fingerprint"])
         if single.test is not None:
             metrics["test"] = single.head.evaluate(model, single.task, single.test, single)
+            metrics["languages"] = single.test.languages
+            if len(single.test.languages) > 1:  # a multilingual student: its metrics per language too
+                metrics["test_by_language"] = {
+                    code: single.head.evaluate(model, single.task, CacheDataset(
+                        single.cache, single.test.split, rank=0, world_size=1, languages=(code,)), single)
+                    for code in single.test.languages}
         metrics.update(single.head.run_extras(model, single, pipeline))
     return metrics
 
@@ -285,7 +296,8 @@ def save_run(run: Run, model: StudentModel, metrics: dict[str, Any], pipeline: C
 def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str], runs_dir: Path,
         teacher: str = "cache", teachers_dir: Path = Path("data/teachers"),
         on_step: Callable[[str, dict], None] | None = None) -> list[dict[str, Any]]:
-    """Train `students` (whose tasks together form one pass) from `caches` (task -> cache); their metrics."""
+    """Train `students` (whose tasks and languages together form one pass) from `caches` (task -> cache); their
+    metrics."""
     from accelerate import Accelerator
     train = pipeline.train
     # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
@@ -295,7 +307,8 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
     for t in tasks:
         layers = tuple(sorted({f.teacher_layer for s in students if t in pipeline.student_tasks(s)
                                for f in pipeline.student_loss(s).features}))
-        sources[t] = open_source(pipeline, t, caches[t], accelerator, layers)
+        sources[t] = open_source(pipeline, t, caches[t], accelerator, layers,
+                                 pipeline.students[students[0]].languages or None)
     runs = make_runs(pipeline, students, sources, runs_dir, accelerator)
     if teacher == "live":
         from .live import live_targets
@@ -336,8 +349,9 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
                     raise C.ConfigError(f"--teacher live (online KD) is for sequence-classification tasks only; "
                                            f"task {t} has a {pipeline.tasks[t].teacher.head} teacher")
     groups: dict[tuple[str, ...], list[str]] = {}
-    for s in students:
-        key = ("+cross",) if pipeline.students[s].tasks else tuple(pipeline.student_tasks(s))
+    for s in students:  # one pass per task and language selection (a per-language student reads its partition)
+        key = ("+cross",) if pipeline.students[s].tasks else (*pipeline.student_tasks(s), "@",
+                                                               *pipeline.students[s].languages)
         groups.setdefault(key, []).append(s)
     if not isinstance(caches, dict):
         root = str(caches).rstrip("/")

@@ -23,16 +23,18 @@ def expectation(pipeline: C.PipelineConfig, task: str) -> dict[str, Any]:
 
 
 def training_split(cache: str, pipeline: C.PipelineConfig, task: str, accelerator: Any,
-                   feature_layers: tuple[int, ...] = ()) -> CacheDataset:
+                   feature_layers: tuple[int, ...] = (), languages: tuple[str, ...] | None = None) -> CacheDataset:
     """The cached training split a trainer streams: a local cache verified first (`train.verify`), checked against
-    what the pipeline expects of `task`, shuffled by `train.seed` and shared between the accelerate processes."""
+    what the pipeline expects of `task`, shuffled by `train.seed`, shared between the accelerate processes, and
+    (multilingual caches) of the chosen languages, mixed by `train.language_mixing`."""
     train = pipeline.train
     if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
         refuse_damaged(cache)
     accelerator.wait_for_everyone()
     return CacheDataset(cache, train.train_split, shuffle=True, seed=train.seed, shuffle_buffer=train.shuffle_buffer,
                         feature_layers=feature_layers, expect=expectation(pipeline, task),
-                        rank=accelerator.process_index, world_size=accelerator.num_processes)
+                        rank=accelerator.process_index, world_size=accelerator.num_processes, languages=languages,
+                        mixing=train.language_mixing)
 
 
 def _require_splits(cache: str, train: C.TrainConfig) -> None:
@@ -49,13 +51,16 @@ def _require_splits(cache: str, train: C.TrainConfig) -> None:
 
 
 def open_source(pipeline: C.PipelineConfig, task: str, cache: str, accelerator: Any,
-                feature_layers: tuple[int, ...] = ()) -> Source:
+                feature_layers: tuple[int, ...] = (), languages: tuple[str, ...] | None = None) -> Source:
+    """One task's cache for a pass of the loop; `languages`: read (and evaluate) only these partitions."""
     train = pipeline.train
     _require_splits(cache, train)
-    ds = training_split(cache, pipeline, task, accelerator, feature_layers)
+    ds = training_split(cache, pipeline, task, accelerator, feature_layers, languages)
     head = HEADS[ds.manifest["head"]]
     head.check_cache(ds.manifest, pipeline, task, cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=train.batch_size, collate_fn=ds.collate,
                                          num_workers=train.num_workers, persistent_workers=False)
-    return Source(task, cache, head, ds, CacheDataset(cache, train.eval_split, rank=0, world_size=1),
-                  CacheDataset(cache, train.test_split, rank=0, world_size=1) if train.test_split else None, loader)
+    def split(name: str) -> CacheDataset:
+        return CacheDataset(cache, name, rank=0, world_size=1, languages=languages)
+    return Source(task, cache, head, ds, split(train.eval_split), split(train.test_split) if train.test_split else None,
+                  loader, languages=languages)

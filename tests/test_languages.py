@@ -1,0 +1,184 @@
+"""Multilingual caches: language partitions any engine reads, a reader that selects and mixes languages, students
+per language and multilingual, per-language metrics, and a language without labels trained by KD alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from conftest import REPO, require_shared_data
+from kdcache.cache.format import CacheFormatError, read_manifest
+from kdcache.cache.reader import CacheDataset, collate, mixing_weights, read_column
+from kdcache.cache.verify import verify_cache
+from kdcache.capture.build import build_teacher_cache
+from kdcache.config import ConfigError, load_pipeline
+from kdcache.report import build_report
+from kdcache.train.loop import train_students
+
+PIPELINE = str(REPO / "pipelines" / "multilingual-topic-tiny" / "pipeline.yaml")
+CODES = ["en", "de", "fr", "es", "nl"]
+# small and unequal: German keeps 12 rows a split, so mixings differ from proportional
+FAST = ["tasks.topic.data.limit=30", "tasks.topic.data.languages.de.limit=12",
+        "tasks.topic.teacher.finetune.epochs=2", "tasks.topic.cache.shard_rows=10",
+        "tasks.topic.cache.row_group_rows=5", "train.epochs=2"]
+
+
+def pipeline(*overrides: str):
+    return load_pipeline(PIPELINE, [*FAST, *overrides])
+
+
+@pytest.fixture(scope="module")
+def ml_cache(tmp_path_factory):
+    require_shared_data("sib200")
+    root = tmp_path_factory.mktemp("ml")
+    build_teacher_cache(pipeline(), "topic", root / "cache" / "topic", root / "teachers")
+    return root / "cache" / "topic"
+
+
+def test_split_folders_are_hive_partitions_plain_pyarrow_reads(ml_cache):
+    m = read_manifest(ml_cache)
+    assert m["languages"] == CODES and verify_cache(ml_cache).ok
+    table = pads.dataset(ml_cache / "train", partitioning="hive").to_table()
+    counts = Counter(table["language"].to_pylist())
+    assert counts == {c: m["splits"]["train"]["languages"][c]["rows"] for c in CODES}
+    assert counts == {**{c: 30 for c in CODES}, "de": 12}
+    # each partition holds its language's rows only, ids prefixed by the language
+    for shard in m["splits"]["train"]["shards"]:
+        assert shard["parquet"].startswith(f"train/language={shard['language']}/")
+    assert all(i.startswith(f"{code}/") for i, code in zip(table["id"].to_pylist(), table["language"].to_pylist()))
+    # per-language statistics add up to the split's
+    langs = m["splits"]["train"]["languages"]
+    assert sum(v["stats"]["labelled_rows"] for v in langs.values()) == m["splits"]["train"]["stats"]["labelled_rows"]
+    assert sum(v["bytes"] for v in langs.values()) == sum(
+        sh["bytes"] + sh.get("features", {}).get("bytes", 0) for sh in m["splits"]["train"]["shards"])
+
+
+def test_selecting_languages_opens_only_their_partitions(ml_cache, tmp_path):
+    copy = tmp_path / "topic"
+    shutil.copytree(ml_cache, copy)
+    shutil.rmtree(copy / "train" / "language=fr")  # a partition the selection must never touch
+    rows = list(CacheDataset(copy, "train", languages=("de", "nl")))
+    assert Counter(r["language"] for r in rows) == {"de": 12, "nl": 30}
+    assert read_column(str(copy), "train", "language", ("de",)) == ["de"] * 12
+    with pytest.raises(CacheFormatError, match="cannot read"):
+        list(CacheDataset(copy, "train"))  # every language: the missing partition is found
+    with pytest.raises(CacheFormatError, match="no language 'xx'.*languages: en, de"):
+        CacheDataset(ml_cache, "train", languages=("xx",))
+
+
+def _epoch(cache, epoch, languages=None, mixing="proportional", ranks=2, workers=2):
+    seen = []
+    for rank in range(ranks):
+        ds = CacheDataset(cache, "train", shuffle=True, seed=3, shuffle_buffer=8, rank=rank, world_size=ranks,
+                          languages=languages, mixing=mixing)
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate)
+        seen += [(lang, int(i)) for b in loader for lang, i in zip(b["language"], b["row_id"])]
+    return seen
+
+
+def test_every_selected_row_once_per_epoch_across_workers_and_processes(ml_cache):
+    m = read_manifest(ml_cache)
+    want = sorted((sh["language"], r) for sh in m["splits"]["train"]["shards"] if sh["language"] in ("de", "fr")
+                  for r in range(sh["row_start"], sh["row_start"] + sh["rows"]))
+    for epoch in (0, 1):
+        assert sorted(_epoch(ml_cache, epoch, ("de", "fr"))) == want
+
+
+@pytest.mark.parametrize("mixing", ["uniform", "temperature:3"])
+def test_mixing_proportions_hold_on_counts(ml_cache, mixing):
+    sizes = {c: (12 if c == "de" else 30) for c in CODES}
+    shares = mixing_weights(sizes, mixing)
+    total = sum(sizes.values())
+    assert shares["de"] > 12 / total, "a small language gets more than its proportional share"
+    seen_de = set()
+    for epoch in range(3):
+        counts = Counter(lang for lang, _ in _epoch(ml_cache, epoch, mixing=mixing, ranks=1, workers=0))
+        for c in CODES:  # each language's budget, in whole row groups (5 rows)
+            assert abs(counts[c] - shares[c] * total) < 5, (epoch, c, counts)
+        seen_de |= {i for lang, i in _epoch(ml_cache, epoch, ("de",), mixing="proportional", ranks=1, workers=0)}
+    assert mixing_weights(sizes, "proportional")["de"] == pytest.approx(12 / total)
+    with pytest.raises(CacheFormatError, match="temperature:3"):
+        mixing_weights(sizes, "temperature:-1")
+
+
+def test_an_upsampled_language_walks_all_its_rows_and_a_downsampled_one_covers_its_rows_over_epochs(ml_cache):
+    """Uniform over unequal sizes: German (12 rows) is repeated within an epoch, English (30) is cut, and over
+    enough epochs every English row is still read (each language's stream is a sequence of permutations)."""
+    en = set()
+    for epoch in range(4):
+        seen = _epoch(ml_cache, epoch, mixing="uniform", ranks=1, workers=0)
+        de = [i for lang, i in seen if lang == "de"]
+        assert len(de) > 12 and set(de) == set(range(min(de), min(de) + 12)), "German: all 12 rows, some twice"
+        en |= {i for lang, i in seen if lang == "en"}
+    assert len(en) == 30
+
+
+def test_a_cache_without_languages_still_reads_and_refuses_a_selection(tiny_cache):
+    assert len(list(CacheDataset(tiny_cache, "train"))) == read_manifest(tiny_cache)["splits"]["train"]["rows"]
+    with pytest.raises(CacheFormatError, match="no language partitions.*data.languages"):
+        CacheDataset(tiny_cache, "train", languages=("de",))
+
+
+def test_language_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="data.languages.de.fils"):
+        pipeline("tasks.topic.data.languages.de.fils=x")
+    with pytest.raises(ConfigError, match="students.bow.languages.*unknown: xx"):
+        pipeline("students.bow.languages=[xx]")
+    with pytest.raises(ConfigError, match="no `data.languages`"):
+        load_pipeline(str(REPO / "pipelines" / "tiny" / "pipeline.yaml"), ["students.bow.per_language=true"])
+    p = pipeline()
+    assert [s for s in p.students if s.startswith("bow-lang@")] == [f"bow-lang@{c}" for c in CODES]
+    assert p.students["bow-lang@de"].languages == ("de",)
+
+
+def test_per_language_and_multilingual_students_metrics_per_language(ml_cache, tmp_path):
+    p = pipeline("students.bow-lang.languages=[en,de]")
+    res = {r["run"]: r for r in train_students(p, ["bow", "bow-lang@en", "bow-lang@de"], ml_cache.parent,
+                                               tmp_path / "runs")}
+    multi = res["bow"]
+    assert multi["languages"] == CODES and set(multi["test_by_language"]) == set(CODES)
+    # per-language accuracies, weighted by each language's test rows, give the overall accuracy
+    m = read_manifest(ml_cache)
+    n = {c: m["splits"]["test"]["languages"][c]["rows"] for c in CODES}
+    overall = sum(multi["test_by_language"][c]["accuracy"] * n[c] for c in CODES) / sum(n.values())
+    assert overall == pytest.approx(multi["test"]["accuracy"])
+    # a per-language student is trained and tested on its own partition, with its own vocabulary
+    de = res["bow-lang@de"]
+    assert de["languages"] == ["de"] and "test_by_language" not in de
+    assert de["epochs"][0]["train_rows_distinct"] == 12
+    vocab_de, vocab_en = (set(json.loads((tmp_path / "runs" / f"bow-lang@{c}" / "checkpoint" / "word_vocab.json")
+                                         .read_text())) for c in ("de", "en"))
+    assert "der" in vocab_de and "der" not in vocab_en and "the" in vocab_en
+    text = build_report(tmp_path / "runs", ml_cache.parent).read_text()
+    assert "Per language: task `topic`" in text and (tmp_path / "runs" / "report-languages.png").is_file()
+    row = next(line for line in text.splitlines() if line.startswith("| bow (multilingual, KD)"))
+    assert f"{multi['test_by_language']['fr']['accuracy']:.4f}" in row
+    assert any(line.startswith("| bow-lang (one per language, KD)") for line in text.splitlines())
+
+
+def test_a_language_without_labels_learns_from_the_teacher_alone(tmp_path):
+    """German with `labelled_limit: 0`: its cached training rows carry no label, the teacher was fine-tuned on the
+    other languages only, the German hard-label twin is skipped, and the German KD student's α no longer matters
+    (KD alone): α=0.5 and α=0 give the same losses."""
+    require_shared_data("sib200")
+    p = pipeline("tasks.topic.data.languages.de.labelled_limit=0", "students.bow-lang.languages=[de]",
+                 "students.kd-only.arch=bow", "students.kd-only.vocab_size=5000", "students.kd-only.languages=[de]",
+                 "students.kd-only.twin=false", "students.kd-only.loss.alpha=0.0")
+    cache = tmp_path / "cache" / "topic"
+    m = build_teacher_cache(p, "topic", cache, tmp_path / "teachers")
+    assert m["splits"]["train"]["languages"]["de"]["stats"]["labelled_rows"] == 0
+    assert m["splits"]["train"]["languages"]["en"]["stats"]["labelled_rows"] == 30
+    assert set(read_column(str(cache), "train", "label", ("de",))) == {None}
+    assert m["splits"]["test"]["languages"]["de"]["stats"]["labelled_rows"] == 12, "German is still evaluated"
+    res = {r["run"]: r for r in train_students(p, ["bow-lang@de", "kd-only"], cache.parent, tmp_path / "runs")}
+    assert set(res) == {"bow-lang@de", "kd-only"}, "the German hard-label twin has nothing to learn from"
+    a, b = res["bow-lang@de"], res["kd-only"]
+    assert [e["train_loss"] for e in a["epochs"]] == pytest.approx([e["train_loss"] for e in b["epochs"]], rel=1e-6)
+    assert np.isfinite(a["test"]["accuracy"])
