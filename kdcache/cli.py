@@ -40,6 +40,8 @@ examples:
   kdcache cache ner && kdcache train ner      # CoNLL-2003 NER: word-level taggers, entity F1
   kdcache bench lm                            # LM targets: bytes/token against fidelity for k = 8..128
   kdcache fidelity default --sweep bilstm     # temperature / alpha / feature-loss sweep for one student
+  kdcache cache multilingual-topic-tiny       # five languages, one cache partitioned by language
+  kdcache fidelity multilingual-topic --zero-shot en --students bow-lang   # labels in English only, per language
 """
 
 
@@ -156,7 +158,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_fidelity(args) -> int:
-    from .experiments.fidelity import run_fidelity, run_sweep
+    from .experiments.fidelity import run_fidelity, run_sweep, run_zero_shot
+    if args.zero_shot:
+        run_zero_shot(args.pipeline, args.zero_shot, args.students.split(",")[0], [int(x) for x in args.seeds.split(",")],
+                      args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
+        return 0
     if args.sweep:
         run_sweep(args.pipeline, args.sweep, [int(x) for x in args.seeds.split(",")], args.out,
                   None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
@@ -303,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: temperature (1/2/4), α (0/0.5/0.9/1) and feature loss on/off for this student, "
                         "all variants in one pass over the cache, over --seeds (classification and NER "
                         "pipelines; the feature row appears when the cache holds features)")
+    p.add_argument("--zero-shot", metavar="LANG", default=None,
+                   help="instead, for a multilingual pipeline: only LANG's training rows labelled; per language the "
+                        "teacher (zero-shot), the first --students student trained per language on the cached soft "
+                        "labels alone, and the same student on that language's gold labels (the ceiling)")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
     p.set_defaults(func=cmd_fidelity)
 

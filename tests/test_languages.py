@@ -182,3 +182,22 @@ def test_a_language_without_labels_learns_from_the_teacher_alone(tmp_path):
     a, b = res["bow-lang@de"], res["kd-only"]
     assert [e["train_loss"] for e in a["epochs"]] == pytest.approx([e["train_loss"] for e in b["epochs"]], rel=1e-6)
     assert np.isfinite(a["test"]["accuracy"])
+
+
+def test_zero_shot_comparison_per_language(tmp_path):
+    """`kdcache fidelity <pipeline> --zero-shot en`: per language the teacher fine-tuned on English only, KD without
+    labels there, and the gold-label ceiling, read from the runs it trained."""
+    require_shared_data("sib200")
+    from kdcache.experiments.fidelity import run_zero_shot
+    doc = tmp_path / "f.md"
+    res = run_zero_shot(PIPELINE, "en", "bow-lang", [0], tmp_path / "fid", doc, teachers_dir=tmp_path / "teachers",
+                        cache_root=tmp_path / "caches", overrides=[*FAST, "train.epochs=1"])
+    zs, full = res["runs"]["labels in en only"], res["runs"]["all labels"]
+    assert set(zs) == {f"bow-lang@{c}" for c in CODES} | {"bow-lang@en-hard"}, "no twin where there is no label"
+    assert {f"bow-lang@{c}-hard" for c in CODES} <= set(full)
+    m = read_manifest(tmp_path / "fid" / "cache-zero-shot" / "topic")
+    assert [m["splits"]["train"]["languages"][c]["stats"]["labelled_rows"] for c in CODES] == [30, 0, 0, 0, 0]
+    text = doc.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| de |"))
+    assert f"{zs['bow-lang@de'][0]:.4f}" in row and f"{full['bow-lang@de-hard'][0]:.4f}" in row
+    assert f"{res['teacher']['labels in en only']['de']:.4f}" in row

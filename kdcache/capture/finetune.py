@@ -6,6 +6,7 @@ weights, the training data and the settings are unchanged. The head supplies its
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from ..progress import progress
 from ..optim import adamw, warmup_linear
 from .head import CaptureHead
 from .heads import HEADS
-from .models import TeacherError, build_model, load_tokenizer
+from .models import TeacherError, build_model, convert_gguf, load_tokenizer
 from .runner import pad_rows
 from .sanity import check_teacher
 
@@ -47,8 +48,11 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
             "max_length": task.cache.max_length,
             # min_steps only where it lengthens the run, so teachers fine-tuned before it existed keep their key;
             # `folds` never changes this teacher (the fold teachers differ by their training rows)
+            # `train` only when not the default, for the same reason
             "settings": {k: getattr(ft, k) for k in ft.__dataclass_fields__ if k != "folds" and
-                         (k != "min_steps" or finetune_steps(ft, rows) > _epoch_steps(ft, rows))},
+                         (k != "min_steps" or finetune_steps(ft, rows) > _epoch_steps(ft, rows)) and
+                         (k != "train" or ft.train != "all")},
+            **({"gguf_file": task.teacher.gguf_file} if task.teacher.gguf_file else {}),
             # (only for other heads, so existing sequence-classification teachers keep their key)
             **({"head": task.teacher.head} if task.teacher.head != "sequence-classification" else {})}
 
@@ -81,34 +85,26 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: Cap
             return out_dir
         log.warning("teacher for task %s: base, data or settings changed; fine-tuning again", task_name)
 
-    tokenizer = load_tokenizer(task.teacher)
-    model, _ = build_model(task.teacher, head.auto_class, data.label_names, seed=ft.seed)
+    teacher = task.teacher
+    if teacher.gguf_file:  # the base weights: the GGUF converted once, shared by the task's (fold) teachers
+        base = out_dir.parent / f"gguf-{Path(teacher.gguf_file).stem}"
+        if not (base / "config.json").is_file():
+            convert_gguf(teacher, "AutoModelForCausalLM", base)
+        teacher = dataclasses.replace(teacher, model=str(base), tokenizer=None, gguf_file=None, revision=None)
+    tokenizer = load_tokenizer(teacher)
+    model, _ = build_model(teacher, head.auto_class, data.label_names, seed=ft.seed)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find each row's last token by it
     train = _limited(data.splits[ft.train_split], ft.limit)
     ids, targets = head.finetune_examples(tokenizer, train, task)
     if not ids:
         raise TeacherError(f"task {task_name}: split {ft.train_split!r} has no labelled rows to fine-tune on")
-    rng = np.random.default_rng(ft.seed)
     total = finetune_steps(ft, len(ids))
-    opt = adamw(model.parameters(), ft.learning_rate, ft.weight_decay)
-    sched = warmup_linear(opt, total, ft.warmup_ratio)
-    pad_id = tokenizer.pad_token_id or 0
-    model.train()
-    t0, step = time.time(), 0
-    with progress(total=total * ft.batch_size, desc=f"fine-tune teacher [{task_name}]", unit="rows") as bar:
-        while step < total:
-            perm = rng.permutation(len(ids))
-            for rows in (perm[i:i + ft.batch_size] for i in range(0, len(ids), ft.batch_size)):
-                if step >= total:
-                    break
-                input_ids, mask = pad_rows(ids, rows, pad_id)
-                loss = head.finetune_loss(model(input_ids=input_ids, attention_mask=mask).logits,
-                                          [targets[i] for i in rows])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(len(rows))
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    t0 = time.time()
+    if ft.train == "head":
+        _train_head(task_name, model, ids, targets, head, ft, total, tokenizer.pad_token_id or 0)
+    else:
+        _train_all(task_name, model, ids, targets, head, ft, total, tokenizer.pad_token_id or 0)
     metrics: dict[str, Any] = {"train_rows": len(ids), "steps": total, "seconds": round(time.time() - t0, 1)}
     if ft.eval_split and ft.eval_split in data.splits:
         metrics["eval"] = {"split": ft.eval_split, **head.finetune_eval(model, tokenizer, data.splits[ft.eval_split],
@@ -130,6 +126,88 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: Cap
     tmp.rename(out_dir)
     _gate(task_name, task, head, data, metrics)
     return out_dir
+
+
+def _steps(task_name: str, params: Any, n: int, ft: Any, total: int, loss_of: Any) -> None:
+    """`total` AdamW steps (warm-up, linear decay, clipping) over shuffled batches of `n` rows; `loss_of(rows)`."""
+    params = list(params)
+    rng = np.random.default_rng(ft.seed)
+    opt = adamw(params, ft.learning_rate, ft.weight_decay)
+    sched = warmup_linear(opt, total, ft.warmup_ratio)
+    step = 0
+    with progress(total=total * ft.batch_size, desc=f"fine-tune teacher [{task_name}]", unit="rows") as bar:
+        while step < total:
+            perm = rng.permutation(n)
+            for rows in (perm[i:i + ft.batch_size] for i in range(0, n, ft.batch_size)):
+                if step >= total:
+                    break
+                loss = loss_of(rows)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(len(rows))
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def _train_all(task_name: str, model: Any, ids: list, targets: list, head: CaptureHead, ft: Any, total: int,
+               pad_id: int) -> None:
+    """Every weight trained."""
+    model.train()
+
+    def loss_of(rows):
+        input_ids, mask = pad_rows(ids, rows, pad_id)
+        return head.finetune_loss(model(input_ids=input_ids, attention_mask=mask).logits, [targets[i] for i in rows])
+    _steps(task_name, model.parameters(), len(ids), ft, total, loss_of)
+
+
+CLASSIFIER_MODULES = ("score", "classifier")  # what transformers calls a sequence classifier's head
+
+
+def _train_head(task_name: str, model: Any, ids: list, targets: list, head: CaptureHead, ft: Any, total: int,
+                pad_id: int, batch_size: int = 32) -> None:
+    """Only the classification head trained, on what it reads (captured by a hook) computed once by the frozen
+    model: a decoder's head reads every position and the model keeps each row's last token, so that one is kept."""
+    name = next((n for n in CLASSIFIER_MODULES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    if name is None:
+        raise TeacherError(f"task {task_name}: teacher.finetune.train = head needs a model whose head is called "
+                           f"{' or '.join(CLASSIFIER_MODULES)}; {type(model).__name__} has neither: use train: all")
+    module = getattr(model, name)
+    x = head_inputs(task_name, model, name, ids, pad_id, batch_size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    module.train()
+    _steps(task_name, module.parameters(), len(ids), ft, total,
+           lambda rows: head.finetune_loss(module(x[torch.as_tensor(rows)]), [targets[i] for i in rows]))
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def head_inputs(task_name: str, model: Any, name: str, ids: list, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """[rows, H]: what the model's head `name` reads for each row, from one frozen forward pass per batch."""
+    module, seen, feats = getattr(model, name), {}, []
+    hook = module.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0], y=out))
+    model.eval()
+    try:
+        with torch.inference_mode(), progress(total=len(ids), desc=f"teacher features [{task_name}]",
+                                              unit="rows") as bar:
+            for b in range(0, len(ids), batch_size):
+                rows = range(b, min(b + batch_size, len(ids)))
+                input_ids, mask = pad_rows(ids, rows, pad_id)
+                model(input_ids=input_ids, attention_mask=mask)
+                x = seen["x"]
+                if x.dim() == 3 and seen["y"].dim() == 3:  # per-position head, pooled at the last real token after
+                    x = x[torch.arange(len(rows)), mask.sum(1) - 1]
+                elif x.dim() != 2:
+                    raise TeacherError(f"task {task_name}: the head `{name}` of {type(model).__name__} pools by "
+                                       "itself; head-only fine-tuning cannot precompute its input: use train: all")
+                feats.append(x.float().clone())
+                bar.update(len(rows))
+    finally:
+        hook.remove()
+    return torch.cat(feats)
 
 
 def _gate(task_name: str, task: TaskConfig, head: CaptureHead, data: TaskData, metrics: dict[str, Any]) -> None:

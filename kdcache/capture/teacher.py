@@ -11,7 +11,7 @@ import torch
 from .. import config as C
 from ..data import TaskData
 from ..fingerprint import hash_obj
-from ..hub import quiet_transformers, resolve_model_name
+from ..hub import quiet_transformers
 from .finetune import finetune_key, finetune_teacher
 from .heads import HEADS
 from .models import TeacherError, auto_class, build_model, convert_gguf, load_tokenizer, model_identity
@@ -27,7 +27,7 @@ def prepare_teacher(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
         if cfg.finetune is not None:
             finetune_teacher(task_name, task, data, head, folder)
         elif not (folder / "config.json").is_file():  # a plain transformers folder reloads in about a second
-            convert_gguf(resolve_model_name(cfg.model), cfg.gguf_file, head.auto_class, folder)
+            convert_gguf(cfg, head.auto_class, folder)
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = auto_class(head.auto_class).from_pretrained(folder, dtype=torch.float32)

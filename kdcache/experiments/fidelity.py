@@ -106,6 +106,65 @@ def _publish(results: dict[str, Any], path: Path, text: str, doc: Path | None, s
     return results
 
 
+def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[int], out_dir: Path,
+                  doc: Path | None, teachers_dir: Path = Path("data/teachers"), cache_root: Path = Path("data/cache"),
+                  overrides: list[str] = ()) -> dict[str, Any]:
+    """Labels in one language only: a teacher fine-tuned on `labelled`'s rows labels every language; per language,
+    the teacher (zero-shot), `student` trained on its cached soft labels alone, and the same student on that
+    language's gold labels (the ceiling, from the pipeline's all-labels cache), over `seeds`."""
+    base = C.load_pipeline(pipeline_name, list(overrides))
+    task = next(iter(base.tasks))
+    codes = list(base.tasks[task].data.languages)
+    if labelled not in codes:
+        raise C.ConfigError(f"pipeline {base.name!r}: --zero-shot {labelled!r} is not one of its languages "
+                            f"({', '.join(codes) or 'none: set data.languages'})")
+    metric = _metric(base.tasks[task].teacher.head)
+    per_language = [*overrides, f"students.{student}.per_language=true", f"students.{student}.twin=true"]
+    settings = {"all labels": (per_language, teachers_dir, cache_root / base.name / task),
+                f"labels in {labelled} only": ([*per_language] + [f"tasks.{task}.data.languages.{c}.labelled_limit=0"
+                                                                   for c in codes if c != labelled],
+                                               out_dir / "teachers-zero-shot", out_dir / "cache-zero-shot" / task)}
+    results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name,
+                               "labelled": labelled, "student": student, "seeds": seeds, "metric": metric,
+                               "languages": codes, "teacher": {}, "runs": {}}
+    for name, (over, teachers, cache) in settings.items():
+        pipeline = C.load_pipeline(pipeline_name, over)
+        manifest = build_teacher_cache(pipeline, task, cache, teachers)
+        results["teacher"][name] = {c: manifest["splits"]["test"]["languages"][c]["stats"].get(metric[1])
+                                    for c in codes}
+        for seed in seeds:
+            seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"])
+            for r in train_students(seeded, [f"{student}@{c}" for c in codes], cache.parent,
+                                    out_dir / "runs" / "zero-shot" / name.replace(" ", "-") / str(seed)):
+                results["runs"].setdefault(name, {}).setdefault(r["run"], []).append(r["test"][metric[0]])
+    return _publish(results, out_dir / f"zero-shot-{base.name}.json", render_zero_shot(results), doc,
+                    f"fidelity:{base.name}-zero-shot")
+
+
+def render_zero_shot(r: dict[str, Any]) -> str:
+    s, lab, words = r["student"], r["labelled"], r["metric"][2]
+    zs, full = f"labels in {lab} only", "all labels"
+    lines = [f"## Labels in one language: `{r['pipeline']}`, only `{lab}` labelled", "",
+             f"`kdcache fidelity {r['pipeline']} --zero-shot {lab} --students {s}` on {r['date']} ({r['machine']}); "
+             f"seeds {r['seeds']}; {words}. The teacher is fine-tuned on the `{lab}` rows alone and labels every "
+             f"language; `{s}@<code>` is trained on one language's partition: from the teacher's soft labels alone "
+             "where that language has no labels, and on its gold labels (hard-label twin, all-labels cache) for the "
+             "ceiling.", "",
+             f"| language | teacher, {lab} labels only | {s}: KD, no labels in the language | {s}: gold labels "
+             f"(ceiling) | teacher, all labels |", "|---|---:|---:|---:|---:|"]
+    for c in r["languages"]:
+        kd = r["runs"].get(zs, {}).get(f"{s}@{c}", [])
+        gold = r["runs"].get(full, {}).get(f"{s}@{c}-hard", [])
+        lines.append(f"| {c}{' (labelled)' if c == lab else ''} | {_fmt(r['teacher'][zs].get(c))} | "
+                     f"{_mean_std(kd) if kd else '–'} | {_mean_std(gold) if gold else '–'} | "
+                     f"{_fmt(r['teacher'][full].get(c))} |")
+    return "\n".join(lines + [""])
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
 SWEEP = {  # name -> loss changes against the pipeline's loss; the first is the reference row
     "T=2, α=0.5 (reference)": {"temperature": 2.0, "alpha": 0.5},
     "T=1": {"temperature": 1.0, "alpha": 0.5},
