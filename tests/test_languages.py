@@ -201,3 +201,25 @@ def test_zero_shot_comparison_per_language(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| de |"))
     assert f"{zs['bow-lang@de'][0]:.4f}" in row and f"{full['bow-lang@de-hard'][0]:.4f}" in row
     assert f"{res['teacher']['labels in en only']['de']:.4f}" in row
+
+
+def test_multilingual_ner_one_tag_set_per_language_taggers(tmp_path):
+    """CoNLL English, Spanish and Dutch in one token-classification cache: word-level partitions per language, a
+    tagger per language with its own vocabulary, and a multilingual tagger whose per-language counts add up."""
+    for name in ("conll2003", "conll2002"):
+        require_shared_data(name)
+    p = load_pipeline(str(REPO / "pipelines" / "multilingual-ner-tiny" / "pipeline.yaml"),
+                      ["tasks.conll.data.limit=20", "train.epochs=1", "tasks.conll.teacher.finetune.epochs=1"])
+    cache = tmp_path / "cache" / "conll"
+    m = build_teacher_cache(p, "conll", cache, tmp_path / "teachers")
+    assert m["languages"] == ["en", "es", "nl"] and verify_cache(cache).ok
+    words = pads.dataset(cache / "train", partitioning="hive").to_table(columns=["words", "language"])
+    assert Counter(words["language"].to_pylist()) == {"en": 20, "es": 20, "nl": 20}
+    res = {r["run"]: r for r in train_students(p, ["tagger", "tagger-lang@es"], cache.parent, tmp_path / "runs")}
+    by = res["tagger"]["test_by_language"]
+    assert sum(v["entities"] for v in by.values()) == res["tagger"]["test"]["entities"]
+    assert sum(v["rows"] for v in by.values()) == res["tagger"]["test"]["rows"] == 60
+    assert res["tagger-lang@es"]["test"]["rows"] == 20
+    vocab = set(json.loads((tmp_path / "runs" / "tagger-lang@es" / "checkpoint" / "word_vocab.json").read_text()))
+    spanish = {w.lower() for ws in read_column(str(cache), "train", "words", ("es",)) for w in ws}
+    assert len(vocab) > 50 and vocab <= spanish | {w for w in vocab if w.startswith("<")}, "Spanish words only"
