@@ -148,6 +148,10 @@ def cmd_report(args) -> int:
 def cmd_bench(args) -> int:
     from .cache.format import CAUSAL_LM
     from .config import load_pipeline
+    if args.id_layouts:
+        from .experiments.lm_bench import id_layouts
+        id_layouts(str(args.id_layouts), None if args.no_doc else args.doc, args.out)
+        return 0
     if any(t.teacher.head == CAUSAL_LM for t in load_pipeline(args.pipeline).tasks.values()):
         from .experiments.lm_bench import run_lm_bench
         run_lm_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.teachers_dir)
@@ -284,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "top-128 (data/bench/bench-lm-<mode>.json).")
     _experiment_args(p, "bench", "benchmarks")
     p.add_argument("--quick", action="store_true", help="smoke-check sizes (512 rows per split)")
+    p.add_argument("--id-layouts", type=Path, default=None, metavar="CACHE",
+                   help="instead: a causal-LM cache's top-k ids as int32 against packed to the bits its vocabulary "
+                        "needs (bytes per token, read + decode speed); the pipeline argument is then ignored")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"),
                    help="where converted/fine-tuned teachers are kept (default: data/teachers)")
     p.set_defaults(func=cmd_bench)

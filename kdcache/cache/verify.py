@@ -195,9 +195,12 @@ def cache_info(root: str | Path) -> dict[str, Any]:
     for split, s in sorted(m["splits"].items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], 9), kv[0])):
         splits[split] = _summary(s["shards"], s["rows"], s["stats"])
         if s.get("languages"):
-            splits[split]["languages"] = {code: _summary([sh for sh in s["shards"] if sh.get("language") == code],
-                                                         lang["rows"], lang["stats"])
+            text = (m.get("text") or {}).get(split) or {}
+            splits[split]["languages"] = {code: {**_summary([sh for sh in s["shards"] if sh.get("language") == code],
+                                                            lang["rows"], lang["stats"]), **text.get(code, {})}
                                           for code, lang in s["languages"].items()}
+        elif (m.get("text") or {}).get(split):
+            splits[split].update(m["text"][split])
     total_rows = m["totals"]["rows"]
     return {"cache": str(root), "task": m["task"], "pipeline": m.get("pipeline"), "head": m["head"],
             "format_version": m["format_version"], "fingerprint": m["fingerprint"],

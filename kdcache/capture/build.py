@@ -86,6 +86,11 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         header["teacher_folds"] = folds
     if data.languages:
         header["languages"] = list(data.languages)
+    text = {code: head.text_stats(data.only(code), tokenizer, task) for code in data.languages} if data.languages \
+        else {None: head.text_stats(data, tokenizer, task)}
+    if any(text.values()):  # per split (and language): words, tokens, tokens per word
+        header["text"] = {split: ({code: t[split] for code, t in text.items() if split in t} if data.languages
+                                  else text[None][split]) for split in data.splits}
     meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": header["fingerprint"]}
     schema, head_schema = shard_schema(header, meta), shard_schema(header, meta, head_only=True)
 

@@ -50,6 +50,11 @@ class CaptureHead:
         return None
 
     # -- what goes into the fingerprint and the manifest
+    def text_stats(self, data: Any, tokenizer: Any, task: TaskConfig) -> dict[str, Any] | None:
+        """Per split, {words, tokens, tokens_per_word} of the text the teacher reads, or None (heads whose shards
+        keep no text say what the tokenizer made of it: fertility differs by language)."""
+        return None
+
     def text_columns(self, task: TaskConfig) -> list[str]:
         """The input columns kept in every shard (the manifest's `text_fields`)."""
         return list(task.data.text_fields)

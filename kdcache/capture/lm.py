@@ -144,6 +144,15 @@ class CausalLM(CaptureHead):
                                    "cache.max_length (the packed sequence length) or add data")
         return packed
 
+    def text_stats(self, data, tokenizer, task):
+        field, out = task.data.text_fields[0], {}
+        for split, ds in data.splits.items():
+            texts = ds[field][:]
+            words = sum(len(t.split()) for t in texts)
+            tokens = sum(len(x) for x in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"])
+            out[split] = {"words": words, "tokens": tokens, "tokens_per_word": round(tokens / max(words, 1), 3)}
+        return out
+
     def text_columns(self, task):
         return []  # shards keep the packed token ids, not text
 

@@ -219,3 +219,70 @@ def render(r: dict[str, Any]) -> str:
                  f"{ce['train_seconds']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def id_layouts(cache: str, doc: Path | None, out_dir: Path, reps: int = 5) -> dict[str, Any]:
+    """A causal-LM cache's own top-k ids stored two ways, side by side: int32 (what kdcache writes above 65,536
+    ids) and packed to the fewest bits the vocabulary needs; Parquet (zstd) bytes per token and the time to read
+    and decode them (median of `reps`), with a round-trip check."""
+    from ..cache.format import pack_ids, unpack_ids
+    from ..cache.reader import open_manifest, read_column
+    m = open_manifest(cache)[2]
+    lm = m["lm"]
+    bits = max(1, int(lm["vocab_size"] - 1).bit_length())
+    ids = np.stack([np.asarray(r, np.int64) for r in read_column(cache, "train", "topk_ids")])
+    n, per_row = ids.shape
+    tokens = n * lm["seq_len"]
+    packed = [pack_ids(r, bits) for r in ids]
+    width = len(packed[0])
+    tables = {"int32": pa.table({"topk_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel(), pa.int32()),
+                                                                                 per_row)}),
+              f"packed {bits}-bit": pa.table({"topk_ids": pa.array([p.tobytes() for p in packed],
+                                                                    pa.binary(width))})}
+
+    def decode(name: str, data: bytes) -> np.ndarray:
+        col = pq.read_table(io.BytesIO(data)).column("topk_ids").combine_chunks()
+        if name == "int32":
+            return col.values.to_numpy().astype(np.int64).reshape(n, per_row)
+        raw = np.frombuffer(col.buffers()[1], np.uint8)
+        if per_row * bits % 8 == 0:  # rows end on byte boundaries: the column is one stream
+            return unpack_ids(raw, n * per_row, bits).reshape(n, per_row)
+        return np.stack([unpack_ids(r, per_row, bits) for r in raw.reshape(n, width)])
+
+    rows = {}
+    for name, table in tables.items():
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            got = decode(name, data)
+            times.append(time.perf_counter() - t0)
+        assert np.array_equal(got, ids), f"{name}: ids did not round-trip"
+        rows[name] = {"bytes_per_token": len(data) / tokens, "read_decode_s": float(np.median(times)),
+                      "tokens_per_s": tokens / float(np.median(times))}
+    results = {"date": _dt.date.today().isoformat(), "machine": machine(), "cache": str(cache),
+               "vocab_size": lm["vocab_size"], "top_k": lm["top_k"], "tokens": tokens, "bits": bits, "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "id-layouts.json").write_text(json.dumps(results, indent=1))
+    text = render_id_layouts(results)
+    print(text)
+    if doc is not None:
+        write_section(doc, "bench:id-layouts", text)
+    return results
+
+
+def render_id_layouts(r: dict[str, Any]) -> str:
+    base = r["rows"]["int32"]
+    lines = ["## Top-k id layouts above 65,536 ids: int32 against packed", "",
+             f"`kdcache bench --id-layouts {r['cache']}` on {r['date']} ({r['machine']}): the cache's own training "
+             f"top-{r['top_k']} ids ({r['tokens']} tokens, vocabulary {r['vocab_size']}: {r['bits']} bits each), "
+             "written alone as Parquet (zstd) in each layout, then read and decoded to int64 (median of 5, "
+             "round-trip checked).", "",
+             "| layout | bytes / token (ids only) | vs int32 | read + decode, tokens/s | vs int32 |",
+             "|---|---:|---:|---:|---:|"]
+    for name, v in r["rows"].items():
+        lines.append(f"| {name} | {v['bytes_per_token']:.1f} | {v['bytes_per_token'] / base['bytes_per_token']:.2f} | "
+                     f"{v['tokens_per_s']:,.0f} | {v['tokens_per_s'] / base['tokens_per_s']:.2f} |")
+    return "\n".join(lines + [""])
