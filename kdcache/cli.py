@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p)
     _runs_args(p)
     p.add_argument("--students", default=None, metavar="A,B", help="comma-separated student names (default: all)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="for a cache built with `kdcache cache --limit N`: the same N (the cache records it)")
     p.add_argument("--teacher", choices=("cache", "live"), default="cache",
                    help="targets from the cache (default) or from the live teacher every step (online KD)")
     p.set_defaults(func=cmd_train)

@@ -248,3 +248,19 @@ def test_a_non_finite_loss_stops_that_run_naming_epoch_and_step(tmp_path, tiny_c
         "run bow: the training loss is inf at epoch 1, step 2" in err.err, err.err[-2000:]
     assert (tmp_path / "runs" / "textcnn" / "metrics.json").is_file() and not (tmp_path / "runs" / "bow").exists()
     assert "textcnn" in err.out and "report:" in err.out
+
+
+def test_train_takes_the_limit_its_cache_was_built_with(tmp_path, tiny_cache, capsys):
+    """`kdcache cache --limit N` then `kdcache train --limit N`: the same data settings, so the cache is accepted;
+    without --limit the mismatch names data.limit."""
+    from kdcache.cli import main
+    (tmp_path / "caches").mkdir()
+    (tmp_path / "caches" / "topic").symlink_to(tiny_cache)
+    limit = next(o for o in FAST if o.startswith("tasks.topic.data.limit=")).split("=")[1]
+    sets = [a for o in FAST if not o.startswith("tasks.topic.data.limit=") for a in ("--set", o)]
+    args = ["train", TINY_PATH, "--cache", str(tmp_path / "caches"), "--runs", str(tmp_path / "runs"),
+            "--students", "bow", *sets, "--set", "train.epochs=1", "--set", "students.bow.twin=false"]
+    assert main([*args, "--limit", limit]) == 0
+    assert (tmp_path / "runs" / "bow" / "metrics.json").is_file()
+    assert main(args) == 2
+    assert "data.limit: cache has " + limit in capsys.readouterr().err
