@@ -79,18 +79,15 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         fold_models, identity["fold_teachers_sha256"] = distributed.main_first(
             lambda: prepare_fold_teachers(pipeline.name, task_name, task, data, teachers_dir))
         fold_runners = [head.runner(m, tokenizer, task, device) for m in fold_models]
-    units, segments = language_units(head, data, tokenizer, task)
+    units, segments, text = language_units(head, data, tokenizer, task)
     inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
     header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
     if folds:
         header["teacher_folds"] = folds
     if data.languages:
         header["languages"] = list(data.languages)
-    text = {code: head.text_stats(data.only(code), tokenizer, task) for code in data.languages} if data.languages \
-        else {None: head.text_stats(data, tokenizer, task)}
-    if any(text.values()):  # per split (and language): words, tokens, tokens per word
-        header["text"] = {split: ({code: t[split] for code, t in text.items() if split in t} if data.languages
-                                  else text[None][split]) for split in data.splits}
+    if text:  # per split (and language): words, tokens, tokens per word
+        header["text"] = text
     meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": header["fingerprint"]}
     schema, head_schema = shard_schema(header, meta), shard_schema(header, meta, head_only=True)
 
@@ -120,20 +117,26 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     return manifest
 
 
-def language_units(head: CaptureHead, data: TaskData, tokenizer: Any, task: C.TaskConfig) -> tuple[dict, dict]:
-    """(per split, the head's units; per split, its (language, start, stop) segments). Multilingual data gets its
-    units language by language (so packed LM sequences never mix two languages), concatenated in language order."""
+def language_units(head: CaptureHead, data: TaskData, tokenizer: Any,
+                   task: C.TaskConfig) -> tuple[dict, dict, dict | None]:
+    """(per split, the head's units; per split, its (language, start, stop) segments; the head's text statistics
+    per split, and per language within it, or None). Multilingual data gets its units language by language (so
+    packed LM sequences never mix two languages), concatenated in language order."""
     if not data.languages:
         units = head.units(data, tokenizer, task)
-        return units, {split: [(None, 0, len(u))] for split, u in units.items()}
+        return units, {split: [(None, 0, len(u))] for split, u in units.items()}, head.text_stats(data, tokenizer, task)
     parts: dict[str, list] = {}
     segments: dict[str, list] = {}
+    text: dict[str, dict] = {}
     for code in data.languages:
-        for split, u in head.units(data.only(code), tokenizer, task).items():
+        mine = data.only(code)
+        for split, u in head.units(mine, tokenizer, task).items():
             start = sum(len(x) for x in parts.get(split, []))
             parts.setdefault(split, []).append(u)
             segments.setdefault(split, []).append((code, start, start + len(u)))
-    return {split: _concat(p) for split, p in parts.items()}, segments
+        for split, t in (head.text_stats(mine, tokenizer, task) or {}).items():
+            text.setdefault(split, {})[code] = t
+    return {split: _concat(p) for split, p in parts.items()}, segments, text or None
 
 
 def _concat(parts: list) -> Any:

@@ -17,6 +17,7 @@ from ..cache.format import CAUSAL_LM, SEQUENCE
 from ..capture.build import build_teacher_cache
 from ..data import load_task_data
 from ..metrics import METRICS
+from ..report import _fmt
 from ..train.loop import train_students
 from .docsections import write_section
 from .machine import machine
@@ -161,10 +162,6 @@ def render_zero_shot(r: dict[str, Any]) -> str:
     return "\n".join(lines + [""])
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.4f}"
-
-
 SWEEP = {  # name -> loss changes against the pipeline's loss; the first is the reference row
     "T=2, α=0.5 (reference)": {"temperature": 2.0, "alpha": 0.5},
     "T=1": {"temperature": 1.0, "alpha": 0.5},
@@ -279,7 +276,9 @@ def render(r: dict[str, Any]) -> str:
 
 def _render_oof(r: dict[str, Any]) -> list[str]:
     """Out-of-fold against in-sample targets, paired by seed: what cross-fitting buys each KD student, and its cost."""
-    pairs = [(name, r["settings"][name.split(f", {OOF}")[0]], s) for name, s in r["settings"].items() if OOF in name]
+    # (the in-sample setting's name, its results, the out-of-fold results)
+    pairs = [(name.split(f", {OOF}")[0], s) for name, s in r["settings"].items() if OOF in name]
+    pairs = [(base, r["settings"][base], s) for base, s in pairs]
     if not pairs:
         return []
     lines = [f"### {OOF} against in-sample targets", "",
@@ -293,12 +292,12 @@ def _render_oof(r: dict[str, Any]) -> list[str]:
         t = [(s.get("teacher_train") or {}) for s in (ins, oof)]
         key = r["metric"][1]
         if all(x.get(key) is not None for x in t):
-            stats.append(f"- {name.split(f', {OOF}')[0]}: the teacher's {key.removeprefix('teacher_').replace('_', ' ')} on the rows "
+            stats.append(f"- {name}: the teacher's {key.removeprefix('teacher_').replace('_', ' ')} on the rows "
                          f"it labels for training {t[0][key]:.3f} in-sample, {t[1][key]:.3f} out-of-fold; mean entropy of "
                          f"those targets {t[0]['mean_entropy_nats']:.3f} / {t[1]['mean_entropy_nats']:.3f} nats.")
         for student, v in oof["students"].items():
             base = ins["students"][student]["kd"]
             gain = [a - b for a, b in zip(v["kd"], base)]
-            lines.append(f"| {name.split(f', {OOF}')[0]} | {student} | {_mean_std(base)} | {_mean_std(v['kd'])} | "
+            lines.append(f"| {name} | {student} | {_mean_std(base)} | {_mean_std(v['kd'])} | "
                          f"{_mean_std(gain)} | {ins.get('build_seconds', 0):.0f} / {oof.get('build_seconds', 0):.0f} |")
     return lines + ([""] + stats if stats else []) + [""]
