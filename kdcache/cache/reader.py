@@ -12,12 +12,14 @@ from a seeded stream of its row groups (so a smaller share walks through all of 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
@@ -328,10 +330,13 @@ def lm_columns(table, lm: dict[str, Any]) -> dict[str, Any]:
         cols["sample_ids"] = [flat_ids[off[i]:off[i + 1]] for i in range(n)]
         cols["sample_counts"] = [flat_counts[off[i]:off[i + 1]] for i in range(n)]
         cols["sample_lengths"] = _flat(table, "sample_lengths", (n, L))
+    if lm.get("offsets"):
+        cols["text"] = table.column("text").to_pylist()
+        cols["token_bytes"] = _flat(table, "token_bytes", (n, L))
     return cols
 
 
-_STACKED = ("input_ids", "topk_ids", "topk_logits", "lse", "tail", "sample_lengths")
+_STACKED = ("input_ids", "topk_ids", "topk_logits", "lse", "tail", "sample_lengths", "token_bytes")
 
 
 def _collate_sequence(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -354,13 +359,14 @@ def _collate_tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _collate_lm(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-position arrays stacked to [B, ...]; sample ids/counts concatenated in row order."""
-    out = {k: torch.as_tensor(np.stack([r[k] for r in rows]).astype(np.int64 if k.endswith(("ids", "lengths"))
-                                                                   else np.float32))
+    out = {k: torch.as_tensor(np.stack([r[k] for r in rows]).astype(
+        np.int64 if k.endswith(("ids", "lengths", "bytes")) else np.float32))
            for k in _STACKED if k in rows[0]}
     out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
     out["id"] = [r["id"] for r in rows]
-    if "language" in rows[0]:
-        out["language"] = [r["language"] for r in rows]
+    for k in ("language", "text"):
+        if k in rows[0]:
+            out[k] = [r[k] for r in rows]
     if "sample_ids" in rows[0]:
         out["sample_ids"] = torch.as_tensor(np.concatenate([r["sample_ids"] for r in rows]).astype(np.int64))
         out["sample_counts"] = torch.as_tensor(np.concatenate([r["sample_counts"] for r in rows]).astype(np.int64))
@@ -377,6 +383,19 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch rows of any head (recognised by their columns); `CacheDataset.collate` is the same, picked by head."""
     head = TOKEN if "words" in rows[0] else CAUSAL_LM if "input_ids" in rows[0] else SEQUENCE
     return COLLATE[head](rows)
+
+
+def read_vocab(url: str, manifest: dict[str, Any]) -> tuple[list[bytes], np.ndarray]:
+    """An LM cache's teacher vocabulary as bytes (its `vocab.parquet`), checked against the manifest's sha256:
+    (each id's bytes, special [V] bool)."""
+    rel = manifest["lm"]["vocab_file"]
+    fs, root = fsspec.core.url_to_fs(str(url))
+    data = fs.cat_file(f"{root.rstrip('/')}/{rel}")
+    if hashlib.sha256(data).hexdigest() != manifest["files"][rel]["sha256"]:
+        raise CacheFormatError(f"{url}/{rel}: checksum mismatch with the manifest (the file changed since the cache "
+                               "was written); rerun `kdcache cache` to rewrite it, or `kdcache verify` for details")
+    t = pq.read_table(pa.BufferReader(data))
+    return t.column("bytes").to_pylist(), t.column("special").to_numpy(zero_copy_only=False)
 
 
 def read_column(url: str, split: str, column: str, languages: tuple[str, ...] | None = None) -> list[Any]:

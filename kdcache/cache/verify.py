@@ -145,6 +145,20 @@ def _verify(root: Path, m: dict[str, Any], report: VerifyReport) -> None:
     if hash_obj(m["fingerprint_inputs"]) != m["fingerprint"]:
         report.problems.append(f"{root / MANIFEST}: `fingerprint` is not the sha256 of `fingerprint_inputs`")
     listed = {root / MANIFEST, root / LOCK_FILE} | _check_records(root, m, report)
+    for rel, f in (m.get("files") or {}).items():
+        try:
+            path = safe_path(root, rel, "side file")
+        except CacheFormatError as e:
+            report.problems.append(str(e))
+            continue
+        listed.add(path)
+        if not path.is_file():
+            report.problems.append(f"{path}: side file missing (rebuild with `kdcache cache`: it rewrites it)")
+        elif hash_file(path) != f["sha256"]:
+            report.problems.append(f"{path}: checksum mismatch (the file changed since it was written; rerun "
+                                   "`kdcache cache` to rewrite it)")
+        else:
+            report.bytes_checked += path.stat().st_size
     for split, s in m["splits"].items():
         total = 0
         for shard in s["shards"]:

@@ -158,9 +158,10 @@ class CacheWriter:
     """
 
     def __init__(self, root: str | Path, header: dict[str, Any], overwrite: bool = False,
-                 row_group_rows: int = 2048, role: str = "owner") -> None:
+                 row_group_rows: int = 2048, role: str = "owner", files: dict[str, bytes] | None = None) -> None:
         self.root = Path(root)
         self.header = header
+        self.files = files or {}  # side files at the cache root (e.g. an LM teacher's vocabulary); header["files"]
         self.overwrite = overwrite
         self.row_group_rows = row_group_rows
         self.role = role  # "owner" locks, checks and cleans the folder; a "worker" (another rank) only writes
@@ -184,10 +185,27 @@ class CacheWriter:
             (self.root / RECORDS_DIR).mkdir(exist_ok=True)
             write_json_atomic(self.root / RECORDS_DIR / BUILD_STATE,
                               {k: self.header.get(k) for k in ("pipeline", "fingerprint", "fingerprint_inputs")})
+            self._write_files()
         except BaseException:
             self._release()
             raise
         return self
+
+    def _write_files(self) -> None:
+        """The side files, each under a temporary name then renamed (rewritten when missing or changed); the
+        manifest lists them with their checksums (`header["files"]`), so verify and readers can trust them."""
+        for rel, data in self.files.items():
+            path = safe_path(self.root, rel, "side file")
+            if path.is_file() and hash_file(path) == self.header["files"][rel]["sha256"]:
+                continue
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        if self.files:
+            fsync_dir(self.root)
 
     def _wipe(self) -> None:
         for p in self.root.iterdir():
@@ -237,7 +255,11 @@ class CacheWriter:
 
     def _damaged_shards(self, m: dict[str, Any]) -> list[str]:
         """Shards of a finished cache whose files or commit records no longer match the manifest."""
-        bad = []
+        bad = [rel for rel, f in (m.get("files") or {}).items()
+               if not (self.root / rel).is_file() or hash_file(self.root / rel) != f["sha256"]]
+        if bad:
+            self._write_files()
+            bad = []
         for split, s in m["splits"].items():
             group = s.get("features_group")
             if group and not self._group_intact(group):

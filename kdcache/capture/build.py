@@ -3,6 +3,7 @@ every head: data -> teacher -> head -> shard loop -> commit; one fingerprint and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
@@ -88,6 +89,9 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         header["languages"] = list(data.languages)
     if text:  # per split (and language): words, tokens, tokens per word
         header["text"] = text
+    files = head.files(task, tokenizer)
+    if files:
+        header["files"] = {rel: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for rel, b in files.items()}
     meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": header["fingerprint"]}
     schema, head_schema = shard_schema(header, meta), shard_schema(header, meta, head_only=True)
 
@@ -109,7 +113,7 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         return table, head.shard_features(out), stats
 
     manifest = write_shards(out_dir, header, task, task_name, segments, inputs["data"]["splits"], produce,
-                            head.summarise, overwrite)
+                            head.summarise, overwrite, files)
     judged = next((s for s in ("validation", "test") if s in manifest["splits"]), None)
     if judged:
         check_teacher(task_name, task, head, manifest["splits"][judged].get("stats") or {},
@@ -142,13 +146,15 @@ def language_units(head: CaptureHead, data: TaskData, tokenizer: Any,
 def _concat(parts: list) -> Any:
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
+    if hasattr(parts[0], "concat"):
+        return parts[0].concat(parts)
     import datasets
     return datasets.concatenate_datasets(parts)
 
 
 def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task_name: str,
                  segments: dict[str, list[tuple[str | None, int, int]]], dataset_sha: dict[str, str], produce,
-                 summarise, overwrite: bool = False) -> dict[str, Any]:
+                 summarise, overwrite: bool = False, files: dict[str, bytes] | None = None) -> dict[str, Any]:
     """The shard loop: open the writer (process 0 first), write this process's missing shards with
     `produce(split, start, stop, progress_bar, language) -> (table, features, stats)`, then commit. `segments`:
     per split, its (language or None, start, stop) ranges; a shard never spans two languages.
@@ -159,7 +165,7 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
 
     def open_writer() -> CacheWriter:
         return CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows,
-                           role="owner" if dist.is_main_process else "worker").__enter__()
+                           role="owner" if dist.is_main_process else "worker", files=files).__enter__()
 
     writer = distributed.main_first(open_writer)
     try:

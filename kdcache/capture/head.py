@@ -69,6 +69,11 @@ class CaptureHead:
         return {"layers": layers, "pooling": task.cache.features.pooling,
                 "dtype": task.cache.features.dtype} if layers else None
 
+    def files(self, task: TaskConfig, tokenizer: Any) -> dict[str, bytes]:
+        """Side files for the cache root ({name: content}, e.g. the LM teacher's vocabulary), listed with their
+        checksums in the manifest's `files`."""
+        return {}
+
     def manifest_extras(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Head-specific manifest fields besides the common header."""
         return {}

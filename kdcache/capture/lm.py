@@ -5,30 +5,89 @@ random-sampling targets. Temperature is applied at training time (train/losses.p
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from ..cache.format import CAUSAL_LM, token_id_type
+from ..cache.format import CAUSAL_LM, VOCAB_FILE, token_id_type
 from ..config import CacheConfig
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids, hash_tokenizer
+from ..vocab import byte_ends, vocab_bytes
 from .head import CaptureHead
 from .models import TeacherError
 from .runner import BatchRunner, refuse_non_finite
 
 
-def pack(tokenizer: Any, texts: list[str], seq_len: int) -> np.ndarray:
-    """Token ids of every text, each followed by EOS, concatenated and cut into [n, seq_len] (remainder dropped)."""
+@dataclass
+class Packed:
+    """Packed sequences of one split: ids [n, L]; with offsets, per position the bytes of text its token ends after
+    (uint16 [n, L]; an EOS between documents covers none) and per row the UTF-8 text its tokens cover."""
+
+    ids: np.ndarray
+    token_bytes: np.ndarray | None = None
+    text: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: slice) -> "Packed":
+        return Packed(self.ids[rows], None if self.token_bytes is None else self.token_bytes[rows],
+                      None if self.text is None else self.text[rows])
+
+    @staticmethod
+    def concat(parts: list["Packed"]) -> "Packed":
+        offsets = parts[0].text is not None
+        return Packed(np.concatenate([p.ids for p in parts]),
+                      np.concatenate([p.token_bytes for p in parts]) if offsets else None,
+                      [t for p in parts for t in p.text] if offsets else None)
+
+
+def eos_id(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if eos is None:
         raise TeacherError("the teacher's tokenizer has no EOS (or SEP) token to separate packed documents")
-    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return int(eos)
+
+
+def pack(tokenizer: Any, texts: list[str], seq_len: int, offsets: bool = False,
+         vocab: list[bytes] | None = None) -> Packed:
+    """Token ids of every text, each followed by EOS, concatenated and cut into [n, seq_len] (remainder dropped);
+    with `offsets`, also where each token ends in the text (`Packed`; `vocab`: the tokenizer's `vocab_bytes`)."""
+    eos = eos_id(tokenizer)
+    if offsets:
+        ids, ends = byte_ends(tokenizer, texts, vocab if vocab is not None else vocab_bytes(tokenizer)[0])
+    else:
+        ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     flat = np.fromiter((t for x in ids for t in (*x, eos)), dtype=np.int64)
     n = len(flat) // seq_len
-    return flat[: n * seq_len].reshape(n, seq_len)
+    packed = Packed(flat[: n * seq_len].reshape(n, seq_len))
+    if not offsets:
+        return packed
+    # bytes per token (leading whitespace goes with the token after it), 0 for each EOS; text after a document's
+    # last token (trailing whitespace a tokenizer drops) belongs to no token and is not kept
+    lengths = np.concatenate([x for e in ends for x in (np.diff(e, prepend=0), [0])]).astype(np.int64)[: n * seq_len]
+    if lengths.size and lengths.max() > np.iinfo(np.uint16).max:
+        raise TeacherError(f"a teacher token covers {int(lengths.max())} bytes of text (more than 65,535): clean "
+                           "the text (long runs of whitespace?) or set cache.offsets: false")
+    stream = b"".join(t.encode()[: int(e[-1])] for t, e in zip(texts, ends) if len(e))
+    per_row = lengths.reshape(n, seq_len).sum(1)
+    starts = np.concatenate([[0], np.cumsum(per_row)])
+    packed.token_bytes = lengths.reshape(n, seq_len).astype(np.uint16)
+    packed.text = [stream[starts[i]:starts[i + 1]] for i in range(n)]
+    return packed
+
+
+def vocab_table(tokenizer: Any) -> pa.Table:
+    """The teacher's vocabulary as bytes (`vocab.parquet` of an LM cache with offsets): id, bytes, special."""
+    tokens, special = vocab_bytes(tokenizer)
+    return pa.table({"id": pa.array(np.arange(len(tokens), dtype=np.int32)), "bytes": pa.array(tokens, pa.binary()),
+                     "special": pa.array(special, pa.bool_())})
 
 
 class LMRunner(BatchRunner):
@@ -101,8 +160,9 @@ class LMRunner(BatchRunner):
         out.setdefault("sample_lengths", []).append(lengths)
 
 
-def lm_shard_table(seqs: np.ndarray, t: dict[str, Any], row_start: int, split: str, schema: pa.Schema) -> pa.Table:
+def lm_shard_table(rows: Packed, t: dict[str, Any], row_start: int, split: str, schema: pa.Schema) -> pa.Table:
     """One shard of packed sequences and their targets (see format.lm_parquet_schema)."""
+    seqs = rows.ids
     n, L = seqs.shape
     id_type = schema.field("topk_ids").type.value_type
 
@@ -124,6 +184,9 @@ def lm_shard_table(seqs: np.ndarray, t: dict[str, Any], row_start: int, split: s
         cols["sample_ids"] = pa.array([a.astype(np.int64) for a in t["sample_ids"]], pa.list_(id_type))
         cols["sample_counts"] = pa.array([a.astype(np.int64) for a in t["sample_counts"]], pa.list_(pa.uint16()))
         cols["sample_lengths"] = fixed(t["sample_lengths"], pa.uint16())
+    if "text" in schema.names:
+        cols["text"] = pa.array(rows.text, pa.binary())
+        cols["token_bytes"] = fixed(rows.token_bytes, pa.uint16())
     return pa.Table.from_pydict(cols, schema=schema)
 
 
@@ -137,7 +200,9 @@ class CausalLM(CaptureHead):
 
     def units(self, data, tokenizer, task):
         field, seq_len = task.data.text_fields[0], task.cache.max_length
-        packed = {split: pack(tokenizer, ds[field][:], seq_len) for split, ds in data.splits.items()}
+        vocab = vocab_bytes(tokenizer)[0] if task.cache.offsets else None
+        packed = {split: pack(tokenizer, ds[field][:], seq_len, task.cache.offsets, vocab)
+                  for split, ds in data.splits.items()}
         for split, p in packed.items():
             if len(p) == 0:
                 raise TeacherError(f"split {split!r} has fewer than {seq_len} tokens of text; lower "
@@ -160,7 +225,16 @@ class CausalLM(CaptureHead):
         c, vocab = task.cache, int(model.get_output_embeddings().weight.shape[0])
         return {"lm": {"seq_len": c.max_length, "top_k": min(c.top_k, vocab), "temperatures": list(c.temperatures),
                        "vocab_size": vocab, "samples": c.samples, "sample_temperature": c.sample_temperature,
-                       "id_dtype": str(token_id_type(vocab)), "tokenizer_sha256": hash_tokenizer(tokenizer)}}
+                       "id_dtype": str(token_id_type(vocab)), "tokenizer_sha256": hash_tokenizer(tokenizer),
+                       **({"offsets": True, "eos_id": eos_id(tokenizer), "vocab_file": VOCAB_FILE}
+                          if c.offsets else {})}}
+
+    def files(self, task, tokenizer):
+        if not task.cache.offsets:
+            return {}
+        sink = pa.BufferOutputStream()
+        pq.write_table(vocab_table(tokenizer), sink, compression="zstd")
+        return {VOCAB_FILE: sink.getvalue().to_pybytes()}
 
     def features(self, task, runner):
         return None
@@ -169,14 +243,15 @@ class CausalLM(CaptureHead):
         return {"lm": inputs["lm"]}
 
     def run(self, runner, rows, task, seed, on_batch):
-        return runner.run(rows, seed=seed, on_batch=on_batch)
+        return runner.run(rows.ids, seed=seed, on_batch=on_batch)
 
     def table(self, rows, out, row_start, split, schema, task):
         return lm_shard_table(rows, out, row_start, split, schema)
 
     def stats(self, rows, out, label_names):
         """Teacher next-token loss, top-1 hits, tail mass at the first temperature."""
-        return {"rows": int(out["nll"].shape[0]), "tokens": int(out["tail"].shape[0] * out["tail"].shape[1]),
+        predicted = {} if rows.token_bytes is None else {"predicted_bytes": int(rows.token_bytes[:, 1:].sum(dtype=np.int64))}
+        return {**predicted, "rows": int(out["nll"].shape[0]), "tokens": int(out["tail"].shape[0] * out["tail"].shape[1]),
                 "predicted_tokens": int(out["nll"].size), "nll_sum": float(out["nll"].astype(np.float64).sum()),
                 "top1_hits": int(out["top1"].sum()),
                 "tail_mass_sum": float(np.exp(out["tail"][..., 0].astype(np.float64)).sum())}
@@ -185,7 +260,11 @@ class CausalLM(CaptureHead):
         tot = {k: sum(s[k] for s in stats) for k in ("rows", "tokens", "predicted_tokens", "nll_sum", "top1_hits",
                                                      "tail_mass_sum", "seconds")}
         pred = max(tot["predicted_tokens"], 1)
-        return {"rows": tot["rows"], "tokens": tot["tokens"],
+        per_byte = {}
+        if all("predicted_bytes" in s for s in stats):  # bits per byte: comparable across tokenizers
+            per_byte = {"teacher_bits_per_byte": tot["nll_sum"] / math.log(2) / max(sum(s["predicted_bytes"]
+                                                                                         for s in stats), 1)}
+        return {"rows": tot["rows"], "tokens": tot["tokens"], **per_byte,
                 "teacher_perplexity": float(np.exp(tot["nll_sum"] / pred)),
                 "teacher_top1_accuracy": tot["top1_hits"] / pred,
                 "mean_tail_mass": tot["tail_mass_sum"] / max(tot["tokens"], 1),

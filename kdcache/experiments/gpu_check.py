@@ -107,7 +107,7 @@ def lm_check(device: str, precision: str) -> dict[str, Any]:
     task = _tiny("lm-tiny", []).tasks["news"]
     model, _ = build_model(task.teacher, "AutoModelForCausalLM", None, seed=0)
     tok = load_tokenizer(task.teacher)
-    seqs = pack(tok, load_task_data(task.data).splits["train"]["text"][:], task.cache.max_length)[:16]
+    seqs = pack(tok, load_task_data(task.data).splits["train"]["text"][:], task.cache.max_length).ids[:16]
     ref = LMRunner(copy.deepcopy(model), task.cache, "fp32", "cpu").run(seqs)
     got = LMRunner(model, task.cache, precision, device).run(seqs)
     return compare_lm(ref, got, TOLERANCE[precision])

@@ -24,7 +24,7 @@ import torch
 
 from .. import config as C
 from ..cache.format import lm_parquet_schema, parquet_write_options
-from ..capture.lm import LMRunner, lm_shard_table, pack
+from ..capture.lm import LMRunner, Packed, lm_shard_table, pack
 from ..capture.teacher import prepare_teacher
 from ..data import load_task_data
 from ..optim import adamw
@@ -92,8 +92,9 @@ def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | Non
     data = load_task_data(task.data)
     model, tok, _ = prepare_teacher(pipeline.name, task_name, task, data, teachers_dir)
     L = task.cache.max_length
-    train_seqs = pack(tok, data.splits["train"]["text"][:], L)[:n_train]
-    held_seqs = pack(tok, data.splits["validation"]["text"][:], L)[:n_held]
+    train_packed = pack(tok, data.splits["train"]["text"][:], L, offsets=True)[:n_train]
+    train_seqs = train_packed.ids
+    held_seqs = pack(tok, data.splits["validation"]["text"][:], L).ids[:n_held]
     cache_cfg = dataclasses.replace(task.cache, top_k=max(KS), temperatures=(1.0,), samples=SAMPLES,
                                     sample_temperature=1.0)
     runner = LMRunner(model, cache_cfg, task.teacher.precision, task.teacher.device)
@@ -130,13 +131,17 @@ def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | Non
     storage = {}
     for k in KS:
         schema = lm_parquet_schema(L, k, 1, V, False, {})
-        storage[f"top-{k}"] = _parquet_bytes(lm_shard_table(train_seqs, train_t[k], 0, "train", schema)) / tokens
+        storage[f"top-{k}"] = _parquet_bytes(lm_shard_table(Packed(train_seqs), train_t[k], 0, "train", schema)) / tokens
     s_schema = lm_parquet_schema(L, 1, 1, V, True, {})
-    s_table = lm_shard_table(train_seqs, {**train_t[KS[0]], **{"topk_ids": train_t[KS[0]]["topk_ids"][..., :1],
+    s_table = lm_shard_table(Packed(train_seqs), {**train_t[KS[0]], **{"topk_ids": train_t[KS[0]]["topk_ids"][..., :1],
                                                               "topk_logits": train_t[KS[0]]["topk_logits"][..., :1]},
                                           **train_s}, 0, "train", s_schema)
     storage[f"sampled ({SAMPLES} draws)"] = _parquet_bytes(
         s_table.select(["input_ids", "sample_ids", "sample_counts", "sample_lengths"])) / tokens
+    o_table = lm_shard_table(train_packed, train_t[KS[0]], 0, "train", lm_parquet_schema(L, KS[0], 1, V, False, {}, True))
+    # what cross-tokenizer students need on top (docs/cross-tokenizer.md): per-position byte counts, and the text
+    storage["offsets: token_bytes"] = _parquet_bytes(o_table.select(["token_bytes"])) / tokens
+    storage["offsets: row text"] = _parquet_bytes(o_table.select(["text"])) / tokens
     k_max = max(KS)
     naive = pa.table({"input_ids": pa.array(list(train_seqs.astype(np.int32))),
                       "topk_ids": pa.array(list(train_t[k_max]["topk_ids"].reshape(len(train_seqs), -1).astype(np.int32))),

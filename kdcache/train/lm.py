@@ -13,31 +13,50 @@ from torch import nn
 
 from .. import config as C
 from ..cache.format import CAUSAL_LM
-from ..cache.reader import COLLATE, CacheMismatchError
+from ..cache.reader import COLLATE, CacheMismatchError, read_vocab
 from ..fingerprint import hash_tokenizer
 from ..hub import quiet_transformers, resolve_model_name
 from ..students import build_student
 from .head import StudentModel, TrainHead
+from .crosstok import (BPE_PREFIX, CrossLMModel, CrossTokenizer, bpe_tokenizer, cross_loss, cross_tokenizer,
+                       evaluate_cross, select)
 from .losses import (LOG_TINY, SampledTargets, TopKTargets, kd_loss_per_row, sampled_kd_loss_per_row,
                      token_ce_per_row)
 
 
+CROSS_LENGTH_FACTOR = 4  # a student row may hold up to this many times the teacher's tokens (the rest is cut)
+
+
 class TokenizerMismatchError(CacheMismatchError):
-    """A student names a tokenizer other than the one the cache's token ids come from."""
+    """A student names a tokenizer other than the teacher's, and the cache keeps no byte offsets to align them."""
 
 
-def check_student_tokenizer(st: C.StudentConfig, lm: dict[str, Any], where: str) -> None:
-    """LM students read the cache's token ids, so they must use the teacher's tokenizer: refuse another one."""
-    if st.tokenizer == "words":  # the default: the cache's own (teacher) tokenizer
-        return
+def student_tokenizer(st: C.StudentConfig, source: Any, where: str) -> CrossTokenizer | None:
+    """None when the student reads the cache's own token ids (`words`, or a tokenizer identical to the teacher's);
+    else its own tokenizer, aligned with the teacher's through the cache's byte offsets (crosstok.py)."""
+    if st.tokenizer == "words":
+        return None
+    lm = source.manifest["lm"]
+    if st.tokenizer.startswith(BPE_PREFIX):
+        if not lm.get("offsets"):
+            raise TokenizerMismatchError(_no_offsets(source.cache, st.tokenizer, where))
+        texts = source.column(source.train.split, "text")
+        return cross_tokenizer(bpe_tokenizer(st.tokenizer, texts, where), lm, read_vocab(source.cache, source.manifest),
+                               where, trained=st.tokenizer)
     from transformers import AutoTokenizer
-    got = hash_tokenizer(AutoTokenizer.from_pretrained(resolve_model_name(st.tokenizer)))
-    if got != lm["tokenizer_sha256"]:
-        raise TokenizerMismatchError(
-            f"{where}: tokenizer {st.tokenizer!r} (sha256 {got[:12]}) is not the tokenizer the cache's token ids and "
-            f"top-k targets were made with (sha256 {lm['tokenizer_sha256'][:12]}); an LM student must share the "
-            "teacher's vocabulary: remove `tokenizer:` from the student, or rebuild the cache with a teacher that "
-            "uses this tokenizer")
+    tok = AutoTokenizer.from_pretrained(resolve_model_name(st.tokenizer))
+    if hash_tokenizer(tok) == lm["tokenizer_sha256"]:
+        return None
+    if not lm.get("offsets"):
+        raise TokenizerMismatchError(_no_offsets(source.cache, st.tokenizer, where))
+    return cross_tokenizer(tok, lm, read_vocab(source.cache, source.manifest), where)
+
+
+def _no_offsets(cache: str, name: str, where: str) -> str:
+    return (f"{where}: tokenizer {name!r} is not the tokenizer the cache's token ids and top-k targets were made with, "
+            f"and {cache} keeps no byte offsets to align another tokenizer with the teacher's: rebuild the cache with "
+            "offsets (cache.offsets: true, the default for new LM caches; `kdcache cache <pipeline> --overwrite`), "
+            "or remove `tokenizer:` from the student to use the teacher's")
 
 
 def lm_targets(batch: dict[str, Any], loss: C.LossConfig, lm: dict[str, Any]):
@@ -99,7 +118,7 @@ def evaluate_lm(model: nn.Module, ds: Any, lm: dict[str, Any], batch_size: int,
     """Perplexity on next tokens, and KL(teacher || student) over the cached top-k + tail buckets at T=1.
     `model(input_ids=...)` returns an object with `.logits` (a transformers causal LM)."""
     model.eval()
-    nll, tokens, kl, positions = 0.0, 0, 0.0, 0
+    nll, tokens, kl, positions, nbytes = 0.0, 0, 0.0, 0, 0
     at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
     collate = getattr(ds, "collate", COLLATE[CAUSAL_LM])
     for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate):
@@ -109,12 +128,15 @@ def evaluate_lm(model: nn.Module, ds: Any, lm: dict[str, Any], batch_size: int,
         ce = token_ce_per_row(flat, labels, 32)
         nll += float(ce[labels >= 0].sum())
         tokens += int((labels >= 0).sum())
+        if "token_bytes" in batch:  # bytes of the predicted tokens (positions 1..L-1), as for the teacher's
+            nbytes += int(batch["token_bytes"][:, 1:].sum())
         if 1.0 in lm["temperatures"]:
             t = lm_targets(batch, at1, lm)
             kl += float(kd_loss_per_row(flat, t.to(device), "kl", 1.0, chunk=32).sum())
             positions += flat.shape[0]
     return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1), "tokens": tokens,
-            "kl_to_teacher": kl / positions if positions else None}
+            "kl_to_teacher": kl / positions if positions else None,
+            **({"bits_per_byte": nll / math.log(2) / nbytes} if nbytes else {})}
 
 
 class LMModel(StudentModel):
@@ -129,6 +151,7 @@ class LMModel(StudentModel):
         return self.lm
 
     def forward(self, task: str, batch: dict[str, Any], features: bool = True):
+        batch["student_tokens"] = None  # the cache's own ids (a cross-tokenizer student of the batch set its own)
         return self.lm(input_ids=batch["input_ids"].to(self.device())).logits, []
 
     def save(self, folder: Path, state: dict[str, Any]) -> None:
@@ -159,11 +182,14 @@ class CausalLM(TrainHead):
 
     def tokenizer(self, st, source, where):
         quiet_transformers()
-        check_student_tokenizer(st, source.manifest["lm"], where)
-        return None
+        return student_tokenizer(st, source, where)
 
     def build_model(self, st, loss, source, tokenizer, max_length, where):
         lm = source.manifest["lm"]
+        if tokenizer is not None:  # its own tokenizer: more (or fewer) tokens per row than the teacher's
+            max_len = CROSS_LENGTH_FACTOR * lm["seq_len"]
+            return CrossLMModel(build_student(st.arch, st.params, tokenizer.vocab_size, max_len, where=where),
+                                tokenizer, max_len)
         return LMModel(build_student(st.arch, st.params, lm["vocab_size"], lm["seq_len"], where=where),
                        lm["tokenizer_sha256"])
 
@@ -171,10 +197,23 @@ class CausalLM(TrainHead):
         return source.manifest["lm"]
 
     def loss(self, logits, features, targets, batch, loss, where):
-        return lm_loss(logits, batch, loss, targets)
+        if batch.get("student_tokens") is None:
+            return lm_loss(logits, batch, loss, targets)
+        view, mapping = batch["student_tokens"]
+        t = None if loss.alpha >= 1.0 else select(lm_targets(batch, loss, targets), view.teacher_pos).to(logits.device)
+        return cross_loss(logits, view, t, mapping, loss)
 
     def evaluate(self, model, task, ds, source):
-        return evaluate_lm(model.core, ds, source.manifest["lm"], self.eval_batch_size, model.device())
+        lm = source.manifest["lm"]
+        if isinstance(model, CrossLMModel):
+            at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
+            return evaluate_cross(model, ds, lambda b: lm_targets(b, at1, lm) if 1.0 in lm["temperatures"] else None,
+                                  self.eval_batch_size)
+        return evaluate_lm(model.core, ds, lm, self.eval_batch_size, model.device())
 
     def run_extras(self, model, source, pipeline):
-        return {"tokenizer_sha256": source.manifest["lm"]["tokenizer_sha256"]}
+        lm = source.manifest["lm"]
+        if isinstance(model, CrossLMModel):
+            return {"tokenizer_sha256": model.tok.sha256, "teacher_tokenizer_sha256": lm["tokenizer_sha256"],
+                    "student_vocab_size": model.tok.vocab_size, "tokenizer": model.tok.trained or "own"}
+        return {"tokenizer_sha256": lm["tokenizer_sha256"]}

@@ -38,11 +38,14 @@ class TopKTargets:
     temperature T (normalised over the FULL teacher output, so exp(logprobs).sum(-1) <= 1; the rest is the tail);
     tail: [N] float32 exact log-mass of every other id, or None to derive it as log(1 - Σ exp(logprobs)) (fine
     for a few classes; for a vocabulary the cache stores it, because that difference cancels when the tail is small).
+    present: [N, k] bool or None (all present). Targets projected onto another vocabulary (train/crosstok.py) have
+    fewer distinct ids than slots: an absent slot repeats a present id of its row and carries no mass on either side.
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail: torch.Tensor | None = None
+    present: torch.Tensor | None = None
 
     @classmethod
     def from_logits(cls, teacher_logits: torch.Tensor, temperature: float, k: int | None = None) -> "TopKTargets":
@@ -65,7 +68,8 @@ class TopKTargets:
 
     def to(self, device: torch.device | str) -> "TopKTargets":
         return TopKTargets(self.ids.to(device), self.logprobs.to(device),
-                           None if self.tail is None else self.tail.to(device))
+                           None if self.tail is None else self.tail.to(device),
+                           None if self.present is None else self.present.to(device))
 
 
 @dataclass
@@ -166,6 +170,8 @@ def _buckets(student_logits: torch.Tensor, t: TopKTargets, temperature: float,
         return t.logprobs, _wide(student_logits.gather(-1, t.ids)) / temperature - s_lse[:, None]
     s_lse, s_rest = logsumexp_split(student_logits, t.ids, temperature, chunk)        # [N], [N]
     s_top = _wide(student_logits.gather(-1, t.ids)) / temperature - s_lse[:, None]   # [N, k]
+    if t.present is not None:  # a repeated id is counted once, in its present slot
+        s_top = s_top.masked_fill(~t.present, LOG_TINY)
     s_tail = (s_rest - s_lse).clamp(min=LOG_TINY)[:, None]
     t_tail = (t.tail.clamp(min=LOG_TINY)[:, None] if t.tail is not None
               else _log1mexp(torch.logsumexp(t.logprobs, dim=-1, keepdim=True)))
@@ -184,10 +190,12 @@ def kd_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, kind: st
 
     kinds: kl = KL(teacher || student) (forward); reverse_kl = KL(student || teacher); jsd = generalised
     Jensen-Shannon with weight beta on the teacher, β·KL(p||m) + (1-β)·KL(q||m), m = β·p + (1-β)·q;
-    soft_ce = -Σ p log q (KL plus the teacher's entropy). `chunk`: memory-lean student normalisation.
+    soft_ce = -Σ p log q (KL plus the teacher's entropy); uld = `uld_loss_per_row` (not T²-scaled). `chunk`: memory-lean student normalisation.
     """
     if kind == "mse":
         raise ValueError("mse works on logits, not distributions: use mse_logits_loss")
+    if kind == "uld":
+        return uld_loss_per_row(student_logits, targets, temperature, chunk)
     logp, logq = _buckets(student_logits, targets, temperature, chunk)
     if kind == "kl":
         loss = _kl(logp, logq)
@@ -203,6 +211,23 @@ def kd_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, kind: st
     else:
         raise ValueError(f"unknown KD loss {kind!r}; one of {KINDS}")
     return loss * temperature ** 2
+
+
+def uld_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, temperature: float = 1.0,
+                     chunk: int | None = None) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al., 2024) per row [N]: the L1 distance between the teacher's and the
+    student's probabilities, each sorted in decreasing order, so no id needs to match across vocabularies. The
+    teacher's cached top-k are its k largest; the student's k largest are compared with them and the remaining mass
+    of each as one bucket (the cached tail makes that exact). Not T²-scaled: it compares probabilities, not logits."""
+    k = targets.logprobs.shape[-1]
+    p_top = targets.logprobs.exp().sort(-1, descending=True).values
+    s_lse = logsumexp_t(student_logits, temperature, chunk)
+    q_top = (_wide(student_logits.topk(min(k, student_logits.shape[-1]), -1).values) / temperature
+             - s_lse[:, None]).exp()
+    if q_top.shape[-1] < k:
+        q_top = F.pad(q_top, (0, k - q_top.shape[-1]))
+    p_tail = targets.tail.exp() if targets.tail is not None else (1.0 - p_top.sum(-1)).clamp_min(0.0)
+    return (p_top - q_top).abs().sum(-1) + (p_tail - (1.0 - q_top.sum(-1)).clamp_min(0.0)).abs()
 
 
 def sampled_kd_loss_per_row(student_logits: torch.Tensor, targets: SampledTargets, temperature: float = 1.0,
