@@ -152,6 +152,10 @@ def cmd_bench(args) -> int:
         from .experiments.lm_bench import id_layouts
         id_layouts(str(args.id_layouts), None if args.no_doc else args.doc, args.out)
         return 0
+    if args.columns:
+        from .experiments.lm_bench import column_costs
+        column_costs(str(args.columns), None if args.no_doc else args.doc, args.out)
+        return 0
     if any(t.teacher.head == CAUSAL_LM for t in load_pipeline(args.pipeline).tasks.values()):
         from .experiments.lm_bench import run_lm_bench
         run_lm_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.teachers_dir)
@@ -293,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-layouts", type=Path, default=None, metavar="CACHE",
                    help="instead: a causal-LM cache's top-k ids as int32 against packed to the bits its vocabulary "
                         "needs (bytes per token, read + decode speed); the pipeline argument is then ignored")
+    p.add_argument("--columns", type=Path, default=None, metavar="CACHE",
+                   help="instead: what each column of a causal-LM cache costs in bytes per token, per language, "
+                        "from its shards' footers (the byte offsets of cross-tokenizer students included)")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"),
                    help="where converted/fine-tuned teachers are kept (default: data/teachers)")
     p.set_defaults(func=cmd_bench)

@@ -393,6 +393,9 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             if st.tokenizer != "words" and not p.tasks[task].cache.offsets:
                 raise ConfigError(f"`{where}.tokenizer` = {st.tokenizer!r}: a causal-LM student with its own "
                                   f"tokenizer needs a cache with offsets; set tasks.{task}.cache.offsets: true")
+            if st.tokenizer.startswith("bpe:") and loss.targets != "topk" and loss.alpha < 1.0:
+                raise ConfigError(f"`{lw}.targets` = {loss.targets!r}: a student with its own tokenizer learns from "
+                                  "the top-k + tail targets projected onto its vocabulary; use targets: topk")
         if loss.kind == "uld" and (head != CAUSAL_LM or st.tokenizer == "words") and loss.alpha < 1.0:
             raise ConfigError(f"`{lw}.kind` is `uld`: the sorted-probability baseline is for causal-LM students "
                               "with their own tokenizer (`tokenizer: bpe:<size>` or a tokenizer name)")

@@ -28,10 +28,21 @@ TEXTS = ["Grüße aus Köln, señor! Ça va?", "De ijsbeer eet één  vis.\n\nNi
          "The end of the story   with spaces.\n"] * 3
 
 
+def with_bos(tok):
+    """`tok` starting every text with a BOS token, as Gemma's and Llama 2's tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
 @pytest.fixture(scope="module")
 def tokenizers():
-    """A byte tokenizer (no merges: one token per byte), and two BPEs with merges (whitespace runs merge too)."""
-    return {"bytes": train_bpe(TEXTS, 257), "bpe": train_bpe(TEXTS, 330), "bpe-small": train_bpe(TEXTS, 290)}
+    """A byte tokenizer (no merges: one token per byte), two BPEs with merges (whitespace runs merge too), and one
+    that starts each text with BOS."""
+    return {"bytes": train_bpe(TEXTS, 257), "bpe": train_bpe(TEXTS, 330), "bpe-small": train_bpe(TEXTS, 290),
+            "bpe-bos": with_bos(train_bpe(TEXTS, 300))}
 
 
 def batch_of(tok, seq_len=16):
@@ -46,7 +57,7 @@ def covered(tok_bytes, ids, eos):
 
 
 @pytest.mark.parametrize("teacher, student", [("bytes", "bpe"), ("bpe", "bytes"), ("bpe", "bpe-small"),
-                                              ("bpe-small", "bpe"), ("bpe", "bpe")])
+                                              ("bpe-small", "bpe"), ("bpe", "bpe"), ("bpe-bos", "bpe-small")])
 def test_alignment_pairs_positions_that_end_at_the_same_byte(tokenizers, teacher, student):
     """Every aligned pair covers the same prefix of the row's text; every student position ending on a teacher
     token's end (after as many documents) is aligned, the last one when a character is split; none other."""
@@ -79,6 +90,17 @@ def test_alignment_pairs_positions_that_end_at_the_same_byte(tokenizers, teacher
                 assert sum(x == t_eos for x in t_ids[:t + 1]) == key[1], "same number of documents ended"
     if teacher == "bytes":  # every byte is a teacher token ending where its bytes end: every student token aligns
         assert len(pairs) == int(view.mask.sum())
+
+
+def test_packing_starts_each_document_with_bos_when_the_tokenizer_does(tokenizers):
+    from kdcache.capture.lm import bos_id
+    tok = tokenizers["bpe-bos"]
+    assert bos_id(tok) == tok.bos_token_id and bos_id(tokenizers["bpe"]) is None
+    q = pack(tok, TEXTS[:3], 1, offsets=True)  # rows of one token: nothing dropped
+    flat = q.ids.ravel()
+    bos_at, eos_at = np.flatnonzero(flat == tok.bos_token_id), np.flatnonzero(flat == tok.eos_token_id)
+    assert len(bos_at) == len(eos_at) == 3 and bos_at[0] == 0 and (bos_at[1:] == eos_at[:-1] + 1).all()
+    assert (q.token_bytes.ravel()[bos_at] == 0).all() and b"".join(q.text) == "".join(TEXTS[:3]).encode()
 
 
 def test_byte_ends_by_hand_exact_for_byte_tokenizers_and_from_offsets_for_normalising_ones():
@@ -221,6 +243,14 @@ def test_students_with_their_own_tokenizer_train_from_the_multilingual_cache(ml_
     counts = read_column(str(cache), "train", "token_bytes", ("de",))
     assert all(len(t) == sum(c) for t, c in zip(texts, counts)), "token byte counts add up to each row's text"
     assert any("ü".encode() in t or "ä".encode() in t for t in texts)
+    from kdcache.experiments.lm_bench import column_costs
+    costs = column_costs(str(cache), None, tmp_path / "bench")
+    assert set(costs["rows"]) == {"en", "de", "fr", "es", "nl", "all"}
+    on_disk = sum(x["bytes"] for s in m["splits"].values() for x in s["shards"])
+    written = sum(v * costs["tokens"][lang] for lang, row in costs["rows"].items() if lang != "all"
+                  for v in row.values())
+    assert 0.5 * on_disk < written < on_disk, "column chunks are most of each file (the rest is footers)"
+    assert 0 < costs["rows"]["all"]["token_bytes"] < costs["rows"]["all"]["topk_ids"]
     results = {r["run"]: r for r in train_students(p, ["llama-bpe", "llama-bpe-uld"], {"sentences": str(cache)},
                                                    tmp_path)}
     assert set(results) == {"llama-bpe", "llama-bpe-hard", "llama-bpe-uld"}

@@ -55,23 +55,34 @@ def eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer starts every text with it (Gemma, Llama 2: their models expect it), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return int(bos) if tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def pack(tokenizer: Any, texts: list[str], seq_len: int, offsets: bool = False,
          vocab: list[bytes] | None = None) -> Packed:
-    """Token ids of every text, each followed by EOS, concatenated and cut into [n, seq_len] (remainder dropped);
-    with `offsets`, also where each token ends in the text (`Packed`; `vocab`: the tokenizer's `vocab_bytes`)."""
-    eos = eos_id(tokenizer)
+    """Token ids of every text, each preceded by BOS when the tokenizer uses one and followed by EOS, concatenated
+    and cut into [n, seq_len] (remainder dropped); with `offsets`, also where each token ends in the text
+    (`Packed`; `vocab`: the tokenizer's `vocab_bytes`)."""
+    eos, bos = eos_id(tokenizer), bos_id(tokenizer)
     if offsets:
         ids, ends = byte_ends(tokenizer, texts, vocab if vocab is not None else vocab_bytes(tokenizer)[0])
     else:
         ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    flat = np.fromiter((t for x in ids for t in (*x, eos)), dtype=np.int64)
+    first = () if bos is None else (bos,)
+    flat = np.fromiter((t for x in ids for t in (*first, *x, eos)), dtype=np.int64)
     n = len(flat) // seq_len
     packed = Packed(flat[: n * seq_len].reshape(n, seq_len))
     if not offsets:
         return packed
-    # bytes per token (leading whitespace goes with the token after it), 0 for each EOS; text after a document's
-    # last token (trailing whitespace a tokenizer drops) belongs to no token and is not kept
-    lengths = np.concatenate([x for e in ends for x in (np.diff(e, prepend=0), [0])]).astype(np.int64)[: n * seq_len]
+    # bytes per token (leading whitespace goes with the token after it), 0 for each BOS and EOS; text after a
+    # document's last token (trailing whitespace a tokenizer drops) belongs to no token and is not kept
+    lengths = np.concatenate([x for e in ends for x in ([0] * len(first), np.diff(e, prepend=0), [0])]
+                             ).astype(np.int64)[: n * seq_len]
     if lengths.size and lengths.max() > np.iinfo(np.uint16).max:
         raise TeacherError(f"a teacher token covers {int(lengths.max())} bytes of text (more than 65,535): clean "
                            "the text (long runs of whitespace?) or set cache.offsets: false")
@@ -226,6 +237,7 @@ class CausalLM(CaptureHead):
         return {"lm": {"seq_len": c.max_length, "top_k": min(c.top_k, vocab), "temperatures": list(c.temperatures),
                        "vocab_size": vocab, "samples": c.samples, "sample_temperature": c.sample_temperature,
                        "id_dtype": str(token_id_type(vocab)), "tokenizer_sha256": hash_tokenizer(tokenizer),
+                       "bos_id": bos_id(tokenizer),
                        **({"offsets": True, "eos_id": eos_id(tokenizer), "vocab_file": VOCAB_FILE}
                           if c.offsets else {})}}
 

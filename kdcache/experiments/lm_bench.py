@@ -291,3 +291,58 @@ def render_id_layouts(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v['bytes_per_token']:.1f} | {v['bytes_per_token'] / base['bytes_per_token']:.2f} | "
                      f"{v['tokens_per_s']:,.0f} | {v['tokens_per_s'] / base['tokens_per_s']:.2f} |")
     return "\n".join(lines + [""])
+
+
+def column_costs(cache: str, doc: Path | None, out_dir: Path) -> dict[str, Any]:
+    """What each column of a causal-LM cache costs, as written (compressed Parquet column chunks from the shards'
+    footers), in bytes per token, per language and overall; with offsets, the side file (the teacher's vocabulary)
+    too. Shows what the cross-tokenizer columns (`text`, `token_bytes`) add."""
+    from ..cache.reader import open_manifest
+    fs, root, m = open_manifest(cache)
+    seq_len = m["lm"]["seq_len"]
+    per: dict[str, dict[str, float]] = {}
+    tokens: dict[str, int] = {}
+    for split in m["splits"].values():
+        for sh in split["shards"]:
+            lang = sh.get("language") or "all"
+            with fs.open(f"{root}/{sh['parquet']}", "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                for c in range(rg.num_columns):
+                    col = rg.column(c)
+                    name = col.path_in_schema.split(".")[0]
+                    per.setdefault(lang, {}).setdefault(name, 0)
+                    per[lang][name] += col.total_compressed_size
+            tokens[lang] = tokens.get(lang, 0) + sh["rows"] * seq_len
+    total_tokens = sum(tokens.values())
+    names = list(next(iter(per.values())))
+    rows = {lang: {n: cols.get(n, 0) / tokens[lang] for n in names} for lang, cols in per.items()}
+    if len(rows) > 1:
+        rows["all"] = {n: sum(per[lang].get(n, 0) for lang in per) / total_tokens for n in names}
+    results = {"date": _dt.date.today().isoformat(), "machine": machine(), "cache": str(cache), "tokens": tokens,
+               "rows": rows, "files": {k: v["bytes"] for k, v in (m.get("files") or {}).items()},
+               "vocab_size": m["lm"]["vocab_size"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "columns.json").write_text(json.dumps(results, indent=1))
+    text = render_column_costs(results)
+    print(text)
+    if doc is not None:
+        write_section(doc, "bench:columns", text)
+    return results
+
+
+def render_column_costs(r: dict[str, Any]) -> str:
+    cols = [n for n in next(iter(r["rows"].values())) if n not in ("row_id", "id", "input_hash", "language")]
+    lines = ["## What each column of an LM cache costs, per language", "",
+             f"`kdcache bench --columns {r['cache']}` on {r['date']} ({r['machine']}): compressed Parquet bytes per "
+             f"token of each column, from the shards' footers (all splits; vocabulary {r['vocab_size']:,}). "
+             "`text` and `token_bytes` are what students with their own tokenizer need (docs/cross-tokenizer.md)"
+             + (f"; the teacher's vocabulary as bytes adds {', '.join(f'{k} {v:,} B' for k, v in r['files'].items())}"
+                " once per cache" if r["files"] else "") + ".", "",
+             "| language | tokens | " + " | ".join(f"`{c}`" for c in cols) + " | all columns |",
+             "|---|---:|" + "---:|" * (len(cols) + 1)]
+    for lang, v in r["rows"].items():
+        n = r["tokens"].get(lang, sum(r["tokens"].values()))
+        lines.append(f"| {lang} | {n:,} | " + " | ".join(f"{v[c]:.2f}" for c in cols) + f" | {sum(v.values()):.1f} |")
+    return "\n".join(lines + [""])

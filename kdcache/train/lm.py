@@ -187,6 +187,10 @@ class CausalLM(TrainHead):
     def build_model(self, st, loss, source, tokenizer, max_length, where):
         lm = source.manifest["lm"]
         if tokenizer is not None:  # its own tokenizer: more (or fewer) tokens per row than the teacher's
+            if loss.targets != "topk" and loss.alpha < 1.0:
+                raise C.ConfigError(f"`{where}.loss.targets` = {loss.targets!r}: a student with its own tokenizer "
+                                    "learns from the top-k + tail targets projected onto its vocabulary; use "
+                                    "targets: topk")
             max_len = CROSS_LENGTH_FACTOR * lm["seq_len"]
             return CrossLMModel(build_student(st.arch, st.params, tokenizer.vocab_size, max_len, where=where),
                                 tokenizer, max_len)
