@@ -281,24 +281,17 @@ def language_section(runs: list[dict[str, Any]], runs_dir: Path, test_split: str
         if m["head"] == SEQUENCE and "train" in m["splits"]:
             rows["majority class (of each language's training split)"] = {
                 c: _majority_accuracy(mine[0]["cache"], c, test_split) for c in codes}
-        for r in _in_order(mine):
-            family = r["student"].split("@")[0]
-            kind = "one per language" if "@" in r["student"] else "multilingual"
-            label = f"{family} ({kind}, {'KD' if r['kd'] else 'hard labels'})"
-            got = rows.setdefault(label, {})
-            if len(r["languages"]) == 1:
-                got[r["languages"][0]] = (r.get("test") or {}).get(metric.key)
-            else:
-                got.update({c: v.get(metric.key) for c, v in (r.get("test_by_language") or {}).items()})
+        rows.update(_per_language_rows(mine, metric.key))
         lines += [f"### Per language: task `{task}` ({metric.words})", "",
                   "The teacher's value comes from its cached test logits; a per-language student (`<name>@<code>`) "
                   "is trained and tested on its own language's partition, a multilingual one on all of them.", "",
-                  "| model | " + " | ".join(codes) + " | mean |", "|---|" + "---:|" * (len(codes) + 1)]
-        for label, vals in rows.items():
-            have = [vals[c] for c in codes if vals.get(c) is not None]
-            lines.append(f"| {label} | " + " | ".join(_fmt(vals.get(c)) for c in codes) +
-                         f" | {_fmt(float(np.mean(have)) if len(have) == len(codes) else None)} |")
-        lines.append("")
+                  *_language_table(rows, codes)]
+        aligned = {k: v for k, v in _per_language_rows(mine, "aligned_share").items() if any(x is not None
+                                                                                           for x in v.values())}
+        if aligned:
+            lines += ["Share of each own-tokenizer student's positions aligned with the teacher's (same byte, "
+                      "docs/cross-tokenizer.md): there it learns from the projected targets, elsewhere from "
+                      "next-token CE alone.", "", *_language_table(aligned, codes)]
         width = 0.8 / len(rows)
         for i, (label, vals) in enumerate(rows.items()):
             ax.bar([j + i * width for j in range(len(codes))], [vals.get(c) or 0.0 for c in codes], width,
@@ -314,6 +307,29 @@ def language_section(runs: list[dict[str, Any]], runs_dir: Path, test_split: str
         lines += ["![metric per language](report-languages.png)", ""]
     plt.close(fig)
     return lines
+
+
+def _per_language_rows(runs: list[dict[str, Any]], key: str) -> dict[str, dict[str, float | None]]:
+    """Per student family (per-language students gathered in one row): test `key` per language."""
+    rows: dict[str, dict[str, float | None]] = {}
+    for r in _in_order(runs):
+        family = r["student"].split("@")[0]
+        kind = "one per language" if "@" in r["student"] else "multilingual"
+        got = rows.setdefault(f"{family} ({kind}, {'KD' if r['kd'] else 'hard labels'})", {})
+        if len(r["languages"]) == 1:
+            got[r["languages"][0]] = (r.get("test") or {}).get(key)
+        else:
+            got.update({c: v.get(key) for c, v in (r.get("test_by_language") or {}).items()})
+    return rows
+
+
+def _language_table(rows: dict[str, dict[str, float | None]], codes: list[str]) -> list[str]:
+    lines = ["| model | " + " | ".join(codes) + " | mean |", "|---|" + "---:|" * (len(codes) + 1)]
+    for label, vals in rows.items():
+        have = [vals[c] for c in codes if vals.get(c) is not None]
+        lines.append(f"| {label} | " + " | ".join(_fmt(vals.get(c)) for c in codes) +
+                     f" | {_fmt(float(np.mean(have)) if len(have) == len(codes) else None)} |")
+    return lines + [""]
 
 
 # head -> (teacher row, table, plotted metric, axis label); cross-task runs have a table of their own

@@ -258,6 +258,10 @@ def test_students_with_their_own_tokenizer_train_from_the_multilingual_cache(ml_
         assert r["student_vocab_size"] == 400 and r["tokenizer"] == "bpe:400"
         for code, ev in r["test_by_language"].items():
             assert 0 < ev["aligned_share"] < 1 and np.isfinite(ev["bits_per_byte"]) and ev["bits_per_byte"] < 8.5
+    from kdcache.report import build_report
+    report = build_report(tmp_path, cache.parent, "test").read_text()
+    assert "(test bits per byte)" in report and "positions aligned with the teacher's" in report
+    assert "| llama-bpe-uld | sentences |" in report and "| bpe:400 (400 ids) | ULD |" in report
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = tmp_path / "llama-bpe" / "checkpoint"
     tok = AutoTokenizer.from_pretrained(folder)
