@@ -451,6 +451,7 @@ SPLIT_INFO: dict[str, Callable[[dict], str]] = {
                       f"{s['words']}  truncated {s['truncated_rows']} ({s['uncovered_words']} words)"),
     CAUSAL_LM: lambda s: (f"{s['bytes_per_token']:>8} B/token  teacher ppl {s['teacher_perplexity']:.2f}  top-1 "
                           f"{s['teacher_top1_accuracy']:.3f}  tail mass {s['mean_tail_mass']:.4f}"
+                          + (f"  {s['teacher_bits_per_byte']:.3f} bits/byte" if s.get("teacher_bits_per_byte") else "")
                           + (f"  {s['tokens_per_word']:.2f} tokens/word" if s.get("tokens_per_word") else "")),
 }
 # head -> a finished run's test metrics in `kdcache train`'s line
@@ -493,8 +494,10 @@ def info_lines(i: dict[str, Any]) -> list[str]:
     out.append(f"  total        {i['rows']} rows, {i['bytes'] / 1e6:.2f} MB, {i['bytes_per_example']} B/example")
     c = i.get("capture")
     if c and c.get("seconds"):
-        out.append(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({c['rows'] / c['seconds']:.0f} rows/s, "
-                   f"everything included) on {i['device']} x {i['processes']} process(es), last run")
+        rate = c["rows"] / c["seconds"]
+        tokens = f", {rate * i['lm']['seq_len']:,.0f} tokens/s" if i.get("lm") else ""
+        out.append(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({rate:.{0 if rate >= 10 else 2}f} rows/s"
+                   f"{tokens}, everything included) on {i['device']} x {i['processes']} process(es), last run")
     for split, s in i["splits"].items():
         out.append(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {SPLIT_INFO[i['head']](s)}")
         for code, lang in (s.get("languages") or {}).items():
