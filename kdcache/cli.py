@@ -37,6 +37,8 @@ examples:
   kdcache train default --students bilstm --teacher live   # online KD with the live teacher, for comparison
   kdcache verify data/cache/default           # re-check every checksum; exit 1 naming the bad shard
   kdcache info data/cache/default --json
+  kdcache push data/cache/default/sentiment s3://team/default/sentiment   # share it (manifest last)
+  kdcache pull s3://team/default/sentiment data/cache/default/sentiment   # fetch it, every checksum checked
   kdcache cache ner && kdcache train ner      # CoNLL-2003 NER: word-level taggers, entity F1
   kdcache bench lm                            # LM targets: bytes/token against fidelity for k = 8..128
   kdcache fidelity default --sweep bilstm     # temperature / alpha / feature-loss sweep for one student
@@ -203,6 +205,20 @@ def cmd_verify(args) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
+def cmd_push(args) -> int:
+    from .cache.share import push
+    r = push(args.cache, args.url)
+    print(f"pushed {args.cache} -> {r['url']}: {r['files']} files, {r['bytes'] / 1e6:.1f} MB checked first")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .cache.share import pull
+    r = pull(args.url, args.out)
+    print(f"pulled {r['url']} -> {r['out']}: {r['fetched']} files fetched, every listed checksum checked")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .cache.format import find_caches
     from .cache.verify import cache_info
@@ -339,6 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a cache folder, or a folder of task caches")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("push", help="copy a finished cache to object storage or a shared folder, manifest last",
+                       description="Copy a finished task cache (it must verify) to an fsspec URL (s3://bucket/prefix "
+                                   "with FSSPEC_S3_ENDPOINT_URL for S3-compatible servers, or a folder): every file, "
+                                   "then the manifest last, so an interrupted push is never seen as a finished "
+                                   "cache; a manifest already there is removed first (docs/sharing.md).")
+    p.add_argument("cache", type=Path, help="a task cache folder, e.g. data/cache/default/sentiment")
+    p.add_argument("url", help="destination, e.g. s3://team-caches/default/sentiment")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("pull", help="copy a shared cache into a local folder, every file checked, manifest last",
+                       description="Copy the cache at an fsspec URL into a local folder: every file the manifest "
+                                   "lists is checked against its sha256 before the manifest is written last, and "
+                                   "the copy is verified; rerun to resume (intact files are not fetched again).")
+    p.add_argument("url", help="the shared cache, e.g. s3://team-caches/default/sentiment")
+    p.add_argument("out", type=Path, help="local folder to hold it")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("info", help="rows, bytes, bytes per example, fingerprint and statistics of a cache",
                        description="Summarise a cache (or every task cache under a folder) from its manifest.")

@@ -64,3 +64,69 @@ def test_a_student_trains_from_s3_as_from_disk(s3, tiny_cache, tmp_path):
 def test_missing_remote_cache_is_named(s3):
     with pytest.raises(CacheFormatError, match=r"s3://kd-team/nothing-here: no manifest\.json"):
         CacheDataset("s3://kd-team/nothing-here", "train")
+
+
+def _fs():
+    return s3fs.S3FileSystem(**fsspec.config.conf["s3"], skip_instance_cache=True)
+
+
+def test_push_then_pull_round_trips_byte_for_byte_and_verifies(s3, tiny_cache, tmp_path):
+    from kdcache.cache.share import pull, push
+    from kdcache.cache.verify import verify_cache
+    url = "s3://kd-team/shared/round-trip"
+    r = push(tiny_cache, url)
+    assert r["files"] == sum(1 for p in tiny_cache.rglob("*") if p.is_file() and p.name != ".kdcache.lock")
+    got = pull(url, tmp_path / "copy")
+    assert verify_cache(tmp_path / "copy").ok and got["fetched"] == r["files"] - 1
+    for p in tiny_cache.rglob("*"):
+        if p.is_file():
+            assert (tmp_path / "copy" / p.relative_to(tiny_cache)).read_bytes() == p.read_bytes(), p
+    assert pull(url, tmp_path / "copy")["fetched"] == 0, "an intact copy is not fetched again"
+    assert [x["id"] for x in CacheDataset(url, "validation")] == [x["id"] for x in CacheDataset(tiny_cache, "validation")]
+
+
+def test_an_interrupted_push_is_never_a_finished_cache(s3, tiny_cache, monkeypatch):
+    from kdcache.cache import share
+    url = "s3://kd-team/shared/interrupted"
+    share.push(tiny_cache, url)
+
+    def crash(*a):
+        raise KeyboardInterrupt("killed before the manifest")
+    monkeypatch.setattr(share, "_put_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        share.push(tiny_cache, url)  # a second push over a finished one hides the old manifest first
+    with pytest.raises(CacheFormatError, match="no manifest.json; not a finished kdcache cache"):
+        CacheDataset(url, "train")
+    monkeypatch.undo()
+    share.push(tiny_cache, url)
+    assert len(list(CacheDataset(url, "validation"))) > 0
+
+
+def test_a_corrupted_object_is_caught_on_pull_and_nothing_is_trusted(s3, tiny_cache, tmp_path):
+    from kdcache.cache.format import read_manifest
+    from kdcache.cache.share import ShareError, pull, push
+    url = "s3://kd-team/shared/corrupted"
+    push(tiny_cache, url)
+    shard = read_manifest(tiny_cache)["splits"]["train"]["shards"][1]["parquet"]
+    fs = _fs()
+    raw = bytearray(fs.cat_file(f"kd-team/shared/corrupted/{shard}"))
+    raw[100] ^= 0xFF
+    fs.pipe_file(f"kd-team/shared/corrupted/{shard}", bytes(raw))
+    with pytest.raises(ShareError, match=f"{shard}: checksum mismatch after the copy .* push the cache again"):
+        pull(url, tmp_path / "copy")
+    assert not (tmp_path / "copy" / "manifest.json").exists()
+    push(tiny_cache, url)
+    again = pull(url, tmp_path / "copy")  # resumes: only the damaged shard is fetched again
+    assert again["fetched"] < sum(1 for p in tiny_cache.rglob("*") if p.is_file()) // 2
+
+
+def test_push_refuses_a_cache_that_does_not_verify(s3, tiny_cache, tmp_path):
+    import shutil
+
+    from kdcache.cache.share import ShareError, push
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_cache, bad)
+    (bad / "validation" / "stray.txt").write_text("x")
+    with pytest.raises(ShareError, match="does not verify .*not listed in the manifest"):
+        push(bad, "s3://kd-team/shared/bad")
+    assert not _fs().exists("kd-team/shared/bad/manifest.json")
