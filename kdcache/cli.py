@@ -88,7 +88,7 @@ def cmd_cache(args) -> int:
     pipeline, tasks = _load(args)
     out = args.out or Path("data/cache") / pipeline.name
     for t in tasks:
-        m = build_teacher_cache(pipeline, t, out / t, args.teachers_dir, overwrite=args.overwrite)
+        m = build_teacher_cache(pipeline, t, out / t, args.teachers_dir, overwrite=args.overwrite, shared=args.shared)
         print("\n".join(cache_summary(out / t, m)))
     return 0
 
@@ -264,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache root; each task goes to <out>/<task>/ (default: data/cache/<pipeline>)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N rows per split (quick runs)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    p.add_argument("--shared", default=None, metavar="URL",
+                   help="a team's cache store (fsspec URL, e.g. s3://team/kdcache): when a cache with exactly this "
+                        "fingerprint (teacher, tokenizer, data, settings) is already there, pull it instead of "
+                        "running the teacher over the data; otherwise build it and push it there (docs/sharing.md)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("teacher-finetune", help="fine-tune the teachers that need it (kept under data/teachers/)",

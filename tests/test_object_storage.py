@@ -130,3 +130,30 @@ def test_push_refuses_a_cache_that_does_not_verify(s3, tiny_cache, tmp_path):
     with pytest.raises(ShareError, match="does not verify .*not listed in the manifest"):
         push(bad, "s3://kd-team/shared/bad")
     assert not _fs().exists("kd-team/shared/bad/manifest.json")
+
+
+def test_a_shared_store_reuses_an_identical_cache_and_ignores_another(s3, teachers_dir, tmp_path, monkeypatch):
+    """`kdcache cache --shared URL`: the first build pushes to a place named by its fingerprint; an identical build
+    elsewhere pulls it without running the teacher over the data; other settings make another cache."""
+    from kdcache.cache.format import read_manifest
+    from kdcache.cache.share import fetch_shared, shared_location
+    from kdcache.cache.verify import verify_cache
+    from kdcache.capture.build import build_teacher_cache
+    from kdcache.capture.classification import SequenceClassification
+    store = "s3://kd-team/registry"
+    teacher_passes = []
+    real = SequenceClassification.run
+    monkeypatch.setattr(SequenceClassification, "run", lambda *a, **k: teacher_passes.append(1) or real(*a, **k))
+    m1 = build_teacher_cache(tiny_pipeline(), "topic", tmp_path / "a", teachers_dir, shared=store)
+    ran = len(teacher_passes)
+    assert ran > 0 and _fs().exists(shared_location(store, "topic", m1["fingerprint"])[5:] + "/manifest.json")
+    m2 = build_teacher_cache(tiny_pipeline(), "topic", tmp_path / "b", teachers_dir, shared=store)
+    assert len(teacher_passes) == ran, "an identical shared cache is pulled, the teacher does not run over the data"
+    assert m2["fingerprint"] == m1["fingerprint"] and verify_cache(tmp_path / "b").ok
+    assert read_manifest(tmp_path / "b") == read_manifest(tmp_path / "a")
+    other = build_teacher_cache(tiny_pipeline("tasks.topic.cache.shard_rows=20"), "topic", tmp_path / "c",
+                                teachers_dir, shared=store)
+    assert other["fingerprint"] != m1["fingerprint"] and len(teacher_passes) > ran
+    # a cache at the expected place whose fingerprint differs (hand-copied there) is ignored, not trusted
+    _fs().put(str(tmp_path / "a"), shared_location(store, "topic", "f" * 64)[5:], recursive=True)
+    assert fetch_shared(store, "topic", "f" * 64, tmp_path / "d") is None and not (tmp_path / "d").exists()

@@ -123,3 +123,25 @@ def pull(url: str, out: str | Path) -> dict[str, Any]:
         raise ShareError(f"{out}: the copy does not verify ({'; '.join(report.problems[:3])}); rerun the pull")
     return {"url": url, "fetched": fetched, "out": str(out)}
 
+
+
+def shared_location(url: str, task: str, fingerprint: str) -> str:
+    """Where a cache lives in a shared store: `<url>/<task>-<first 16 hex digits of its fingerprint>`, so the same
+    teacher, data and settings always land at (and are found at) the same place."""
+    return f"{url.rstrip('/')}/{task}-{fingerprint[:16]}"
+
+
+def fetch_shared(url: str, task: str, fingerprint: str, out: str | Path) -> dict[str, Any] | None:
+    """The shared cache with exactly this fingerprint pulled into `out` (its manifest), or None when the store has
+    none (a cache at that place with another fingerprint is ignored)."""
+    where = shared_location(url, task, fingerprint)
+    try:
+        m = open_manifest(where)[2]
+    except CacheFormatError:
+        return None
+    if m["fingerprint"] != fingerprint:
+        log.warning("%s: holds a cache with another fingerprint; ignored", where)
+        return None
+    pull(where, out)
+    log.info("%s: an identical cache was already shared; pulled it instead of running the teacher", where)
+    return read_manifest(out)

@@ -17,6 +17,7 @@ import pyarrow as pa
 from .. import config as C
 from .. import distributed
 from ..cache.format import FORMAT_VERSION, read_manifest, shard_schema
+from ..cache.share import fetch_shared, push, shared_location
 from ..cache.writer import CacheWriter
 from ..data import TaskData, load_task_data, portable_origin
 from ..fingerprint import hash_obj, hash_table, hash_tokenizer
@@ -59,11 +60,13 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
 
 
 def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Path, teachers_dir: Path,
-                        overwrite: bool = False) -> dict[str, Any]:
+                        overwrite: bool = False, shared: str | None = None) -> dict[str, Any]:
     """Cache one task: load data, load the teacher, write every shard not already written, commit.
 
     Under `accelerate launch` each process takes the shards dealt to it (the n-th missing shard goes to
     process n mod N); process 0 prepares the teacher and opens the cache first, and commits the manifest last.
+    With `shared` (a URL), a cache with the same fingerprint already there is pulled instead of running the
+    teacher over the data, and a cache built here is pushed there (cache/share.py).
     """
     task = pipeline.tasks[task_name]
     head = HEADS[task.teacher.head]
@@ -92,6 +95,12 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     files = head.files(task, tokenizer)
     if files:
         header["files"] = {rel: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for rel, b in files.items()}
+    if shared and dist.num_processes > 1:
+        raise C.ConfigError("--shared works with one process: pull or build the cache first, then launch")
+    if shared and not overwrite:
+        found = fetch_shared(shared, task_name, header["fingerprint"], out_dir)
+        if found is not None:
+            return found
     meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": header["fingerprint"]}
     schema, head_schema = shard_schema(header, meta), shard_schema(header, meta, head_only=True)
 
@@ -118,6 +127,8 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     if judged:
         check_teacher(task_name, task, head, manifest["splits"][judged].get("stats") or {},
                       len(manifest["label_names"]), f"cached in {out_dir} (split `{judged}`)")
+    if shared:
+        push(out_dir, shared_location(shared, task_name, manifest["fingerprint"]))
     return manifest
 
 
