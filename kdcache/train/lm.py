@@ -17,9 +17,9 @@ from ..cache.reader import COLLATE, CacheMismatchError, read_vocab
 from ..fingerprint import hash_tokenizer
 from ..hub import quiet_transformers, resolve_model_name
 from ..students import build_student
-from .head import StudentModel, TrainHead
 from .crosstok import (BPE_PREFIX, CrossLMModel, CrossTokenizer, bpe_tokenizer, cross_loss, cross_tokenizer,
                        evaluate_cross, select)
+from .head import StudentModel, TrainHead
 from .losses import (LOG_TINY, SampledTargets, TopKTargets, kd_loss_per_row, sampled_kd_loss_per_row,
                      token_ce_per_row)
 
@@ -37,19 +37,19 @@ def student_tokenizer(st: C.StudentConfig, source: Any, where: str) -> CrossToke
     if st.tokenizer == "words":
         return None
     lm = source.manifest["lm"]
-    if st.tokenizer.startswith(BPE_PREFIX):
-        if not lm.get("offsets"):
-            raise TokenizerMismatchError(_no_offsets(source.cache, st.tokenizer, where))
-        texts = source.column(source.train.split, "text")
-        return cross_tokenizer(bpe_tokenizer(st.tokenizer, texts, where), lm, read_vocab(source.cache, source.manifest),
-                               where, trained=st.tokenizer)
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(resolve_model_name(st.tokenizer))
-    if hash_tokenizer(tok) == lm["tokenizer_sha256"]:
-        return None
+    bpe = st.tokenizer.startswith(BPE_PREFIX)
+    tok = None
+    if not bpe:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(resolve_model_name(st.tokenizer))
+        if hash_tokenizer(tok) == lm["tokenizer_sha256"]:
+            return None
     if not lm.get("offsets"):
         raise TokenizerMismatchError(_no_offsets(source.cache, st.tokenizer, where))
-    return cross_tokenizer(tok, lm, read_vocab(source.cache, source.manifest), where)
+    if bpe:  # trained on the cached training text of the student's languages
+        tok = bpe_tokenizer(st.tokenizer, source.column(source.train.split, "text"), where)
+    return cross_tokenizer(tok, lm, read_vocab(source.cache, source.manifest), where,
+                           trained=st.tokenizer if bpe else None)
 
 
 def _no_offsets(cache: str, name: str, where: str) -> str:
