@@ -269,12 +269,17 @@ def id_layouts(cache: str, doc: Path | None, out_dir: Path, reps: int = 5) -> di
                       "tokens_per_s": tokens / float(np.median(times))}
     results = {"date": _dt.date.today().isoformat(), "machine": machine(), "cache": str(cache),
                "vocab_size": lm["vocab_size"], "top_k": lm["top_k"], "tokens": tokens, "bits": bits, "rows": rows}
+    return _publish(results, out_dir, "id-layouts", render_id_layouts, doc)
+
+
+def _publish(results: dict[str, Any], out_dir: Path, name: str, render, doc: Path | None) -> dict[str, Any]:
+    """`<out_dir>/<name>.json`, the rendered table on stdout and, with `doc`, its `bench:<name>` section."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "id-layouts.json").write_text(json.dumps(results, indent=1))
-    text = render_id_layouts(results)
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
+    text = render(results)
     print(text)
     if doc is not None:
-        write_section(doc, "bench:id-layouts", text)
+        write_section(doc, f"bench:{name}", text)
     return results
 
 
@@ -323,13 +328,7 @@ def column_costs(cache: str, doc: Path | None, out_dir: Path) -> dict[str, Any]:
     results = {"date": _dt.date.today().isoformat(), "machine": machine(), "cache": str(cache), "tokens": tokens,
                "rows": rows, "files": {k: v["bytes"] for k, v in (m.get("files") or {}).items()},
                "vocab_size": m["lm"]["vocab_size"]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "columns.json").write_text(json.dumps(results, indent=1))
-    text = render_column_costs(results)
-    print(text)
-    if doc is not None:
-        write_section(doc, "bench:columns", text)
-    return results
+    return _publish(results, out_dir, "columns", render_column_costs, doc)
 
 
 def render_column_costs(r: dict[str, Any]) -> str:
