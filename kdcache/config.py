@@ -393,9 +393,6 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             if st.tokenizer != "words" and not p.tasks[task].cache.offsets:
                 raise ConfigError(f"`{where}.tokenizer` = {st.tokenizer!r}: a causal-LM student with its own "
                                   f"tokenizer needs a cache with offsets; set tasks.{task}.cache.offsets: true")
-            if st.tokenizer.startswith("bpe:") and loss.targets != "topk" and loss.alpha < 1.0:
-                raise ConfigError(f"`{lw}.targets` = {loss.targets!r}: a student with its own tokenizer learns from "
-                                  "the top-k + tail targets projected onto its vocabulary; use targets: topk")
         if loss.kind == "uld" and (head != CAUSAL_LM or st.tokenizer == "words") and loss.alpha < 1.0:
             raise ConfigError(f"`{lw}.kind` is `uld`: the sorted-probability baseline is for causal-LM students "
                               "with their own tokenizer (`tokenizer: bpe:<size>` or a tokenizer name)")
@@ -424,10 +421,13 @@ def check_lm_loss(loss: LossConfig, cache: CacheConfig, lw: str) -> None:
     """A causal-LM student's loss must ask for targets its cache stores."""
     if loss.features:
         raise ConfigError(f"`{lw}.features`: causal-LM students take no feature terms (the cache keeps none)")
-    if loss.kind in ("mse", "uld") and loss.targets != "topk" and loss.alpha < 1.0:
-        raise ConfigError(f"`{lw}.kind` = {loss.kind!r} works on top-k targets; set targets: topk")
     if loss.alpha >= 1.0:
         return
+    if loss.kind == "mse":
+        raise ConfigError(f"`{lw}.kind` = 'mse' compares full logits, and an LM cache keeps the top-k and its tail: "
+                          "use kl, reverse_kl, jsd or soft_ce")
+    if loss.kind == "uld" and loss.targets != "topk":
+        raise ConfigError(f"`{lw}.kind` = 'uld' sorts the cached top-k probabilities; set targets: topk")
     if loss.targets == "sampled":
         if not cache.samples:
             raise ConfigError(f"`{lw}.targets` is `sampled` but the task's cache.samples is 0; set cache.samples "

@@ -269,6 +269,14 @@ def test_students_with_their_own_tokenizer_train_from_the_multilingual_cache(ml_
     assert json.loads((tmp_path / "llama-bpe" / "metrics.json").read_text())["tokenizer_sha256"] != m["lm"]["tokenizer_sha256"]
 
 
+def test_an_own_tokenizer_student_refuses_targets_it_cannot_project(ml_lm_cache, tmp_path):
+    cache, _ = ml_lm_cache
+    p = load_pipeline(str(REPO / "pipelines" / "multilingual-lm-tiny" / "pipeline.yaml"),
+                      ["students.llama-bpe.loss={kind: kl, temperature: 1.0, alpha: 0.5, targets: topk-renorm}"])
+    with pytest.raises(ConfigError, match="learns from the top-k \\+ tail targets projected onto its vocabulary"):
+        train_students(p, ["llama-bpe"], {"sentences": str(cache)}, tmp_path)
+
+
 def test_a_damaged_vocabulary_is_named_and_a_rerun_rewrites_it(ml_lm_cache, tmp_path):
     import shutil
 

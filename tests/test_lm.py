@@ -155,6 +155,10 @@ def test_lm_student_with_another_named_tokenizer_is_aligned_not_refused(lm_cache
     ("students.llama.loss={kind: kl, temperature: 1.0, alpha: 0.5, features: [{teacher_layer: 1}]}",
      "causal-LM students take no feature terms"),
     ("students.llama.arch=bilstm", r"`students.llama.arch`: 'bilstm' cannot learn from task 'news' .* use one of llama"),
+    ("students.llama.loss={kind: mse, temperature: 1.0, alpha: 0.5}", "'mse' compares full logits"),
+    ("students.llama.loss={kind: uld, temperature: 1.0, alpha: 0.5, targets: sampled}",
+     "'uld' sorts the cached top-k probabilities; set targets: topk"),
+    ("students.llama.loss={kind: uld, temperature: 1.0, alpha: 0.5}", "for causal-LM students with their own tokenizer"),
 ])
 def test_lm_losses_the_cache_settings_cannot_serve_are_refused_at_load(override, message):
     with pytest.raises(ConfigError, match=message):

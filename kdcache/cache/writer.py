@@ -179,13 +179,13 @@ class CacheWriter:
         self._lock = acquire_lock(self.root)
         try:
             self._check_existing()
+            self._write_files()  # missing or changed side files are rewritten, a finished cache's included
             if self.complete:
                 return self
             self._clean_temporaries()
             (self.root / RECORDS_DIR).mkdir(exist_ok=True)
             write_json_atomic(self.root / RECORDS_DIR / BUILD_STATE,
                               {k: self.header.get(k) for k in ("pipeline", "fingerprint", "fingerprint_inputs")})
-            self._write_files()
         except BaseException:
             self._release()
             raise
@@ -255,11 +255,7 @@ class CacheWriter:
 
     def _damaged_shards(self, m: dict[str, Any]) -> list[str]:
         """Shards of a finished cache whose files or commit records no longer match the manifest."""
-        bad = [rel for rel, f in (m.get("files") or {}).items()
-               if not (self.root / rel).is_file() or hash_file(self.root / rel) != f["sha256"]]
-        if bad:
-            self._write_files()
-            bad = []
+        bad = []
         for split, s in m["splits"].items():
             group = s.get("features_group")
             if group and not self._group_intact(group):

@@ -83,9 +83,15 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         fold_models, identity["fold_teachers_sha256"] = distributed.main_first(
             lambda: prepare_fold_teachers(pipeline.name, task_name, task, data, teachers_dir))
         fold_runners = [head.runner(m, tokenizer, task, device) for m in fold_models]
-    units, segments, text = language_units(head, data, tokenizer, task)
     inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
     header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
+    if shared and dist.num_processes > 1:
+        raise C.ConfigError("--shared works with one process: pull or build the cache first, then launch")
+    if shared and not overwrite:  # before any tokenising: an identical shared cache needs none of it
+        found = fetch_shared(shared, task_name, header["fingerprint"], out_dir)
+        if found is not None:
+            return found
+    units, segments, text = language_units(head, data, tokenizer, task)
     if folds:
         header["teacher_folds"] = folds
     if data.languages:
@@ -95,12 +101,6 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     files = head.files(task, tokenizer)
     if files:
         header["files"] = {rel: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for rel, b in files.items()}
-    if shared and dist.num_processes > 1:
-        raise C.ConfigError("--shared works with one process: pull or build the cache first, then launch")
-    if shared and not overwrite:
-        found = fetch_shared(shared, task_name, header["fingerprint"], out_dir)
-        if found is not None:
-            return found
     meta = {"format_version": FORMAT_VERSION, "task": task_name, "fingerprint": header["fingerprint"]}
     schema, head_schema = shard_schema(header, meta), shard_schema(header, meta, head_only=True)
 

@@ -277,8 +277,14 @@ class CrossLMModel(StudentModel):
         return self.lm
 
     def student_tokens(self, batch: dict[str, Any]) -> StudentTokens:
-        return tokens_for(batch, self.tok.tokenizer, self.tok.eos, self.tok.teacher_eos, self.max_len,
-                          self.tok.vocab)
+        """The batch through this student's tokenizer, computed once per batch for every student sharing it (a KD
+        student and its twin)."""
+        seen = batch.setdefault("_tokenised", {})
+        key = (self.tok.sha256, self.max_len)
+        if key not in seen:
+            seen[key] = tokens_for(batch, self.tok.tokenizer, self.tok.eos, self.tok.teacher_eos, self.max_len,
+                                   self.tok.vocab)
+        return seen[key]
 
     def forward(self, task: str, batch: dict[str, Any], features: bool = True):
         view = self.student_tokens(batch)
