@@ -42,15 +42,16 @@ def find_cache(path: str, task: str | None = None) -> str:
 def open_split(path: str, split: str = "train", *, task: str | None = None, shuffle: bool = True, seed: int = 0,
                shuffle_buffer: int = 2048, feature_layers: tuple[int, ...] = (), rank: int | None = None,
                world_size: int | None = None, languages: tuple[str, ...] | None = None,
-               mixing: str = "proportional") -> CacheDataset:
+               mixing: str = "proportional", generation: int | None = None) -> CacheDataset:
     """A streaming `torch` dataset of one cached split, shuffled by default (pass shuffle=False to evaluate).
     Call `ds.set_epoch(e)` at the start of each epoch for a new order; batch with `ds.collate` (or `collate`).
     Under `accelerate`/`torchrun` each process reads its own share of row groups (rank/world_size default to
     the running process group). Multilingual caches: `languages` reads only those partitions; `mixing` is each
-    language's share of an epoch (`proportional`, `uniform` or `temperature:T`)."""
+    language's share of an epoch (`proportional`, `uniform` or `temperature:T`). A grown cache: `generation` reads
+    it as it was then (`kdcache info` lists the generations)."""
     return CacheDataset(find_cache(path, task), split, shuffle=shuffle, seed=seed, shuffle_buffer=shuffle_buffer,
                         feature_layers=tuple(feature_layers), rank=rank, world_size=world_size,
-                        languages=tuple(languages) if languages else None, mixing=mixing)
+                        languages=tuple(languages) if languages else None, mixing=mixing, generation=generation)
 
 
 def read_column(path: str, split: str, column: str, *, task: str | None = None,

@@ -257,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="stage one: run each task's teacher once and write its cache",
                        description="Run each task's teacher once over its data and write data/cache/<pipeline>/<task>/ "
                                    "(fine-tuning the teacher first when the pipeline says so). A rerun resumes: "
-                                   "finished shards are kept, the rest are redone. A folder holding a cache built "
-                                   "with other settings is refused unless --overwrite.")
+                                   "finished shards are kept, the rest are redone. When the data only gained rows "
+                                   "(same teacher and settings), only the new rows are captured, as a new "
+                                   "generation (docs/lifecycle.md). A folder holding a cache built with other "
+                                   "settings is refused unless --overwrite.")
     _pipeline_args(p)
     p.add_argument("--out", type=Path, default=None,
                    help="cache root; each task goes to <out>/<task>/ (default: data/cache/<pipeline>)")

@@ -28,6 +28,41 @@ POOLINGS = ("cls", "mean", "tokens", "words")
 HEAD_POOLINGS = {SEQUENCE: ("cls", "mean", "tokens"), TOKEN: ("words",), CAUSAL_LM: ()}
 
 
+EXTRA_INHERITS = ("text_fields", "label_field", "label_names", "limit")  # what `data.extra` splits take from the task
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """A transfer set derived from a split (Tang et al., 2019): unlabelled variants of its rows, labelled once by the
+    teacher and kept as their own cached split with each variant's parent id (kdcache/augment.py)."""
+
+    split: str = setting("train", help="Split whose rows are augmented (their gold labels are not copied).")
+    into: str = setting("transfer", help="Name of the cached split that holds the variants (students read it with "
+                                         "`transfer: [<name>]`).")
+    n_iter: int = setting(20, help="Variants tried per row; duplicates (of the row or an earlier variant) are dropped.",
+                          check=at_least(1))
+    p_mask: float = setting(0.1, help="Per word: probability of replacing it by `mask_token`.", check=between(0, 1))
+    p_pos: float = setting(0.1, help="Per word: probability of replacing it by a word of the same part of speech, "
+                                     "drawn from that tag's unigram distribution in the split.", check=between(0, 1))
+    p_ng: float = setting(0.25, help="Per variant: probability of cutting it to one n-gram, n uniform in "
+                                     "1..max_ngram.", check=between(0, 1))
+    max_ngram: int = setting(5, help="Longest n-gram kept by n-gram sampling.", check=at_least(1))
+    mask_token: str = setting("[MASK]", help="What a masked word becomes (the teacher tokenizer's mask token, e.g. "
+                                             "`[MASK]` for BERT-style teachers, `<mask>` for RoBERTa).")
+    pos_lexicon: str | None = setting(None, help="CoNLL-style file (`WORD POS ...` per line) whose POS column gives "
+                                                "each word's most frequent tag. Default: "
+                                                "`${KDCACHE_DATA:-../shared/data}/conll2003/train.txt.gz`.")
+    seed: int = setting(0, help="Seed of the draws (each row's draws are seeded by it and the row's id).")
+
+    def __post_init__(self) -> None:
+        if self.p_mask + self.p_pos > 1:
+            raise ConfigError(f"`data.augment`: p_mask + p_pos = {self.p_mask + self.p_pos} exceeds 1 (one draw per "
+                              "word picks mask, swap or keep)")
+        if self.into == self.split:
+            raise ConfigError(f"`data.augment.into` = {self.into!r} is the split it augments; name a new split, "
+                              "e.g. `transfer`")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where a task's rows come from and which columns hold text, label and id."""
@@ -72,13 +107,45 @@ class DataConfig:
                                                             "a `language` and an id `<code>/<id>`; the cache stores each "
                                                             "split as `language=<code>/` partitions. Empty: one "
                                                             "unnamed language.")
+    extra: dict[str, dict[str, Any]] = setting({}, help="More cached splits from other sources: split name -> that "
+                                                        "source's data settings over this section's text_fields, "
+                                                        "label_field, label_names and limit (e.g. `{source: "
+                                                        "rotten_tomatoes, split: train, label_field: null}`), `split` "
+                                                        "picking the source's split (default `train`). For unlabelled "
+                                                        "or other-domain text the teacher labels once (students read "
+                                                        "it with `transfer:`), or another domain's labelled rows to "
+                                                        "fine-tune the teacher on (`teacher.finetune.train_split`). "
+                                                        "Ids become `<name>/<id>`; labels must use the task's names.")
+    augment: AugmentConfig | None = setting(None, help="Derive a transfer set of augmented, unlabelled variants "
+                                                       "from a split (see below; sequence classification, one text "
+                                                       "field).")
 
     def __post_init__(self) -> None:
+        if self.augment is not None and len(self.text_fields) != 1:
+            raise ConfigError(f"`data.augment`: augmentation works on one text field; this data has "
+                              f"{list(self.text_fields)} (data.text_fields)")
+        for name in self.extra:
+            self.extra_source(name)  # each extra split's settings are checked at load
         for code in self.languages:
             if not code or "/" in code or "=" in code or code != code.strip():
                 raise ConfigError(f"`data.languages`: language code {code!r} must be a plain name such as `de` "
                                   "(it names a folder `language=<code>/`)")
             self.language(code)  # each language's settings are checked at load
+
+    def extra_source(self, name: str) -> tuple["DataConfig", str]:
+        """(the data settings, the source's split) of extra split `name`: its own settings over this section's
+        `EXTRA_INHERITS` (another source's folder, files or ids are its own)."""
+        own = self.extra[name]
+        where = f"data.extra.{name}"
+        if not name or "/" in name or "=" in name or name != name.strip():
+            raise ConfigError(f"`data.extra`: split name {name!r} must be a plain name such as `unlabelled`")
+        if not isinstance(own, dict) or {"extra", "languages", "augment"} & set(own):
+            raise ConfigError(f"`{where}` must be a mapping of data settings with a `split` (not `extra`, `languages` "
+                              "or `augment`)")
+        own = dict(own)
+        split = own.pop("split", "train")
+        shared = {k: v for k, v in to_dict(self).items() if k in EXTRA_INHERITS}
+        return build(DataConfig, {**shared, **own}, where), str(split)
 
     def language(self, code: str) -> "DataConfig":
         """The settings of one language: the shared ones with the language's own on top."""
@@ -236,6 +303,9 @@ class LossConfig:
                                         "KD, unbiased; temperature must be the cache's sample_temperature) or `topk-renorm` "
                                         "(the naive baseline that drops the tail, for comparison only).",
                                        check=one_of(*LM_TARGETS))
+    ensemble: str = setting("mean", help="Students with several `teachers`: `mean` (KD to the weighted mean of their "
+                                         "distributions at the loss temperature) or `terms` (one KD term per teacher, "
+                                         "weighted).", check=one_of("mean", "terms"))
     chunk: int | None = setting(32, help="Causal-LM students: token rows per chunk of the memory-lean student "
                                          "normalisation (no second [tokens, vocab] tensor; small chunks stay in CPU "
                                          "cache, ~5x faster than the plain path); null = plain path.", check=at_least(1))
@@ -302,6 +372,17 @@ class StudentConfig:
     per_language: bool = setting(False, help="Multilingual caches: one student per language (of `languages`, or of "
                                              "every language of its task), named `<name>@<code>`, each trained on "
                                              "its own partition with its own word vocabulary.")
+    teachers: dict[str, float] = setting({}, help="Several teachers of one task: task -> weight, each task a cache of "
+                                                  "the same rows by another teacher (its own fingerprint and "
+                                                  "partition). The student's `task` (default: the first listed) gives "
+                                                  "the text and labels; KD follows `loss.ensemble`. Sequence "
+                                                  "classification.")
+    train_split: str | None = setting(None, help="Overrides train.train_split for this student (e.g. another "
+                                                 "domain's labelled rows cached as a `data.extra` split); it is still "
+                                                 "evaluated on train.eval_split / test_split.")
+    transfer: tuple[str, ...] = setting((), help="Cached splits of unlabelled rows (a transfer set: `data.augment`, "
+                                                 "or text without labels) read with the training split; they teach by "
+                                                 "KD alone. The hard-label twin reads the training split only.")
 
 
 @dataclass(frozen=True)
@@ -327,7 +408,10 @@ class PipelineConfig:
     def student_tasks(self, student: str) -> dict[str, float]:
         """The tasks a student learns, with their loss weights (one task, weight 1, unless it lists `tasks:`)."""
         st = self.students[student]
-        return dict(st.tasks) if st.tasks else {st.task or next(iter(self.tasks)): 1.0}
+        return dict(st.tasks) if st.tasks else {st.task or next(iter(st.teachers or self.tasks)): 1.0}
+
+    def student_train_split(self, student: str) -> str:
+        return self.students[student].train_split or self.train.train_split
 
     def student_loss(self, student: str) -> LossConfig:
         return self.students[student].loss or self.train.loss
@@ -342,6 +426,12 @@ def _check_task(name: str, task: TaskConfig) -> None:
         allowed = " or ".join(HEAD_POOLINGS[head]) or "no features (a causal-LM cache keeps targets only)"
         raise ConfigError(f"`{where}.cache.features.pooling` = {feats.pooling!r}: a {head} teacher keeps {allowed}; "
                           f"set `{where}.cache.features.pooling` accordingly")
+    if task.data.extra and head != SEQUENCE:
+        raise ConfigError(f"`{where}.data.extra`: extra splits from other sources are for sequence-classification "
+                          f"teachers (this task's teacher head is {head})")
+    if task.data.augment is not None and head != SEQUENCE:
+        raise ConfigError(f"`{where}.data.augment`: augmented transfer sets are for sequence-classification teachers "
+                          f"(this task's teacher head is {head})")
     folds = task.teacher.finetune.folds if task.teacher.finetune is not None else 0
     if folds == 1 or (folds and (head != SEQUENCE or feats.pooling == "tokens" and feats.layers)):
         raise ConfigError(f"`{where}.teacher.finetune.folds` = {folds}: out-of-fold targets need k >= 2 folds (0 = "
@@ -366,7 +456,8 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             raise ConfigError(f"pipeline {p.name!r}: `{where}`: a cross-task student has arch {multi}, no `task`, "
                               f"and `tasks:` mapping each of the pipeline's tasks it learns ({', '.join(p.tasks)}) "
                               "to a loss weight >= 0")
-    elif (st.task or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)) not in p.tasks:
+    elif (st.task or next(iter(st.teachers), None) or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)) \
+            not in p.tasks:
         raise ConfigError(f"pipeline {p.name!r}: `{where}.task` must name one of the tasks ({', '.join(p.tasks)})")
     if st.languages or st.per_language:
         if st.tasks:
@@ -378,6 +469,17 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             raise ConfigError(f"`{where}.languages`/`per_language`: its task's data has "
                               f"{'languages ' + ', '.join(have) if have else 'no `data.languages`'}"
                               f"{'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+    if st.teachers:
+        heads = {t: p.tasks[t].teacher.head if t in p.tasks else None for t in st.teachers}
+        if st.tasks or any(h != SEQUENCE for h in heads.values()) or any(w <= 0 for w in st.teachers.values()) or \
+                p.student_tasks(name).keys() - st.teachers.keys():
+            raise ConfigError(f"`{where}.teachers` = {dict(st.teachers)}: several teachers are the pipeline's "
+                              f"sequence-classification tasks ({', '.join(p.tasks)}) over the same rows, each with a "
+                              "weight > 0, including the student's own `task`; not for cross-task students")
+    split = p.student_train_split(name)
+    if (st.transfer or st.train_split) and (st.tasks or split in st.transfer):
+        raise ConfigError(f"`{where}.transfer` = {list(st.transfer)} / `train_split`: other training splits are for "
+                          f"single-task students, and `transfer` must not repeat the training split `{split}`")
     loss = st.loss or p.train.loss
     lw = f"{where}.loss" if st.loss else "train.loss"
     if loss.kind == "jsd" and not 0 < loss.beta < 1:
@@ -479,8 +581,9 @@ def with_limit(pipeline: PipelineConfig, limit: int | None) -> PipelineConfig:
 
 def config_reference(classes: typing.Sequence[type] | None = None) -> str:
     """Markdown reference of every config field, from the dataclasses' help lines."""
-    classes = classes or [PipelineConfig, TaskConfig, DataConfig, TeacherConfig, FinetuneConfig,
-                          CacheConfig, FeaturesConfig, StudentConfig, TrainConfig, LossConfig, FeatureLossConfig]
+    classes = classes or [PipelineConfig, TaskConfig, DataConfig, AugmentConfig, TeacherConfig, FinetuneConfig,
+                          SanityConfig, CacheConfig, FeaturesConfig, StudentConfig, TrainConfig, LossConfig,
+                          FeatureLossConfig]
     out = []
     for cls in classes:
         out += [f"## `{cls.__name__}`", "", (cls.__doc__ or "").strip(), "",

@@ -55,6 +55,12 @@ class TaskData:
         return TaskData(splits, self.label_names, self.origin, self.id_field, (language,))
 
 
+def take_rows(ds: datasets.Dataset, rows: list[int]) -> datasets.Dataset:
+    """The rows of `ds` at these positions, in this order, as a table of their own (so `ds.data.table` is exactly
+    them, for hashing), without `datasets`' progress bar."""
+    return datasets.Dataset(ds.select(rows).with_format("arrow")[:] if rows else ds.data.table.slice(0, 0))
+
+
 def package_dir(module: str, install_hint: str) -> Path:
     """Folder of an installed package without importing it (its own imports may need more packages)."""
     spec = importlib.util.find_spec(module)
@@ -450,8 +456,10 @@ def _multilingual(cfg: DataConfig) -> TaskData:
     splits: dict[str, list[datasets.Dataset]] = {}
     for code, d in parts.items():
         for split, ds in d.splits.items():
-            ids = [f"{code}/{i}" for i in ds["id"][:]]
-            ds = ds.remove_columns("id").add_column("id", ids).add_column("language", [code] * len(ds))
+            for col in ("id", "parent") if "parent" in ds.column_names else ("id",):  # parent: augmented rows
+                prefixed = [f"{code}/{i}" for i in ds[col][:]]
+                ds = ds.remove_columns(col).add_column(col, prefixed)
+            ds = ds.add_column("language", [code] * len(ds))
             splits.setdefault(split, []).append(ds)
     return TaskData({split: datasets.concatenate_datasets(p) for split, p in splits.items()}, names,
                     "; ".join(f"{code}: {d.origin}" for code, d in parts.items()), "id", tuple(parts))
@@ -493,4 +501,46 @@ def load_task_data(cfg: DataConfig) -> TaskData:
             labels = out[split]["label"][:]
             out[split] = out[split].remove_columns("label").add_column(
                 "label", labels[:cfg.labelled_limit] + [-1] * max(0, len(labels) - cfg.labelled_limit))
-    return TaskData(out, label_names, raw.origin, "id")
+    origin = raw.origin
+    for name in cfg.extra:
+        if name in out:
+            raise DataError(f"{raw.origin}: data.extra.{name}: the data already has a split {name!r}; name it otherwise")
+        out[name], where = _extra_split(cfg, name, label_names)
+        origin += f", {where}"
+    if cfg.augment is not None:
+        out[cfg.augment.into] = _transfer_set(out, cfg, raw.origin)
+    return TaskData(out, label_names, origin, "id")
+
+
+def _extra_split(cfg: DataConfig, name: str, label_names: tuple[str, ...]) -> tuple[datasets.Dataset, str]:
+    """Split `name` of `data.extra`: one split of another source, its ids `<name>/<id>`, its labels checked to be
+    the task's (a teacher's label ids mean the task's names)."""
+    sub, split = cfg.extra_source(name)
+    d = load_task_data(sub)
+    if split not in d.splits:
+        raise DataError(f"{d.origin}: data.extra.{name}.split {split!r} is not a split of that source (splits: "
+                        f"{', '.join(d.splits)})")
+    if sub.label_field and d.label_names != label_names:
+        raise DataError(f"{d.origin}: data.extra.{name} has labels {list(d.label_names)}, the task "
+                        f"{list(label_names)}; give data.extra.{name}.label_names in the task's order (e.g. "
+                        "`[negative, positive]` for fresh/rotten reviews) or `label_field: null` for unlabelled text")
+    ds = d.splits[split]
+    return ds.remove_columns("id").add_column("id", [f"{name}/{i}" for i in ds["id"][:]]), d.origin
+
+
+def _transfer_set(splits: dict[str, datasets.Dataset], cfg: DataConfig, origin: str) -> datasets.Dataset:
+    """The augmented variants of `cfg.augment.split` (augment.py), a split of their own."""
+    from .augment import augment_split
+    a = cfg.augment
+    if a.split not in splits:
+        raise DataError(f"{origin}: data.augment.split {a.split!r} is not a split of this data "
+                        f"(splits: {', '.join(splits)})")
+    if a.into in splits:
+        raise DataError(f"{origin}: data.augment.into {a.into!r} is already a split of this data; name another one")
+    lexicon = a.pos_lexicon or str(Path(os.environ.get("KDCACHE_DATA", "../shared/data")) / "conll2003" /
+                                   "train.txt.gz")
+    ds, stats = augment_split(splits[a.split], cfg.text_fields[0], a, lexicon)
+    log.info("%s: augmented split `%s` (%d rows) into `%s`: %d variants (%.1f per row); the lexicon tags %.0f%% of "
+             "its words", origin, a.split, stats.parents, a.into, stats.variants, stats.variants / max(1, stats.parents),
+             100 * stats.pos_coverage)
+    return ds

@@ -134,3 +134,10 @@ def diff_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += diff_fields(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if old == new else [prefix or "<root>"]
+
+
+def only_data_changed(old_inputs: dict[str, Any], new_inputs: dict[str, Any]) -> bool:
+    """True when two fingerprints' inputs differ in the data's split hashes alone (same teacher and settings): the
+    case where a cache may grow by new rows (capture/grow.py)."""
+    changed = diff_fields(old_inputs, new_inputs)
+    return bool(changed) and all(k.startswith("data.splits.") for k in changed)

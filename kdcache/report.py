@@ -340,6 +340,65 @@ HEADS: dict[str, tuple[Callable, Callable, str, str]] = {
 }
 
 
+def ensemble_section(runs: list[dict[str, Any]], test_split: str) -> list[str]:
+    """Students of several teachers: each teacher's test accuracy from its cache, the weighted ensemble's (mean of
+    the teachers' distributions at T = 1), and the students that learned from them."""
+    sets: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        if r.get("teacher_caches"):
+            sets.setdefault(tuple((t, c, r["teachers"][t]) for t, c in r["teacher_caches"].items()), []).append(r)
+    if not sets:
+        return []
+    lines = ["## Several teachers", "", f"Test accuracy ({test_split} split) of each teacher from its cached logits, "
+             "of their weighted ensemble (the mean of their distributions) and of the students distilled from them.",
+             "", "| model | weight | test acc |", "|---|---:|---:|"]
+    for members, students in sets.items():
+        try:
+            logits = [np.stack(read_column(c, test_split, "logits")) for _, c, _ in members]
+            labels = np.array([-1 if y is None else y for y in read_column(members[0][1], test_split, "label")])
+        except (KeyError, FileNotFoundError, CacheFormatError):
+            continue
+        keep = labels >= 0
+
+        def acc(pred: np.ndarray) -> float:
+            return float((pred[keep] == labels[keep]).mean()) if keep.any() else float("nan")
+        probs = [np.exp(z - z.max(1, keepdims=True)) for z in logits]
+        mean = sum(w * p / p.sum(1, keepdims=True) for (_, _, w), p in zip(members, probs))
+        lines += [f"| teacher `{t}` ({open_manifest(c)[2]['fingerprint_inputs']['teacher']['name']}) | {w:.2f} | "
+                  f"{acc(z.argmax(1)):.4f} |" for (t, c, w), z in zip(members, logits)]
+        lines.append(f"| **ensemble** | 1.00 | {acc(mean.argmax(1)):.4f} |")
+        lines += [f"| {r['run']} ({r.get('ensemble', 'mean')}) | – | {_fmt((r.get('test') or {}).get('accuracy'))} |"
+                  for r in students]
+    return [*lines, ""]
+
+
+def transfer_section(runs: list[dict[str, Any]]) -> list[str]:
+    """Per cache and transfer split (unlabelled rows the teacher labelled): its size, how sure the teacher is on it
+    next to the labelled splits, and the students that read it."""
+    users: dict[tuple[str, str], list[str]] = {}
+    for r in runs:
+        for split in r.get("transfer") or {}:
+            users.setdefault((r["cache"], split), []).append(r["run"])
+    if not users:
+        return []
+    lines = ["## Transfer sets", "", "Unlabelled rows the teacher labelled once, read by KD students with their "
+             "training split (their hard-label twins read the training split alone). The teacher's confidence (mean "
+             "top probability) and entropy on them against the labelled splits show how far from its training data "
+             "they are.", "", "| cache | split | rows | labelled | teacher accuracy | teacher confidence | teacher "
+             "entropy (nats) | students |", "|---|---|---|---|---|---|---|---|"]
+    for cache in dict.fromkeys(c for c, _ in users):
+        try:
+            m = open_manifest(cache)[2]
+        except (FileNotFoundError, CacheFormatError):
+            continue
+        for split, sp in m["splits"].items():
+            st = sp.get("stats") or {}
+            lines.append(f"| {Path(cache).name} | {split} | {sp['rows']} | {st.get('labelled_rows', '–')} | "
+                         f"{_fmt(st.get('teacher_accuracy'))} | {_fmt(st.get('mean_confidence'))} | "
+                         f"{_fmt(st.get('mean_entropy_nats'))} | {', '.join(users.get((cache, split), []))} |")
+    return [*lines, ""]
+
+
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/metrics.json"))]
 
@@ -398,6 +457,8 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
     if cross:
         lines += [*cross_lines(cross), ""]
     lines += language_section(all_runs, runs_dir, test_split)
+    lines += transfer_section(all_runs)
+    lines += ensemble_section(all_runs, test_split)
     if any(head == SEQUENCE for head, *_ in panels):
         _, mine, teachers, metric, label = next(p for p in panels if p[0] == SEQUENCE)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -437,16 +498,18 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
 
 # head -> what a split's statistics add to `kdcache cache`'s line, to `kdcache info`'s line
 SPLIT_SUMMARY: dict[str, Callable[[dict], str]] = {
-    SEQUENCE: lambda s: f", teacher accuracy {s['teacher_accuracy']:.4f}" if s.get("teacher_accuracy") is not None
-    else "",
+    SEQUENCE: lambda s: (f", teacher accuracy {s['teacher_accuracy']:.4f}" if s.get("teacher_accuracy") is not None
+                         else f", unlabelled, teacher confidence {s['mean_confidence']:.3f}"
+                         if s.get("mean_confidence") is not None else ""),
     TOKEN: lambda s: (f", {s['words']} words ({s['uncovered_words']} beyond max_length), teacher entity F1 "
                       f"{s['teacher_entity_f1']:.4f}"),
     CAUSAL_LM: lambda s: (f", {s['tokens']} tokens, teacher perplexity {s['teacher_perplexity']:.2f}"
                           + (f", {s['teacher_bits_per_byte']:.3f} bits/byte" if s.get("teacher_bits_per_byte") else "")),
 }
 SPLIT_INFO: dict[str, Callable[[dict], str]] = {
-    SEQUENCE: lambda s: (f"{s['bytes_per_example']:>8} B/ex  teacher acc {_fmt(s['teacher_accuracy'])}  entropy "
-                         f"{s['mean_entropy_nats']:.3f}  truncated {s['truncated_rows']}"),
+    SEQUENCE: lambda s: (f"{s['bytes_per_example']:>8} B/ex  teacher acc {_fmt(s['teacher_accuracy'])}  confidence "
+                         f"{_fmt(s.get('mean_confidence'), '.3f')}  entropy {s['mean_entropy_nats']:.3f}  truncated "
+                         f"{s['truncated_rows']}"),
     TOKEN: lambda s: (f"{s['bytes_per_example']:>8} B/ex  teacher entity F1 {s['teacher_entity_f1']:.4f}  words "
                       f"{s['words']}  truncated {s['truncated_rows']} ({s['uncovered_words']} words)"),
     CAUSAL_LM: lambda s: (f"{s['bytes_per_token']:>8} B/token  teacher ppl {s['teacher_perplexity']:.2f}  top-1 "
@@ -498,6 +561,9 @@ def info_lines(i: dict[str, Any]) -> list[str]:
         tokens = f", {rate * i['lm']['seq_len']:,.0f} tokens/s" if i.get("lm") else ""
         out.append(f"  capture      {c['rows']} rows in {c['seconds']:.1f} s ({rate:.{0 if rate >= 10 else 2}f} rows/s"
                    f"{tokens}, everything included) on {i['device']} x {i['processes']} process(es), last run")
+    for g in i.get("generations") or []:  # a grown cache: rows per split as of each generation
+        rows = ", ".join(f"{split} {v['rows']}" for split, v in g["splits"].items())
+        out.append(f"  generation {g['generation']}  {rows}  ({g.get('created_at') or 'before growing'})")
     for split, s in i["splits"].items():
         out.append(f"  {split:<12} {s['rows']:>8} rows {s['shards']:>3} shards {SPLIT_INFO[i['head']](s)}")
         for code, lang in (s.get("languages") or {}).items():

@@ -110,7 +110,7 @@ def _coerce(tp: Any, value: Any, where: str, src: str) -> Any:
     """Turn a YAML value into the annotated type, or raise a ConfigError naming the key."""
     inner, optional = _strip_optional(tp)
     if value is None:
-        if optional:
+        if optional or tp is Any:  # (an untyped value, e.g. a nested data setting, is checked where it is built)
             return None
         raise ConfigError(f"{src}: `{where}` must not be null")
     if dataclasses.is_dataclass(inner):

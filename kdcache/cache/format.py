@@ -168,8 +168,10 @@ SCHEMAS = {SEQUENCE: lambda m, meta: parquet_schema(tuple(m["text_fields"]), len
 
 def build_columns(m: dict[str, Any]) -> list[pa.Field]:
     """Columns the build loop adds after any head's own: which fold's teacher (trained without the row) labelled
-    it, -1 = the full teacher (out-of-fold targets); the row's language (multilingual data)."""
+    it, -1 = the full teacher (out-of-fold targets); the id of the row an augmented row was derived from, null for
+    the others (data.augment); the row's language (multilingual data)."""
     return ([pa.field("teacher_fold", pa.int8(), nullable=False)] if m.get("teacher_folds") else []) + \
+        ([pa.field("parent", pa.string())] if m.get("augment") else []) + \
         ([pa.field("language", pa.string(), nullable=False)] if m.get("languages") else [])
 
 
@@ -270,6 +272,15 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
             if shard.get("features"):
                 safe_path(root, shard["features"]["path"], f"split {split} features path")
     return m
+
+
+def shard_fingerprint(m: dict[str, Any], split: str, shard: dict[str, Any]) -> str:
+    """The fingerprint a shard was written under: the manifest's, or in a grown cache that of the first generation
+    holding its rows (older shards keep the fingerprint of the data they were captured from)."""
+    for g in m.get("generations") or []:
+        if shard["row_start"] < g["splits"].get(split, {}).get("rows", 0):
+            return g.get("fingerprint", m["fingerprint"])
+    return m["fingerprint"]
 
 
 def find_caches(path: str | Path) -> list[Path]:

@@ -115,7 +115,8 @@ def dist_info() -> tuple[int, int]:
 
 
 class CacheDataset(torch.utils.data.IterableDataset):
-    """Rows of one cached split. Sequence classification: dicts with `row_id`, `id`, the text field(s), `label`
+    """Rows of one cached split (with `extra_splits`, of several, as one; with `generation`, as it was then: a
+    grown cache's earlier rows only). Sequence classification: dicts with `row_id`, `id`, the text field(s), `label`
     (-1 = none), `logits` [C] float32 and, when asked, `features` {layer_j: [H] float32}; token classification:
     `words`, `tags`, `logits` [covered_words, C], `covered_words`; causal LM: see `lm_columns`. Batch them with
     `ds.collate`.
@@ -128,17 +129,20 @@ class CacheDataset(torch.utils.data.IterableDataset):
     def __init__(self, url: str, split: str, *, shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 2048,
                  feature_layers: tuple[int, ...] = (), expect: dict[str, Any] | None = None,
                  rank: int | None = None, world_size: int | None = None, languages: tuple[str, ...] | None = None,
-                 mixing: str = "proportional") -> None:
+                 mixing: str = "proportional", extra_splits: tuple[str, ...] = (),
+                 companions: tuple[str, ...] = (), generation: int | None = None) -> None:
         super().__init__()
         self.url = str(url)
         self.fs, self.root, self.manifest = open_manifest(self.url)
         if expect:
             check_expected(self.manifest, expect, self.url)
-        if split not in self.manifest["splits"]:
-            raise CacheFormatError(f"{self.url}: no split {split!r} (splits: {', '.join(self.manifest['splits'])})")
-        self.split = split
+        for s in (split, *extra_splits):
+            if s not in self.manifest["splits"]:
+                raise CacheFormatError(f"{self.url}: no split {s!r} (splits: {', '.join(self.manifest['splits'])})")
+        self.split, self.splits = split, (split, *extra_splits)  # extra splits: read as part of this one
         self.collate = COLLATE[self.manifest["head"]]  # rows of this cache -> a batch
-        self.shards = self.manifest["splits"][split]["shards"]
+        self.generation = generation
+        self.shards = self._shards_of(self.manifest)
         self.languages = self._select_languages(languages)
         chosen = [i for i, sh in enumerate(self.shards) if not languages or sh.get("language") in self.languages]
         self.num_rows = sum(self.shards[i]["rows"] for i in chosen)
@@ -152,6 +156,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                    "change the feature loss or rebuild the cache with cache.features.layers")
         if (self.manifest.get("features") or {}).get("pooling") == "tokens" and self.feature_layers:
             raise CacheFormatError(f"{self.url}: per-token features cannot feed a sequence-level feature loss yet")
+        self.companion_urls = tuple(str(c) for c in companions)
+        self.companions = [self._companion(c) for c in self.companion_urls]
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
         self.epoch = 0
         self.units = [Unit(i, g, sum(self.shards[i]["row_groups"][:g]), n, self.shards[i].get("language"))
@@ -160,6 +166,59 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.shares = mixing_weights(rows, mixing) if self.languages else {}
         # proportional mixing is the plain epoch (every row once); other mixings give each language a row budget
         self.budgets = {} if mixing == "proportional" else {k: round(p * self.num_rows) for k, p in self.shares.items()}
+
+    def _shards_of(self, m: dict[str, Any]) -> list[dict[str, Any]]:
+        """The shards this reader reads of a manifest (its own, or another teacher's of the same rows)."""
+        return [sh for s in self.splits for sh in m["splits"][s]["shards"]
+                if sh["row_start"] < self._rows_as_of(s, self.generation)]
+
+    def _rows_as_of(self, split: str, generation: int | None) -> float:
+        """Rows of `split` in the cache as of `generation` (None: the latest); a grown cache's shards never span
+        two generations, so a shard is in a generation when it starts before that generation's row count."""
+        if generation is None:
+            return float("inf")
+        gens = self.manifest.get("generations") or [{"generation": 0, "splits": {}}]
+        known = [g["generation"] for g in gens]
+        if generation not in known:
+            raise CacheFormatError(f"{self.url}: no generation {generation} (generations: "
+                                   f"{', '.join(map(str, known))}; `kdcache info` lists them)")
+        splits = next(g for g in gens if g["generation"] == generation)["splits"]
+        return splits[split]["rows"] if split in splits else (float("inf") if len(gens) == 1 else 0)
+
+    def _companion(self, url: str) -> tuple[Any, str, list[dict[str, Any]]]:
+        """(filesystem, root, shards in this reader's order) of another teacher's cache of the same rows, refused
+        unless its task head, label set and rows (the data hash and row-group layout of each split read) agree."""
+        fs, root, m = open_manifest(url)
+        mine = self.manifest
+        problem = None
+        if m["head"] != SEQUENCE or mine["head"] != SEQUENCE:
+            problem = f"several teachers are for sequence-classification caches (this one is {m['head']})"
+        elif m["label_names"] != mine["label_names"]:
+            problem = f"its label set {m['label_names']} differs from {mine['label_names']} (of {self.url})"
+        else:
+            for s in self.splits:
+                theirs, ours = m["splits"].get(s), mine["splits"][s]
+                if theirs is None or theirs["dataset_sha256"] != ours["dataset_sha256"] or \
+                        [sh["row_groups"] for sh in theirs["shards"]] != [sh["row_groups"] for sh in ours["shards"]]:
+                    problem = (f"its split {s!r} does not hold the same rows in the same shards as {self.url}; cache "
+                               "every teacher from the same data settings and cache.shard_rows / row_group_rows")
+                    break
+        if problem:
+            raise CacheMismatchError(f"{url}: cannot serve as another teacher of {self.url}: {problem}")
+        return fs, root, self._shards_of(m)
+
+    def _companion_logits(self, u: Unit, ids: list[str]) -> list[np.ndarray]:
+        """The other teachers' logits [rows, C] for unit `u`, checked row by row against this cache's ids."""
+        out = []
+        for fs, root, shards in self.companions:
+            path = f"{root}/{shards[u.shard]['parquet']}"
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(u.row_group, columns=["id", "logits"])
+            if table.column("id").to_pylist() != ids:
+                raise CacheMismatchError(f"{path}: row group {u.row_group} holds other rows than {self.url}'s; "
+                                         "the teachers' caches are not of the same data: rebuild them")
+            out.append(np.asarray(table.column("logits").combine_chunks().values.to_numpy()).reshape(len(ids), -1))
+        return out
 
     def _select_languages(self, wanted: tuple[str, ...] | None) -> list[str]:
         have = self.manifest.get("languages") or []
@@ -225,6 +284,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
             raise CacheFormatError(f"{path}: row group {u.row_group} has {table.num_rows} rows, manifest says "
                                    f"{u.rows}; the shard changed since it was written: run `kdcache verify`")
         cols = DECODERS[self.manifest["head"]](self, table, shard, u)
+        if self.companions:  # several teachers: [rows, teachers, C], this cache's teacher first
+            cols["teacher_logits"] = np.stack([cols["logits"], *self._companion_logits(u, cols["id"])], axis=1)
         if u.language is not None:
             cols["language"] = [u.language] * u.rows
         return cols
@@ -340,11 +401,15 @@ _STACKED = ("input_ids", "topk_ids", "topk_logits", "lse", "tail", "sample_lengt
 
 
 def _collate_sequence(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Texts stay lists; labels [B] int64; logits [B, C] float32; features {name: [B, H]}."""
-    out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0] if k not in ("label", "logits", "features", "row_id")}
+    """Texts stay lists; labels [B] int64; logits [B, C] float32 (several teachers: also teacher_logits [B, T, C]);
+    features {name: [B, H]}."""
+    out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0]
+                           if k not in ("label", "logits", "features", "row_id", "teacher_logits")}
     out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
     out["label"] = torch.as_tensor(np.array([r["label"] for r in rows], dtype=np.int64))
     out["logits"] = torch.as_tensor(np.stack([r["logits"] for r in rows]))
+    if "teacher_logits" in rows[0]:  # several teachers: [B, teachers, C]
+        out["teacher_logits"] = torch.as_tensor(np.stack([r["teacher_logits"] for r in rows]))
     if "features" in rows[0]:
         out["features"] = {k: torch.as_tensor(np.stack([r["features"][k] for r in rows])) for k in rows[0]["features"]}
     return out

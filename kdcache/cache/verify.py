@@ -13,7 +13,7 @@ import zarr
 
 from ..fingerprint import hash_file, hash_obj, hash_tree
 from .format import (LOCK_FILE, MANIFEST, RECORDS_DIR, SCHEMA_METADATA_KEY, CacheFormatError, read_manifest,
-                     repair_command, safe_path, shard_schema)
+                     repair_command, safe_path, shard_fingerprint, shard_schema)
 
 
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
@@ -78,7 +78,7 @@ def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any
             meta = json.loads((pf.schema_arrow.metadata or {}).get(SCHEMA_METADATA_KEY, b"{}"))
         except json.JSONDecodeError:
             meta = {}
-        if meta.get("fingerprint") != m["fingerprint"]:
+        if meta.get("fingerprint") != shard_fingerprint(m, split, shard):
             report.problems.append(f"{where}: shard was written for another cache (fingerprint in its Parquet "
                                    f"metadata is {meta.get('fingerprint')!r})")
     feat = shard.get("features")
@@ -222,7 +222,7 @@ def cache_info(root: str | Path) -> dict[str, Any]:
             "rows": total_rows, "bytes": m["totals"]["bytes"],
             "bytes_per_example": round(m["totals"]["bytes"] / max(total_rows, 1), 1), "splits": splits,
             "created_at": m.get("created_at"), "capture": m.get("capture"), "device": m.get("device"),
-            "processes": m.get("processes"), "lm": m.get("lm")}
+            "processes": m.get("processes"), "lm": m.get("lm"), "generations": m.get("generations")}
 
 
 def refuse_damaged(cache: str | Path) -> None:

@@ -28,7 +28,7 @@ import zarr
 
 from .. import __version__
 from ..failpoints import failpoint
-from ..fingerprint import diff_fields, hash_file, hash_tree
+from ..fingerprint import diff_fields, hash_file, hash_tree, only_data_changed
 from .format import (BUILD_STATE, DIGEST_KEY, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, RECORDS_DIR,
                      CacheFormatError, features_group_relpath, features_relpath, fsync_dir, manifest_digest,
                      parquet_relpath, parquet_write_options, read_manifest, safe_path, shard_name, write_json_atomic)
@@ -238,6 +238,12 @@ class CacheWriter:
             if stray:
                 raise CacheConflictError(f"{self.root}: folder is not empty and holds no kdcache cache "
                                          f"({', '.join(sorted(stray)[:5])}); choose another --out")
+            return
+        if old.get("fingerprint") != self.header["fingerprint"] and self.header.get("generations") and \
+                only_data_changed(old.get("fingerprint_inputs", {}), self.header["fingerprint_inputs"]):
+            # a cache growing by new rows (capture/grow.py): its shards and records stay, new shards follow them
+            log.info("%s: the data grew; capturing the new rows as generation %d", self.root,
+                     self.header["generations"][-1]["generation"])
             return
         if old.get("fingerprint") != self.header["fingerprint"]:
             changed = diff_fields(old.get("fingerprint_inputs", {}), self.header["fingerprint_inputs"])

@@ -16,14 +16,15 @@ import pyarrow as pa
 
 from .. import config as C
 from .. import distributed
-from ..cache.format import FORMAT_VERSION, read_manifest, shard_schema
+from ..cache.format import FORMAT_VERSION, CacheFormatError, read_manifest, shard_schema
 from ..cache.share import fetch_shared, push, shared_location
 from ..cache.writer import CacheWriter
 from ..data import TaskData, load_task_data, portable_origin
-from ..fingerprint import hash_obj, hash_table, hash_tokenizer
+from ..fingerprint import hash_obj, hash_table, hash_tokenizer, only_data_changed
 from ..progress import progress
 from .head import CaptureHead
 from .folds import prepare_fold_teachers, run_out_of_fold
+from .grow import Growth, growth_segments, plan_growth
 from .heads import HEADS
 from .sanity import check_teacher
 from .teacher import prepare_teacher
@@ -41,7 +42,8 @@ def fingerprint_inputs(task_name: str, task: C.TaskConfig, data: TaskData, head:
         "data": {"source": task.data.source, "text_fields": list(task.data.text_fields),
                  "label_names": list(data.label_names),
                  "splits": {s: hash_table(ds.data.table) for s, ds in data.splits.items()},
-                 **({"languages": list(data.languages)} if data.languages else {})},
+                 **({"languages": list(data.languages)} if data.languages else {}),
+                 **({"augment": C.to_dict(task.data.augment)} if task.data.augment else {})},
         "features": head.features(task, runner),
         **head.settings(task, runner, model, tokenizer),
     }
@@ -84,7 +86,14 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
             lambda: prepare_fold_teachers(pipeline.name, task_name, task, data, teachers_dir))
         fold_runners = [head.runner(m, tokenizer, task, device) for m in fold_models]
     inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
+    growth = None if overwrite else _growth(out_dir, inputs, data, head, task)
+    if growth is not None:  # the data grew: the cached rows first in cache order, then the new ones
+        data = growth.data
+        inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
     header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
+    if growth is not None:  # each generation names the fingerprint its shards were written under
+        header["generations"] = [g if "fingerprint" in g else {**g, "fingerprint": header["fingerprint"]}
+                                 for g in growth.generations]
     if shared and dist.num_processes > 1:
         raise C.ConfigError("--shared works with one process: pull or build the cache first, then launch")
     if shared and not overwrite:  # before any tokenising: an identical shared cache needs none of it
@@ -92,10 +101,15 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         if found is not None:
             return found
     units, segments, text = language_units(head, data, tokenizer, task)
+    if growth is not None:
+        segments = growth_segments(growth)
     if folds:
         header["teacher_folds"] = folds
     if data.languages:
         header["languages"] = list(data.languages)
+    augment = task.data.augment
+    if augment is not None:  # its split's rows carry a `parent` id (augment.py)
+        header["augment"] = C.to_dict(augment)
     if text:  # per split (and language): words, tokens, tokens per word
         header["text"] = text
     files = head.files(task, tokenizer)
@@ -109,7 +123,8 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         t0 = time.perf_counter()
         # any sampling is seeded per shard: a resumed or re-dealt shard draws the same samples
         seed = zlib.crc32(f"{header['fingerprint']}/{split}/{start}".encode())
-        if folds and split == ft.train_split:
+        # augmented rows go to the fold teacher that never saw their parent
+        if folds and (split == ft.train_split or augment is not None and split == augment.into):
             out, fold = run_out_of_fold(head, fold_runners, rows, task, seed, bar.update)
         else:
             out, fold = head.run(runner, rows, task, seed, bar.update), np.full(stop - start, -1, np.int8)
@@ -117,6 +132,9 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         table = head.table(rows, out, start, split, head_schema, task)
         if folds:
             table = table.append_column(schema.field("teacher_fold"), pa.array(fold, pa.int8()))
+        if augment is not None:
+            parents = rows["parent"] if "parent" in rows else [None] * table.num_rows
+            table = table.append_column(schema.field("parent"), pa.array(parents, pa.string()))
         if language is not None:
             table = table.append_column(schema.field("language"), pa.array([language] * table.num_rows, pa.string()))
         return table, head.shard_features(out), stats
@@ -130,6 +148,23 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     if shared:
         push(out_dir, shared_location(shared, task_name, manifest["fingerprint"]))
     return manifest
+
+
+def _growth(out_dir: Path, inputs: dict[str, Any], data: TaskData, head: CaptureHead,
+            task: C.TaskConfig) -> Growth | None:
+    """How the data grew since the finished cache in `out_dir` was built (None: no such cache, the same data, or
+    other settings too, which the writer refuses). Growing is automatic: same teacher and settings, new rows."""
+    try:
+        old = read_manifest(out_dir)
+    except (FileNotFoundError, CacheFormatError):
+        return None  # nothing there, or damaged: the writer decides
+    if old["fingerprint"] == hash_obj(inputs) or not only_data_changed(old["fingerprint_inputs"], inputs):
+        return None
+    growth = plan_growth(out_dir, data, head.name, head.text_columns(task))
+    if growth.new_rows:
+        log.info("%s: the data has %d new row(s); capturing only them, as generation %d", out_dir, growth.new_rows,
+                 growth.generations[-1]["generation"])
+    return growth
 
 
 def language_units(head: CaptureHead, data: TaskData, tokenizer: Any,

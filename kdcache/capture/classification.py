@@ -153,7 +153,8 @@ class SequenceClassification(CaptureHead):
         return {"rows": int(len(labels)), "labelled": int(labelled.sum()),
                 "label_counts": np.bincount(labels[labelled], minlength=len(label_names)).tolist(),
                 "correct": int((out.logits.argmax(1)[labelled] == labels[labelled]).sum()),
-                "entropy_sum": float(entropy.sum()), "truncated": int(out.truncated.sum()),
+                "entropy_sum": float(entropy.sum()), "confidence_sum": float(_confidence(out.logits).sum()),
+                "truncated": int(out.truncated.sum()),
                 "tokens_sum": int(out.num_tokens.sum()), "max_tokens": int(out.num_tokens.max(initial=0))}
 
     def summarise(self, stats):
@@ -168,13 +169,16 @@ class SequenceClassification(CaptureHead):
                 "majority_accuracy": float(np.max(counts)) / tot["labelled"] if tot["labelled"] and np.size(counts)
                 else None,
                 "mean_entropy_nats": tot["entropy_sum"] / rows, "truncated_rows": tot["truncated"],
+                # the teacher's mean top probability: how sure it is where no label says whether it is right
+                "mean_confidence": sum(s["confidence_sum"] for s in stats) / rows
+                if all("confidence_sum" in s for s in stats) else None,
                 "mean_tokens": tot["tokens_sum"] / rows,
                 "max_tokens": max((s["max_tokens"] for s in stats), default=0),
                 # teacher forward + tokenisation only (not I/O); resumed shards count their original time
                 "teacher_rows_per_s": tot["rows"] / tot["seconds"] if tot["seconds"] else None}
 
-    def count_labelled(self, ds):
-        return len(_labelled(ds))
+    def labelled_rows(self, ds):
+        return _labelled(ds)
 
     def finetune_examples(self, tokenizer, ds, task):
         ds = ds.select(_labelled(ds))
@@ -216,6 +220,12 @@ def _entropy(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     return -(np.exp(logp) * logp).sum(1)
+
+
+def _confidence(logits: np.ndarray) -> np.ndarray:
+    """The top probability of softmax(logits) per row [N] (T = 1)."""
+    z = logits - logits.max(1, keepdims=True)
+    return 1.0 / np.exp(z).sum(1)
 
 
 def _labelled(ds: Any) -> list[int]:

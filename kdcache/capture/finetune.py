@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import TaskConfig
-from ..data import TaskData
+from ..data import TaskData, take_rows
 from ..fingerprint import hash_obj, hash_table
 from ..progress import progress
 from ..optim import adamw, warmup_linear
@@ -41,10 +41,15 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
     if train is None:
         raise TeacherError(f"teacher.finetune.train_split {ft.train_split!r} is not a split of the data "
                            f"({', '.join(data.splits)})")
-    rows = HEADS[task.teacher.head].count_labelled(_limited(train, ft.limit))
+    labelled = HEADS[task.teacher.head].labelled_rows(_limited(train, ft.limit))
+    rows = len(labelled)
+    used = take_rows(train, labelled) if rows < len(train) else train
     return {"base": task.teacher.model, "from_config": task.teacher.from_config, "revision": task.teacher.revision,
             "tokenizer": task.teacher.tokenizer, "labels": list(data.label_names),
-            "train_data": hash_table(train.data.table), "text_fields": list(task.data.text_fields),
+            # only the rows it trains on decide the teacher (unlabelled rows may be added freely); all of them
+            # labelled: the whole split, as teachers fine-tuned before caches could grow were keyed
+            "train_data": hash_table(used.data.table),
+            "text_fields": list(task.data.text_fields),
             "max_length": task.cache.max_length,
             # min_steps only where it lengthens the run, so teachers fine-tuned before it existed keep their key;
             # `folds` never changes this teacher (the fold teachers differ by their training rows)

@@ -55,8 +55,10 @@ def prepare_fold_teachers(pipeline: str, task_name: str, task: C.TaskConfig, dat
 
 def run_out_of_fold(head: Any, runners: list[Any], rows: dict[str, list], task: C.TaskConfig, seed: int,
                     on_batch: Any) -> tuple[Any, np.ndarray]:
-    """(the head's outputs for `rows`, each row's fold): each fold's rows run through that fold's teacher."""
-    folds = fold_of(rows["id"], len(runners))
+    """(the head's outputs for `rows`, each row's fold): each fold's rows run through that fold's teacher; an
+    augmented row is in its parent's fold."""
+    keys = [p if p is not None else i for p, i in zip(rows["parent"], rows["id"])] if "parent" in rows else rows["id"]
+    folds = fold_of(keys, len(runners))
     parts = []
     for f, runner in enumerate(runners):
         idx = np.flatnonzero(folds == f)

@@ -84,8 +84,9 @@ class CaptureHead:
         return None
 
     # -- fine-tuning a head onto a pretrained encoder (labelled heads)
-    def count_labelled(self, ds: Any) -> int:
-        """Rows of `ds` that `finetune_examples` keeps (they set the number of fine-tuning steps)."""
+    def labelled_rows(self, ds: Any) -> list[int]:
+        """Indices of the rows of `ds` that `finetune_examples` keeps: they set the number of fine-tuning steps, and
+        only they are in the teacher's fine-tune key."""
         raise NotImplementedError
 
     def finetune_examples(self, tokenizer: Any, ds: Any, task: TaskConfig) -> tuple[list[list[int]], list[Any]]:

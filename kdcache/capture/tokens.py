@@ -125,8 +125,8 @@ class TokenClassification(CaptureHead):
                 "gold_entities": tot["gold_entities"], "mean_tokens": tot["tokens_sum"] / max(tot["rows"], 1),
                 "teacher_rows_per_s": tot["rows"] / tot["seconds"] if tot["seconds"] else None}
 
-    def count_labelled(self, ds):
-        return len(_gold_tagged(ds))
+    def labelled_rows(self, ds):
+        return _gold_tagged(ds)
 
     def finetune_examples(self, tokenizer, ds, task):
         """Gold-tagged sentences only; each word's tag on its first sub-token, -100 elsewhere."""

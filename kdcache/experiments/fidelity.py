@@ -89,12 +89,41 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                                      "teacher_train": {k: manifest["splits"]["train"]["stats"].get(k)
                                                        for k in (metric[1], "mean_entropy_nats")},
                                      # 0 when an earlier run's teacher and cache were reused as they were
-                                     "build_seconds": round(built_s, 1)}
+                                     "build_seconds": round(built_s, 1), **_transfer(pipeline, students, manifest),
+                                     # every cached split (other sources, transfer sets): how the teacher does there
+                                     "teacher_splits": {sp: {k: v["stats"].get(k) for k in (metric[1],
+                                                                                             "mean_confidence")}
+                                                        for sp, v in manifest["splits"].items()}}
     # an out-of-fold comparison has its own JSON and doc section: it does not replace the pipeline's main one
     name = base.name + ("-oof" if folds else "")
     results["flags"] = (f" --students {','.join(students)} --scarce {scarce}" + (" --only-scarce" if not all_labels else "")
                         + (f" --folds {folds}" if folds else "") + "".join(f" --set {o}" for o in overrides))
     return _publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
+
+
+def _render_splits(s: dict[str, Any]) -> list[str]:
+    """A line on the teacher per cached split, when the cache holds more than train / validation / test."""
+    splits = s.get("teacher_splits") or {}
+    if set(splits) <= {"train", "validation", "test"}:
+        return []
+    parts = []
+    for sp, v in splits.items():
+        score, confidence = v.values()  # (the metric, the mean top probability)
+        parts.append(f"{sp} {_fmt(score)}" if score is not None or confidence is None
+                     else f"{sp} unlabelled, confidence {confidence:.3f}")
+    return ["Teacher per cached split: " + ", ".join(parts) + ".", ""]
+
+
+def _transfer(pipeline: C.PipelineConfig, students: list[str], manifest: dict[str, Any]) -> dict[str, Any]:
+    """The transfer splits the students read: rows, the teacher's time on them (from the shard stats), readers."""
+    readers = [s for s in students if pipeline.students[s].transfer]
+    splits = {t for s in readers for t in pipeline.students[s].transfer}
+    if not splits:
+        return {}
+    stats = [manifest["splits"][t]["stats"] for t in splits]
+    return {"transfer_rows": sum(manifest["splits"][t]["rows"] for t in splits), "transfer_students": readers,
+            "transfer_seconds": sum(st["rows"] / st["teacher_rows_per_s"] for st in stats
+                                    if st.get("teacher_rows_per_s"))}
 
 
 def _publish(results: dict[str, Any], path: Path, text: str, doc: Path | None, section: str) -> dict[str, Any]:
@@ -257,18 +286,27 @@ def render(r: dict[str, Any]) -> str:
                   f"Teacher {words} {s['teacher_test_accuracy']:.4f} (fine-tuned for "
                   f"{s.get('teacher_finetune_epochs')} epochs); {s['labelled_train_rows']} of "
                   f"{s['train_rows']} training rows labelled (hard-label twins learn from those only; KD students "
-                  "learn from every row's cached soft labels).", "",
-                  "| student | KD | hard labels | KD gain |", "|---|---:|---:|---:|"]
+                  "learn from every row's cached soft labels)."
+                  + (f" Transfer set: {s['transfer_rows']} unlabelled variants of the training rows, labelled once by "
+                     "the teacher in " + (f"{s['transfer_seconds']:.0f} s" if s.get("transfer_seconds") else "the cache")
+                     + f", read by {', '.join(s['transfer_students'])} (KD alone on them)." if s.get("transfer_rows")
+                     else ""), "",
+                  *_render_splits(s), "| student | KD | hard labels | KD gain |", "|---|---:|---:|---:|"]
         for student, v in s["students"].items():
             gain = [a - b for a, b in zip(v["kd"], v["hard"])]
             lines.append(f"| {student} | {_mean_std(v['kd'])} | {_mean_std(v['hard'])} | {_mean_std(gain)} |")
         lines.append("")
     lines += _render_oof(r)
-    if r.get("source") == "sst2":
+    other_domain = any(set(s.get("teacher_splits") or {}) - {"train", "validation", "test", "transfer"}
+                       for s in r["settings"].values())
+    if r.get("source") == "sst2" and not other_domain:  # (a cross-domain teacher is not Tang et al.'s setting)
+        transfer = max((s.get("transfer_rows") or 0 for s in r["settings"].values()), default=0)
+        augmented = (f"a transfer set of {transfer} variants of the training phrases (theirs: about 20 per phrase of "
+                     "67,349)" if transfer else "no augmentation")
         lines += ["Next to Tang et al. (2019, full SST-2, BERT-large teacher, 300-d word2vec BiLSTM, "
                   f"training set augmented for distillation): BiLSTM hard labels {TANG_2019['bilstm']:.3f}; BiLSTM distilled "
                   f"{TANG_2019['bilstm (distilled)']:.3f} (gain +{TANG_2019['bilstm (distilled)'] - TANG_2019['bilstm']:.3f}). "
-                  "Ours differ in teacher (MiniLM-L6, 22M), embeddings (random init, no word2vec), no augmentation, "
+                  f"Ours differ in teacher (MiniLM-L6, 22M), embeddings (random init, no word2vec), {augmented}, "
                   "and the training subset above; the comparison is of the gain's direction and size, not of "
                   "absolute accuracy.", ""]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from ..cache.reader import CacheDataset
 from ..metrics import classification_metrics
 from ..students import HFTokenizer, WordTokenizer, build_student
 from .head import Source, StudentModel, TrainHead, add_feature_terms
-from .losses import distillation_loss
+from .losses import distillation_loss, multi_teacher_loss
 
 
 def texts_of(batch: dict[str, Any], fields: tuple[str, ...] | list[str]) -> list[str]:
@@ -84,8 +84,9 @@ class SequenceClassification(TrainHead):
     def tokenizer(self, st, source, where):
         if st.tokenizer != "words":
             return HFTokenizer(st.tokenizer)
-        split, fields = source.train.split, source.train.text_fields
-        return WordTokenizer.build([t for f in fields for t in source.column(split, f)], st.vocab_size)
+        fields = source.train.text_fields  # the vocabulary of everything it trains on (transfer splits too)
+        return WordTokenizer.build([t for s in source.train.splits for f in fields for t in source.column(s, f)],
+                                   st.vocab_size)
 
     def build_model(self, st, loss, source, tokenizer, max_length, where):
         student = build_student(st.arch, st.params, tokenizer.vocab_size, len(source.manifest["label_names"]),
@@ -95,11 +96,19 @@ class SequenceClassification(TrainHead):
 
     def targets(self, batch, source, device):
         feats = {k: v.to(device) for k, v in batch.get("features", {}).items()}
-        return batch["logits"].to(device), batch["label"].to(device), feats
+        if "teacher_logits" in batch:  # several teachers: [B, teachers, C] and their weights
+            return (batch["teacher_logits"].to(device), batch["label"].to(device), feats,
+                    torch.tensor(list(source.teachers.values()), device=device))
+        return batch["logits"].to(device), batch["label"].to(device), feats, None
 
     def loss(self, logits, features, targets, batch, loss, where):
-        teacher, labels, wanted = targets
-        value, parts = distillation_loss(logits, teacher, labels, loss.kind, loss.temperature, loss.alpha, loss.beta)
+        teacher, labels, wanted, weights = targets
+        if weights is None:
+            value, parts = distillation_loss(logits, teacher, labels, loss.kind, loss.temperature, loss.alpha,
+                                             loss.beta)
+        else:
+            value, parts = multi_teacher_loss(logits, teacher, weights, labels, loss.kind, loss.temperature,
+                                              loss.alpha, loss.beta, loss.ensemble)
         pairs = [(pred, wanted[f"layer_{f.teacher_layer}"]) for f, pred in zip(loss.features, features)]
         return add_feature_terms(value, pairs, loss, parts), parts
 

@@ -47,6 +47,7 @@ class Source:
     loader: torch.utils.data.DataLoader
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # the live teacher (online KD)
     languages: tuple[str, ...] | None = None  # the languages read (None: every one the cache has)
+    teachers: dict[str, float] = field(default_factory=dict)  # several teachers: task -> weight (sum 1), own first
     _columns: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
 
     @property
@@ -61,8 +62,9 @@ class Source:
 
     def labelled_train_rows(self) -> int | None:
         """Gold-labelled rows in the training selection (None when the head keeps no such count)."""
-        split = self.manifest["splits"][self.train.split]
-        stats = [split["languages"][c]["stats"] for c in self.languages] if self.languages else [split["stats"]]
+        splits = [self.manifest["splits"][s] for s in self.train.splits]
+        stats = [sp["languages"][c]["stats"] for sp in splits for c in self.languages] if self.languages else \
+            [sp["stats"] for sp in splits]
         counts = [s.get("labelled_rows") for s in stats]
         return None if None in counts else sum(counts)
 

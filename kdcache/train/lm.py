@@ -47,7 +47,7 @@ def student_tokenizer(st: C.StudentConfig, source: Any, where: str) -> CrossToke
     if not lm.get("offsets"):
         raise TokenizerMismatchError(_no_offsets(source.cache, st.tokenizer, where))
     if bpe:  # trained on the cached training text of the student's languages
-        tok = bpe_tokenizer(st.tokenizer, source.column(source.train.split, "text"), where)
+        tok = bpe_tokenizer(st.tokenizer, [t for s in source.train.splits for t in source.column(s, "text")], where)
     return cross_tokenizer(tok, lm, read_vocab(source.cache, source.manifest), where,
                            trained=st.tokenizer if bpe else None)
 

@@ -80,8 +80,9 @@ def variants(pipeline: C.PipelineConfig, student: str) -> list[tuple[str, C.Loss
 
 
 def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str, Source], runs_dir: Path,
-              accelerator: Any) -> list[Run]:
-    """Every student and twin: tokenizer once per student, then seed -> build -> AdamW -> warm-up -> prepare."""
+              accelerator: Any, only: set[str] | None = None) -> list[Run]:
+    """Every student and twin (of the run names in `only`, when given): tokenizer once per student, then seed ->
+    build -> AdamW -> warm-up -> prepare."""
     train = pipeline.train
     runs = []
     for s in students:
@@ -93,6 +94,8 @@ def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str
         steps = train.epochs * sum(math.ceil(sources[t].train.num_rows / accelerator.num_processes / train.batch_size)
                                    for t, w in tasks.items() if w)
         for name, loss in variants(pipeline, s):
+            if only is not None and name not in only:
+                continue
             if loss.alpha >= 1.0 and not multitask and sources[next(iter(tasks))].labelled_train_rows() == 0:
                 log.warning("%s: no gold labels in its training rows (languages %s): a hard-label run would learn "
                             "nothing, so it is skipped", name, ", ".join(st.languages) or "all")
@@ -259,6 +262,13 @@ def _finish(run: Run, sources: dict[str, Source], pipeline: C.PipelineConfig, te
             metrics["test"] = {t: sources[t].head.evaluate(model, t, sources[t].test, sources[t]) for t in run.tasks}
     else:
         metrics.update(cache=single.cache, cache_fingerprint=single.manifest["fingerprint"])
+        if single.train.split != pipeline.train.train_split:  # the student's own training split
+            metrics["train_split"] = single.train.split
+        if single.teachers:  # several teachers: their weights and how KD combined them
+            metrics.update(teachers=single.teachers, ensemble=run.loss.ensemble,
+                           teacher_caches=dict(zip(single.teachers, (single.cache, *single.train.companion_urls))))
+        if len(single.train.splits) > 1:  # unlabelled transfer splits read with the training split
+            metrics["transfer"] = {s: single.manifest["splits"][s]["rows"] for s in single.train.splits[1:]}
         if single.test is not None:
             metrics["test"] = single.head.evaluate(model, single.task, single.test, single)
             metrics["languages"] = single.test.languages
@@ -295,9 +305,11 @@ def save_run(run: Run, model: StudentModel, metrics: dict[str, Any], pipeline: C
 
 def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str], runs_dir: Path,
         teacher: str = "cache", teachers_dir: Path = Path("data/teachers"),
-        on_step: Callable[[str, dict], None] | None = None) -> list[dict[str, Any]]:
-    """Train `students` (whose tasks and languages together form one pass) from `caches` (task -> cache); their
-    metrics."""
+        on_step: Callable[[str, dict], None] | None = None, only: set[str] | None = None,
+        transfer: tuple[str, ...] = (), split: str | None = None,
+        teachers: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Train `students` (whose tasks, languages, training `split`, `transfer` splits and teachers together form one
+    pass; of their runs, those named in `only`, when given) from `caches` (task -> cache); their metrics."""
     from accelerate import Accelerator
     train = pipeline.train
     # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
@@ -308,8 +320,9 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
         layers = tuple(sorted({f.teacher_layer for s in students if t in pipeline.student_tasks(s)
                                for f in pipeline.student_loss(s).features}))
         sources[t] = open_source(pipeline, t, caches[t], accelerator, layers,
-                                 pipeline.students[students[0]].languages or None)
-    runs = make_runs(pipeline, students, sources, runs_dir, accelerator)
+                                 pipeline.students[students[0]].languages or None, transfer, split,
+                                 {k: (caches[k], w) for k, w in (teachers or {}).items()})
+    runs = make_runs(pipeline, students, sources, runs_dir, accelerator, only)
     if teacher == "live":
         from .live import live_targets
         for t, src in sources.items():
@@ -344,24 +357,34 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
     cache per task (`<caches>/<task>/`, as `kdcache cache` writes them), or {task: cache}."""
     if teacher == "live":
         for s in students:
+            if pipeline.students[s].teachers or pipeline.students[s].transfer:
+                raise C.ConfigError(f"--teacher live (online KD) runs the task's one teacher on its training split; "
+                                    f"student {s} has several `teachers` or `transfer` splits: train it from the cache")
             for t in pipeline.student_tasks(s):
                 if not HEADS[pipeline.tasks[t].teacher.head].supports_live:
                     raise C.ConfigError(f"--teacher live (online KD) is for sequence-classification tasks only; "
                                            f"task {t} has a {pipeline.tasks[t].teacher.head} teacher")
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for s in students:  # one pass per task and language selection (a per-language student reads its partition)
-        key = ("+cross",) if pipeline.students[s].tasks else (*pipeline.student_tasks(s), "@",
-                                                               *pipeline.students[s].languages)
-        groups.setdefault(key, []).append(s)
+    # one pass per task, language selection, training split and transfer splits (a per-language student reads its
+    # partition; a hard-label twin learns nothing from unlabelled transfer rows, so it reads the training split alone)
+    groups: dict[tuple[tuple[str, ...], str | None, tuple[str, ...], tuple], dict[str, set[str]]] = {}
+    for s in students:
+        st = pipeline.students[s]
+        key = ("+cross",) if st.tasks else (*pipeline.student_tasks(s), "@", *st.languages)
+        for name, loss in variants(pipeline, s):
+            transfer = st.transfer if loss.alpha < 1.0 else ()
+            # (a hard-label twin has no use for other teachers either)
+            teachers = tuple(st.teachers.items()) if loss.alpha < 1.0 else ()
+            groups.setdefault((key, st.train_split, transfer, teachers), {}).setdefault(s, set()).add(name)
     if not isinstance(caches, dict):
         root = str(caches).rstrip("/")
         caches = {t: f"{root}/{t}" for t in pipeline.tasks}
-    missing = sorted({t for s in students for t in pipeline.student_tasks(s)} - set(caches))
+    missing = sorted({t for s in students for t in [*pipeline.student_tasks(s), *pipeline.students[s].teachers]}
+                     - set(caches))
     if missing:
         raise C.ConfigError(f"no cache given for task(s) {', '.join(missing)}")
-    results = [r for names in groups.values()
-               for r in fit(pipeline, names, {t: str(c) for t, c in caches.items()}, runs_dir, teacher, teachers_dir,
-                            on_step)]
+    results = [r for (_, split, transfer, teachers), members in groups.items()
+               for r in fit(pipeline, list(members), {t: str(c) for t, c in caches.items()}, runs_dir, teacher,
+                            teachers_dir, on_step, set().union(*members.values()), transfer, split, dict(teachers))]
     failed = [r["failed"] for r in results if "failed" in r]
     if failed:
         raise TrainingError("; ".join(failed), [r for r in results if "failed" not in r])

@@ -277,6 +277,32 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return per_row.mean(), {"ce": float(ce_mean.detach()), "kd": float(kd.detach().mean())}
 
 
+def ensemble_logits(teacher_logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits [N, C] whose softmax at `temperature` is the weighted mean of the teachers' distributions at it:
+    T·log Σ_t w_t softmax(z_t / T). teacher_logits: [N, teachers, C]; weights: [teachers], summing to 1."""
+    logp = F.log_softmax(_wide(teacher_logits) / temperature, -1)
+    return temperature * torch.logsumexp(logp + weights.to(logp).log()[None, :, None], dim=1)
+
+
+def multi_teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
+                       labels: torch.Tensor, kind: str = "kl", temperature: float = 2.0, alpha: float = 0.5,
+                       beta: float = 0.5, ensemble: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
+    """`distillation_loss` with several teachers (teacher_logits [N, teachers, C], weights [teachers] summing to 1):
+    `mean` distils the weighted mean distribution (`ensemble_logits`), `terms` sums one weighted loss per teacher
+    (the hard-label term once in all: the weights sum to 1)."""
+    if ensemble == "mean":
+        return distillation_loss(student_logits, ensemble_logits(teacher_logits, weights, temperature), labels, kind,
+                                 temperature, alpha, beta)
+    if ensemble != "terms":
+        raise ValueError(f"unknown ensemble {ensemble!r}; use mean or terms")
+    total, parts = student_logits.new_zeros(()), {"ce": 0.0, "kd": 0.0}
+    for t in range(teacher_logits.shape[1]):
+        value, p = distillation_loss(student_logits, teacher_logits[:, t], labels, kind, temperature, alpha, beta)
+        total = total + weights[t] * value
+        parts = {k: parts[k] + float(weights[t]) * p[k] for k in parts}
+    return total, parts
+
+
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Loss between projected student features and teacher features, both [N, H] (or [N, T, H])."""
     student, teacher = _wide(student), _wide(teacher)

@@ -89,7 +89,8 @@ class TokenClassification(TrainHead):
     eval_batch_size = 128
 
     def tokenizer(self, st, source, where):
-        return WordTokenizer.build_from_words(source.column(source.train.split, "words"), st.vocab_size)
+        return WordTokenizer.build_from_words([w for s in source.train.splits for w in source.column(s, "words")],
+                                              st.vocab_size)
 
     def build_model(self, st, loss, source, tokenizer, max_length, where):
         tagger = build_student(st.arch, st.params, tokenizer.vocab_size, len(source.manifest["label_names"]),
