@@ -154,6 +154,10 @@ def cmd_bench(args) -> int:
         from .experiments.lm_bench import id_layouts
         id_layouts(str(args.id_layouts), None if args.no_doc else args.doc, args.out)
         return 0
+    if args.lifecycle:
+        from .experiments.bench import run_lifecycle
+        run_lifecycle(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.out / "teachers")
+        return 0
     if args.columns:
         from .experiments.lm_bench import column_costs
         column_costs(str(args.columns), None if args.no_doc else args.doc, args.out)
@@ -229,6 +233,32 @@ def cmd_info(args) -> int:
         return 0
     for i in infos:
         print("\n".join(info_lines(i)))
+    return 0
+
+
+def cmd_refresh(args) -> int:
+    from .capture.refresh import refresh_teacher_cache
+    from .report import cache_summary, drift_lines
+    pipeline, tasks = _load(args)
+    out = args.out or Path("data/cache") / pipeline.name
+    for t in tasks:
+        m, drift = refresh_teacher_cache(pipeline, t, out / t, args.teachers_dir)
+        print("\n".join(cache_summary(out / t, m)))
+        if drift is None:
+            print(f"{out / t}: the cache matches the pipeline; nothing to refresh")
+        else:
+            print("\n".join(drift_lines(drift)[:6 + len(drift["splits"])]))
+            print(f"the old cache is kept at {drift['old']['cache']}; `kdcache drift` on the two shows every table")
+    return 0
+
+
+def cmd_drift(args) -> int:
+    from .cache.drift import compare_caches, write_drift
+    from .report import drift_lines
+    d = compare_caches(str(args.old), str(args.new), args.top)
+    path = write_drift(d)
+    print(json.dumps(d, indent=1) if args.json else "\n".join(drift_lines(d)))
+    print(f"kept in {path} (the report's stale-runs note reads it)", file=sys.stderr)
     return 0
 
 
@@ -309,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure, side by side in one run: capture vs raw teacher forward, reader vs "
                                    "student consumption (and reader RSS for caches 1x/4x/16x), KD-from-cache vs "
                                    "hard-labels-from-memory training, cache vs live-teacher training next to the "
-                                   "ideal speed-up, and bytes per example vs naive layouts. Writes "
+                                   "ideal speed-up, bytes per example vs naive layouts, an incremental capture of "
+                                   "10% new rows vs a full recapture, and the reader from a local S3 server vs "
+                                   "disk. Writes "
                                    "data/bench/bench-<mode>.json and a section of docs/benchmarks.md. For a "
                                    "causal-LM pipeline (e.g. `kdcache bench lm`): bytes per token, reconstruction "
                                    "KL and student perplexity for top-k in {8..128}, sampled targets and naive "
@@ -319,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-layouts", type=Path, default=None, metavar="CACHE",
                    help="instead: a causal-LM cache's top-k ids as int32 against packed to the bits its vocabulary "
                         "needs (bytes per token, read + decode speed); the pipeline argument is then ignored")
+    p.add_argument("--lifecycle", action="store_true",
+                   help="only the figures of caches that live, as their own section of docs/benchmarks.md: 10%% new "
+                        "rows captured alone against a full recapture (goal <= 0.15), and the reader from a local "
+                        "S3 server against local disk (goal >= 0.8)")
     p.add_argument("--columns", type=Path, default=None, metavar="CACHE",
                    help="instead: what each column of a causal-LM cache costs in bytes per token, per language, "
                         "from its shards' footers (the byte offsets of cross-tokenizer students included)")
@@ -384,6 +420,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a cache folder, or a folder of task caches")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("refresh", help="rebuild caches whose teacher changed, keeping the old one and its drift",
+                       description="For each task: a cache that still matches the pipeline is completed (or grown "
+                                   "by new rows); one built with another teacher or settings is kept readable at "
+                                   "<cache root>.archive/<task>@<old fingerprint>, rebuilt in its place (its "
+                                   "manifest names the old one as `parent`), and the drift between their targets is "
+                                   "measured and kept, so the report says how far each stale run's targets moved "
+                                   "(docs/lifecycle.md).")
+    _pipeline_args(p)
+    p.add_argument("--out", type=Path, default=None, help="cache root (default: data/cache/<pipeline>)")
+    p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("drift", help="how far a refreshed teacher's targets moved from an old cache's",
+                       description="Compare two classification caches of the same task (an old teacher's and a "
+                                   "refreshed one's) on the rows both hold: per split the mean KL(old || new) at "
+                                   "T = 1, agreement, changed predictions, per class, and the rows that moved most. "
+                                   "Kept beside the new cache, where the report's stale-runs note finds it "
+                                   "(docs/lifecycle.md).")
+    p.add_argument("old", type=Path, help="the earlier cache, e.g. data/cache/default-v1/sentiment")
+    p.add_argument("new", type=Path, help="the refreshed cache, e.g. data/cache/default/sentiment")
+    p.add_argument("--top", type=int, default=10, help="rows that moved most to list per split (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_drift)
 
     p = sub.add_parser("config", help="print a pipeline's resolved config, or the reference of every key",
                        description="Print the pipeline's config with defaults filled in and --set applied "

@@ -305,7 +305,8 @@ class LossConfig:
                                        check=one_of(*LM_TARGETS))
     ensemble: str = setting("mean", help="Students with several `teachers`: `mean` (KD to the weighted mean of their "
                                          "distributions at the loss temperature) or `terms` (one KD term per teacher, "
-                                         "weighted).", check=one_of("mean", "terms"))
+                                         "weighted; with `kl` or `soft_ce` the two have equal gradients).",
+                            check=one_of("mean", "terms"))
     chunk: int | None = setting(32, help="Causal-LM students: token rows per chunk of the memory-lean student "
                                          "normalisation (no second [tokens, vocab] tensor; small chunks stay in CPU "
                                          "cache, ~5x faster than the plain path); null = plain path.", check=at_least(1))
@@ -374,9 +375,15 @@ class StudentConfig:
                                              "its own partition with its own word vocabulary.")
     teachers: dict[str, float] = setting({}, help="Several teachers of one task: task -> weight, each task a cache of "
                                                   "the same rows by another teacher (its own fingerprint and "
-                                                  "partition). The student's `task` (default: the first listed) gives "
-                                                  "the text and labels; KD follows `loss.ensemble`. Sequence "
-                                                  "classification.")
+                                                  "partition); a key with a `/` is a cache folder or URL instead, e.g. "
+                                                  "an archived cache of the old teacher as a memory term for a "
+                                                  "continual student. The student's `task` (default: the first listed "
+                                                  "task) gives the text and labels; KD follows `loss.ensemble`. "
+                                                  "Sequence classification.")
+    init_from: str | None = setting(None, help="A finished run folder (data/runs/<pipeline>/<run>) whose best weights "
+                                               "and tokenizer this student (and its twin) start from: continual "
+                                               "distillation on a grown or refreshed cache. Same architecture and "
+                                               "params; classification and token-classification students.")
     train_split: str | None = setting(None, help="Overrides train.train_split for this student (e.g. another "
                                                  "domain's labelled rows cached as a `data.extra` split); it is still "
                                                  "evaluated on train.eval_split / test_split.")
@@ -408,7 +415,8 @@ class PipelineConfig:
     def student_tasks(self, student: str) -> dict[str, float]:
         """The tasks a student learns, with their loss weights (one task, weight 1, unless it lists `tasks:`)."""
         st = self.students[student]
-        return dict(st.tasks) if st.tasks else {st.task or next(iter(st.teachers or self.tasks)): 1.0}
+        first = next((t for t in st.teachers if t in self.tasks), None)
+        return dict(st.tasks) if st.tasks else {st.task or first or next(iter(self.tasks)): 1.0}
 
     def student_train_split(self, student: str) -> str:
         return self.students[student].train_split or self.train.train_split
@@ -456,8 +464,8 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             raise ConfigError(f"pipeline {p.name!r}: `{where}`: a cross-task student has arch {multi}, no `task`, "
                               f"and `tasks:` mapping each of the pipeline's tasks it learns ({', '.join(p.tasks)}) "
                               "to a loss weight >= 0")
-    elif (st.task or next(iter(st.teachers), None) or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)) \
-            not in p.tasks:
+    elif (st.task or next((t for t in st.teachers if t in p.tasks), None)
+          or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)) not in p.tasks:
         raise ConfigError(f"pipeline {p.name!r}: `{where}.task` must name one of the tasks ({', '.join(p.tasks)})")
     if st.languages or st.per_language:
         if st.tasks:
@@ -469,8 +477,12 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             raise ConfigError(f"`{where}.languages`/`per_language`: its task's data has "
                               f"{'languages ' + ', '.join(have) if have else 'no `data.languages`'}"
                               f"{'; unknown: ' + ', '.join(unknown) if unknown else ''}")
-    if st.teachers:
-        heads = {t: p.tasks[t].teacher.head if t in p.tasks else None for t in st.teachers}
+    if st.init_from and (st.tasks or arch.multitask or any(p.tasks[t].teacher.head == CAUSAL_LM
+                                                          for t in p.student_tasks(name))):
+        raise ConfigError(f"`{where}.init_from`: continual students are single-task classification or "
+                          "token-classification students")
+    if st.teachers:  # tasks of this pipeline, or other caches of the same rows given by path or URL ("/" in it)
+        heads = {t: p.tasks[t].teacher.head if t in p.tasks else SEQUENCE if "/" in t else None for t in st.teachers}
         if st.tasks or any(h != SEQUENCE for h in heads.values()) or any(w <= 0 for w in st.teachers.values()) or \
                 p.student_tasks(name).keys() - st.teachers.keys():
             raise ConfigError(f"`{where}.teachers` = {dict(st.teachers)}: several teachers are the pipeline's "

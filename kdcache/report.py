@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN, CacheFormatError
+from .cache.drift import read_drift
 from .cache.reader import open_manifest, read_column
 from .errors import KdcacheError
 from .metrics import METRICS, HeadMetric, classification_metrics
@@ -420,12 +421,49 @@ def stale_lines(runs: list[dict[str, Any]]) -> list[str]:
                 except (KeyError, FileNotFoundError, CacheFormatError):
                     current[cache] = None  # the cache moved: nothing to compare with
             if current[cache] not in (None, fp):
-                stale.setdefault(cache, []).append(r["run"])
+                stale.setdefault(cache, []).append((r["run"], fp))
     lines = []
     for cache, names in stale.items():
-        lines += [f"> **Stale runs**: {', '.join(sorted(names))} were trained on an earlier cache than the one at "
-                  f"`{cache}` now (fingerprint {current[cache][:12]}; the teacher or its settings changed). Retrain "
-                  f"them (`kdcache train <pipeline> --students ...`) before comparing them with the teacher row.", ""]
+        lines += [f"> **Stale runs**: {', '.join(sorted(n for n, _ in names))} were trained on an earlier cache "
+                  f"than the one at `{cache}` now (fingerprint {current[cache][:12]}; the teacher or its settings "
+                  f"changed). Retrain them (`kdcache train <pipeline> --students ...`) before comparing them with the "
+                  "teacher row.", *_moved(cache, names), ""]
+    return lines
+
+
+def _moved(cache: str, names: list[tuple[str, str]]) -> list[str]:
+    """How far each stale run's targets moved, where `kdcache drift` measured it."""
+    out = []
+    for fp in dict.fromkeys(fp for _, fp in names):
+        d = read_drift(cache, fp)
+        if d is None:
+            continue
+        runs = ", ".join(sorted(n for n, f in names if f == fp))
+        moved = "; ".join(f"{split} mean KL {s['mean_kl']:.4f} nats, {s['changed_predictions']} of "
+                          f"{s['rows_compared']} predictions changed" for split, s in d["splits"].items())
+        out.append(f"> Their targets moved ({runs}; `kdcache drift`): {moved}.")
+    return out
+
+
+def drift_lines(d: dict[str, Any]) -> list[str]:
+    """What `kdcache drift` prints: per split, how far the targets moved, per class, and the rows that moved most."""
+    lines = [f"# Drift: {d['old']['cache']} -> {d['new']['cache']}", "",
+             f"Fingerprints {d['old']['fingerprint'][:12]} -> {d['new']['fingerprint'][:12]}; changed: "
+             f"{', '.join(d['changed_inputs']) or 'nothing'}. KL(old || new) at T = 1 on the rows both caches hold "
+             "(same id and text).", "",
+             "| split | rows compared | mean KL (nats) | max KL | agreement | changed predictions | accuracy old -> new |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for split, s in d["splits"].items():
+        lines.append(f"| {split} | {s['rows_compared']} | {s['mean_kl']:.4f} | {s['max_kl']:.4f} | "
+                     f"{s['agreement']:.4f} | {s['changed_predictions']} | {_fmt(s['old_accuracy'])} -> "
+                     f"{_fmt(s['new_accuracy'])} |")
+    for split, s in d["splits"].items():
+        lines += ["", f"## {split}: per class (by the old prediction)", "", "| class | rows | mean KL | changed |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {c} | {v['rows']} | {v['mean_kl']:.4f} | {v['changed']} |" for c, v in s["per_class"].items()]
+        lines += ["", f"## {split}: rows that moved most", "", "| id | KL | old | new | text |", "|---|---:|---|---|---|"]
+        lines += [f"| {r['id']} | {r['kl']:.4f} | {r['old']} | {r['new']} | {r['text'].replace('|', '/')} |"
+                  for r in s["moved_most"]]
     return lines
 
 

@@ -128,3 +128,57 @@ def test_a_changed_or_removed_row_is_refused(grown, tmp_path):
     changed = TaskData({**data.splits, "test": edited}, data.label_names, data.origin, data.id_field)
     with pytest.raises(GrowError, match=f"row {test['id'][7]!r} changed its `text`"):
         plan_growth(out, changed, "sequence-classification", ["text"])
+
+
+def test_drift_is_zero_for_the_same_teacher_and_positive_for_a_refreshed_one(grown, tmp_path):
+    """`kdcache drift`: the grown cache against its own past (same teacher, same rows) moved by exactly 0; a teacher
+    fine-tuned with another seed moved; the report's stale-runs note names how far."""
+    from kdcache.cache.drift import compare_caches, write_drift
+    from kdcache.report import stale_lines
+    before, _, cache, _, tmp = grown
+    same = compare_caches(str(before), str(cache))
+    for split, s in same["splits"].items():
+        assert s["rows_compared"] == 60 and s["rows_only_new"] == 6
+        assert s["mean_kl"] == 0.0 and s["changed_predictions"] == 0 and s["agreement"] == 1.0
+    other, _ = build(tmp_path, *NEW, "tasks.topic.teacher.finetune.seed=7", out=tmp_path / "other")
+    moved = compare_caches(str(cache), str(other), top=3)
+    assert "teacher.finetune_sha256" in moved["changed_inputs"]
+    for s in moved["splits"].values():
+        assert s["rows_compared"] == 66 and s["mean_kl"] > 0 and len(s["moved_most"]) == 3
+        kls = [r["kl"] for r in s["moved_most"]]
+        assert kls == sorted(kls, reverse=True) and kls[0] == pytest.approx(s["max_kl"])
+        assert sum(c["rows"] for c in s["per_class"].values()) == 66
+    write_drift(moved)
+    run = {"run": "bow", "cache": str(other), "cache_fingerprint": read_manifest(cache)["fingerprint"]}
+    note = "\n".join(stale_lines([run]))
+    assert "Stale runs" in note and f"test mean KL {moved['splits']['test']['mean_kl']:.4f} nats" in note
+
+
+def test_refresh_keeps_the_old_cache_names_it_and_measures_the_drift(tmp_path):
+    """`kdcache refresh`: an unchanged pipeline refreshes nothing; a re-fine-tuned teacher's cache replaces the old
+    one, which stays readable in the archive and is the new manifest's parent, with the drift kept beside."""
+    from kdcache.capture.refresh import archive_name, refresh_teacher_cache
+    from kdcache.cache.drift import read_drift
+    from kdcache.report import stale_lines
+    root = tmp_path / "cache" / "topic"
+    build(tmp_path, out=root)
+    old = read_manifest(root)
+    same, drift = refresh_teacher_cache(tiny_pipeline(), "topic", root, tmp_path / "teachers")
+    assert drift is None and same["fingerprint"] == old["fingerprint"]
+    new, drift = refresh_teacher_cache(tiny_pipeline("tasks.topic.teacher.finetune.learning_rate=0.01"), "topic", root,
+                                       tmp_path / "teachers")
+    archive = archive_name(root, old["fingerprint"])
+    assert read_manifest(archive) == old and verify_cache(archive).ok, "the old cache, whole and readable"
+    assert new["parent"] == {"fingerprint": old["fingerprint"], "cache": str(archive)}
+    assert drift["splits"]["test"]["mean_kl"] > 0 and read_drift(str(root), old["fingerprint"]) == drift
+    assert not (root.parent / f"topic@{old['fingerprint'][:12]}").exists(), "the pipeline folder lists tasks only"
+    note = "\n".join(stale_lines([{"run": "bow", "cache": str(root), "cache_fingerprint": old["fingerprint"]}]))
+    assert "Their targets moved" in note
+    # the old teacher's targets as a memory term beside the new ones (a teacher named by its cache's path)
+    from kdcache.train.loop import train_students
+    p = tiny_pipeline("tasks.topic.teacher.finetune.learning_rate=0.01", "train.epochs=1",
+                      f"students.bow.teachers={{topic: 1.0, {archive}: 0.5}}", "students.bow.loss.ensemble=terms",
+                      "students.bow.twin=false")
+    (r,) = train_students(p, ["bow"], {"topic": str(root)}, tmp_path / "runs")
+    assert r["teachers"] == pytest.approx({"topic": 2 / 3, str(archive): 1 / 3}) and r["ensemble"] == "terms"
+    assert r["teacher_caches"] == {"topic": str(root), str(archive): str(archive)}

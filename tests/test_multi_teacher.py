@@ -61,6 +61,14 @@ def test_ensemble_target_is_the_weighted_mean_of_the_teachers_distributions():
         terms, _ = multi_teacher_loss(s, z, w, labels, "kl", T, 0.5, ensemble="terms")
         torch.testing.assert_close(terms, sum(w[t] * distillation_loss(s, z[:, t], labels, "kl", T, 0.5)[0]
                                               for t in range(3)))
+    # forward KL: `terms` and `mean` differ by a constant (the teachers' entropies), so their gradients are equal;
+    # reverse KL weighs the teachers differently
+    def grad(kind, ensemble):
+        x = s.detach().clone().requires_grad_(True)
+        multi_teacher_loss(x, z, w, labels, kind, 2.0, 0.0, ensemble=ensemble)[0].backward()
+        return x.grad
+    torch.testing.assert_close(grad("kl", "terms"), grad("kl", "mean"))
+    assert not torch.allclose(grad("reverse_kl", "terms"), grad("reverse_kl", "mean"))
 
 
 def test_reader_serves_every_teacher_row_aligned(caches):

@@ -3,7 +3,8 @@
 Work is planned in row groups (the manifest lists them, so no footer is read up front). Each epoch the row
 groups are permuted with a seed (shard and row-group order at once), dealt round-robin to every (process,
 DataLoader worker) pair — so each row is read exactly once per epoch across all of them — and their rows pass
-through a seeded shuffle buffer. Memory holds one row group plus the buffer, whatever the cache's size.
+through a seeded shuffle buffer. Memory holds one row group plus the buffer, whatever the cache's size (on a remote
+filesystem, READ_AHEAD more row groups, fetched on a background thread while the current one is consumed).
 
 A multilingual cache can be read for some of its languages (only their partitions are opened) and mixed in other
 proportions than their sizes: each language then gives its share of the epoch's rows, in whole row groups, taken
@@ -13,7 +14,10 @@ from a seeded stream of its row groups (so a smaller share walks through all of 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -26,6 +30,9 @@ import zarr
 
 from ..fingerprint import diff_fields
 from .format import CAUSAL_LM, MANIFEST, SEQUENCE, TOKEN, CacheFormatError, read_manifest
+
+
+READ_AHEAD = 2  # row groups fetched ahead of the one being read, on remote filesystems (s3://, gs://, ...)
 
 
 class CacheMismatchError(CacheFormatError):
@@ -156,6 +163,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                    "change the feature loss or rebuild the cache with cache.features.layers")
         if (self.manifest.get("features") or {}).get("pooling") == "tokens" and self.feature_layers:
             raise CacheFormatError(f"{self.url}: per-token features cannot feed a sequence-level feature loss yet")
+        self._footers: dict[int, Any] = {}  # shard index -> its Parquet footer, once read
         self.companion_urls = tuple(str(c) for c in companions)
         self.companions = [self._companion(c) for c in self.companion_urls]
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
@@ -276,7 +284,10 @@ class CacheDataset(torch.utils.data.IterableDataset):
         path = f"{self.root}/{shard['parquet']}"  # read_manifest refused names outside the cache
         try:
             with self.fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(u.row_group)
+                # a shard's footer is read once: its other row groups skip that request (remote stores)
+                pf = pq.ParquetFile(f, metadata=self._footers.get(u.shard))
+                self._footers[u.shard] = pf.metadata
+                table = pf.read_row_group(u.row_group)
         except (OSError, ValueError) as e:
             raise CacheFormatError(f"{path} (split {self.split}): cannot read row group {u.row_group}: {e}; "
                                    "run `kdcache verify` on the cache") from None
@@ -314,9 +325,32 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                                     storage_options=getattr(self.fs, "storage_options", None)),
                                mode="r")
 
+    def _read_ahead(self, units: list[Unit]) -> Iterator[tuple[Unit, dict[str, Any]]]:
+        """Each unit with its columns, in order. On a remote filesystem the next READ_AHEAD units are fetched on
+        background threads while the caller works on this one, so object-storage latency hides behind training
+        (one thread when Zarr features are read too: their store is then never read from two threads at once)."""
+        if _is_local(self.fs) or len(units) < 2:
+            for u in units:
+                yield u, self._read_unit(u)
+            return
+        pool = ThreadPoolExecutor(max_workers=1 if self.feature_layers else READ_AHEAD,
+                                  thread_name_prefix="kdcache-read-ahead")
+        try:
+            pending: deque = deque()
+            todo = iter(units)
+            for u in itertools.islice(todo, READ_AHEAD):
+                pending.append((u, pool.submit(self._read_unit, u)))
+            while pending:
+                u, future = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self._read_unit, nxt)))
+                yield u, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def _rows(self, units: list[Unit]) -> Iterator[dict[str, Any]]:
-        for u in units:
-            cols = self._read_unit(u)
+        for u, cols in self._read_ahead(units):
             for r in range(u.rows):
                 row = {k: v[r] for k, v in cols.items() if k != "features"}
                 if "features" in cols:

@@ -62,13 +62,15 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
 
 
 def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Path, teachers_dir: Path,
-                        overwrite: bool = False, shared: str | None = None) -> dict[str, Any]:
+                        overwrite: bool = False, shared: str | None = None,
+                        parent: dict[str, Any] | None = None) -> dict[str, Any]:
     """Cache one task: load data, load the teacher, write every shard not already written, commit.
 
     Under `accelerate launch` each process takes the shards dealt to it (the n-th missing shard goes to
     process n mod N); process 0 prepares the teacher and opens the cache first, and commits the manifest last.
     With `shared` (a URL), a cache with the same fingerprint already there is pulled instead of running the
-    teacher over the data, and a cache built here is pushed there (cache/share.py).
+    teacher over the data, and a cache built here is pushed there (cache/share.py). `parent`: the cache this one
+    refreshes (refresh.py), named in the manifest.
     """
     task = pipeline.tasks[task_name]
     head = HEADS[task.teacher.head]
@@ -89,7 +91,11 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     growth = None if overwrite else _growth(out_dir, inputs, data, head, task)
     if growth is not None:  # the data grew: the cached rows first in cache order, then the new ones
         data = growth.data
-        inputs = fingerprint_inputs(task_name, task, data, head, identity, tokenizer, runner, model)
+        split_sha = {s: hash_table(ds.data.table) for s, ds in data.splits.items()}
+        inputs = {**inputs, "data": {**inputs["data"], "splits": split_sha}}  # (nothing else changed)
+        for g in growth.generations:
+            for s, v in g["splits"].items():
+                v["dataset_sha256"] = v["dataset_sha256"] or split_sha[s]
     header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
     if growth is not None:  # each generation names the fingerprint its shards were written under
         header["generations"] = [g if "fingerprint" in g else {**g, "fingerprint": header["fingerprint"]}
@@ -105,6 +111,8 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         segments = growth_segments(growth)
     if folds:
         header["teacher_folds"] = folds
+    if parent:
+        header["parent"] = parent
     if data.languages:
         header["languages"] = list(data.languages)
     augment = task.data.augment

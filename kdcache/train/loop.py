@@ -27,6 +27,7 @@ from ..errors import KdcacheError
 from ..optim import clip_grad_norm_, optimizer_for, sparse_params, warmup_linear
 from ..progress import progress
 from ..students import REGISTRY
+from .continual import init_tokenizer, init_weights
 from .head import Source, StudentModel
 from .heads import HEADS
 from .multitask import build_multitask, multitask_tokenizer
@@ -89,8 +90,8 @@ def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str
         st, tasks = pipeline.students[s], pipeline.student_tasks(s)
         where = f"students.{s}"
         multitask = REGISTRY[st.arch].multitask
-        tok = multitask_tokenizer(st, sources) if multitask else sources[next(iter(tasks))].head.tokenizer(
-            st, sources[next(iter(tasks))], where)
+        tok = multitask_tokenizer(st, sources) if multitask else init_tokenizer(st, where) if st.init_from else \
+            sources[next(iter(tasks))].head.tokenizer(st, sources[next(iter(tasks))], where)
         steps = train.epochs * sum(math.ceil(sources[t].train.num_rows / accelerator.num_processes / train.batch_size)
                                    for t, w in tasks.items() if w)
         for name, loss in variants(pipeline, s):
@@ -106,6 +107,8 @@ def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str
             else:
                 src = sources[next(iter(tasks))]
                 model = src.head.build_model(st, loss, src, tok, train.max_length, where)
+                if st.init_from:  # a continual student: the earlier run's best weights
+                    init_weights(model.core, st, where)
             opt = optimizer_for(model, st.learning_rate or train.learning_rate, train.weight_decay)
             sched = warmup_linear(opt, steps, train.warmup_ratio)
             sparse = bool(sparse_params(model))
@@ -254,7 +257,7 @@ def _finish(run: Run, sources: dict[str, Source], pipeline: C.PipelineConfig, te
         "head": "cross-task" if run.cross else single.head.name, "kd": run.loss.alpha < 1.0, "teacher_mode": teacher,
         "loss": C.to_dict(run.loss), "parameters": sum(p.numel() for p in model.core.parameters()),
         "epochs": run.history, "best_epoch": run.best["epoch"], "eval": run.best["eval"],
-        "train_seconds": round(run.seconds, 2)}
+        "train_seconds": round(run.seconds, 2), **({"init_from": run.cfg.init_from} if run.cfg.init_from else {})}
     if run.cross:
         metrics.update(tasks=dict(run.tasks), cache={t: sources[t].cache for t in run.tasks},
                        cache_fingerprint={t: sources[t].manifest["fingerprint"] for t in run.tasks})
@@ -321,7 +324,7 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
                                for f in pipeline.student_loss(s).features}))
         sources[t] = open_source(pipeline, t, caches[t], accelerator, layers,
                                  pipeline.students[students[0]].languages or None, transfer, split,
-                                 {k: (caches[k], w) for k, w in (teachers or {}).items()})
+                                 {k: (caches.get(k, k), w) for k, w in (teachers or {}).items()})
     runs = make_runs(pipeline, students, sources, runs_dir, accelerator, only)
     if teacher == "live":
         from .live import live_targets
@@ -378,8 +381,8 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
     if not isinstance(caches, dict):
         root = str(caches).rstrip("/")
         caches = {t: f"{root}/{t}" for t in pipeline.tasks}
-    missing = sorted({t for s in students for t in [*pipeline.student_tasks(s), *pipeline.students[s].teachers]}
-                     - set(caches))
+    missing = sorted({t for s in students for t in [*pipeline.student_tasks(s), *pipeline.students[s].teachers]
+                      if "/" not in t} - set(caches))  # (a teacher named by its cache's path needs no entry)
     if missing:
         raise C.ConfigError(f"no cache given for task(s) {', '.join(missing)}")
     results = [r for (_, split, transfer, teachers), members in groups.items()
