@@ -367,15 +367,15 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
                 if not HEADS[pipeline.tasks[t].teacher.head].supports_live:
                     raise C.ConfigError(f"--teacher live (online KD) is for sequence-classification tasks only; "
                                            f"task {t} has a {pipeline.tasks[t].teacher.head} teacher")
-    # one pass per task, language selection, training split and transfer splits (a per-language student reads its
-    # partition; a hard-label twin learns nothing from unlabelled transfer rows, so it reads the training split alone)
+    # one pass per task, language selection, training split, transfer splits and teachers (a per-language student
+    # reads its partition; a hard-label twin learns nothing from unlabelled transfer rows or other teachers' targets,
+    # so it joins the pass of the training split alone)
     groups: dict[tuple[tuple[str, ...], str | None, tuple[str, ...], tuple], dict[str, set[str]]] = {}
     for s in students:
         st = pipeline.students[s]
         key = ("+cross",) if st.tasks else (*pipeline.student_tasks(s), "@", *st.languages)
         for name, loss in variants(pipeline, s):
             transfer = st.transfer if loss.alpha < 1.0 else ()
-            # (a hard-label twin has no use for other teachers either)
             teachers = tuple(st.teachers.items()) if loss.alpha < 1.0 else ()
             groups.setdefault((key, st.train_split, transfer, teachers), {}).setdefault(s, set()).add(name)
     if not isinstance(caches, dict):
