@@ -119,13 +119,18 @@ def _bbc_news(cfg: DataConfig) -> TaskData:
     return TaskData(_from_rows(rows, lambda r: _split_of(r["id"])), tuple(topics), str(root), "id")
 
 
+def shared_data_root() -> Path:
+    """The folder holding the shared data sets: $KDCACHE_DATA, else ../shared/data (beside the checkout)."""
+    return Path(os.environ.get("KDCACHE_DATA", "../shared/data"))
+
+
 def portable_origin(origin: str) -> str:
     """`origin` without this machine's file system, for a manifest that others will read: a file inside an installed
     package as `pkg:<package>/<path>`, one under the shared data folder as `$KDCACHE_DATA/<path>`, one under the
     working directory relative to it, any other file by its name; `hub:` names as they are."""
     import sysconfig
     roots = [(Path(sysconfig.get_paths()["purelib"]).resolve(), "pkg:"),
-             (Path(os.environ.get("KDCACHE_DATA", "../shared/data")).resolve(), "$KDCACHE_DATA/"),
+             (shared_data_root().resolve(), "$KDCACHE_DATA/"),
              (Path.cwd().resolve(), "")]
     out = []
     for piece in origin.split(", "):
@@ -144,7 +149,7 @@ def portable_origin(origin: str) -> str:
 
 def shared_data_dir(cfg: DataConfig, default_name: str) -> Path:
     """Folder of a source that reads ../shared/data (override with `path` or $KDCACHE_DATA)."""
-    base = cfg.path or str(Path(os.environ.get("KDCACHE_DATA", "../shared/data")) / default_name)
+    base = cfg.path or str(shared_data_root() / default_name)
     path = Path(base)
     if not path.is_dir():
         raise DataError(f"data folder {path} not found (source `{cfg.source}`); pass its location with "
@@ -504,7 +509,8 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     origin = raw.origin
     for name in cfg.extra:
         if name in out:
-            raise DataError(f"{raw.origin}: data.extra.{name}: the data already has a split {name!r}; name it otherwise")
+            raise DataError(f"{raw.origin}: data.extra.{name}: the data already has a split {name!r}; name it "
+                            "otherwise")
         out[name], where = _extra_split(cfg, name, label_names)
         origin += f", {where}"
     if cfg.augment is not None:
@@ -537,8 +543,7 @@ def _transfer_set(splits: dict[str, datasets.Dataset], cfg: DataConfig, origin: 
                         f"(splits: {', '.join(splits)})")
     if a.into in splits:
         raise DataError(f"{origin}: data.augment.into {a.into!r} is already a split of this data; name another one")
-    lexicon = a.pos_lexicon or str(Path(os.environ.get("KDCACHE_DATA", "../shared/data")) / "conll2003" /
-                                   "train.txt.gz")
+    lexicon = a.pos_lexicon or str(shared_data_root() / "conll2003" / "train.txt.gz")
     ds, stats = augment_split(splits[a.split], cfg.text_fields[0], a, lexicon)
     log.info("%s: augmented split `%s` (%d rows) into `%s`: %d variants (%.1f per row); the lexicon tags %.0f%% of "
              "its words", origin, a.split, stats.parents, a.into, stats.variants, stats.variants / max(1, stats.parents),

@@ -11,6 +11,12 @@ import numpy as np
 from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax(logits) per row [N, C], computed stably in float64 (T = 1)."""
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
 def classification_metrics(pred: np.ndarray, labels: np.ndarray, teacher_pred: np.ndarray,
                            num_labels: int) -> dict[str, Any]:
     """accuracy and macro-F1 on labelled rows (label >= 0); agreement with the teacher's argmax on all rows."""

@@ -13,7 +13,7 @@ from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN, CacheFormatError
 from .cache.drift import read_drift
 from .cache.reader import open_manifest, read_column
 from .errors import KdcacheError
-from .metrics import METRICS, HeadMetric, classification_metrics
+from .metrics import METRICS, HeadMetric, classification_metrics, log_softmax
 
 CROSS = "cross-task"
 
@@ -363,8 +363,7 @@ def ensemble_section(runs: list[dict[str, Any]], test_split: str) -> list[str]:
 
         def acc(pred: np.ndarray) -> float:
             return float((pred[keep] == labels[keep]).mean()) if keep.any() else float("nan")
-        probs = [np.exp(z - z.max(1, keepdims=True)) for z in logits]
-        mean = sum(w * p / p.sum(1, keepdims=True) for (_, _, w), p in zip(members, probs))
+        mean = sum(w * np.exp(log_softmax(z)) for (_, _, w), z in zip(members, logits))
         lines += [f"| teacher `{t}` ({open_manifest(c)[2]['fingerprint_inputs']['teacher']['name']}) | {w:.2f} | "
                   f"{acc(z.argmax(1)):.4f} |" for (t, c, w), z in zip(members, logits)]
         lines.append(f"| **ensemble** | 1.00 | {acc(mean.argmax(1)):.4f} |")

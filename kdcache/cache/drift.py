@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..fingerprint import diff_fields
+from ..metrics import log_softmax
 from .format import SEQUENCE, CacheFormatError
-from .reader import open_manifest, read_column
+from .reader import open_manifest, read_columns
 
 
 def drift_path(new_cache: str | Path, old_fingerprint: str) -> Path:
@@ -21,11 +22,6 @@ def drift_path(new_cache: str | Path, old_fingerprint: str) -> Path:
     cache itself holds only what its manifest lists)."""
     new = Path(new_cache)
     return new.parent / f"{new.name}.drift-{old_fingerprint[:16]}.json"
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64) - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
 def compare_caches(old: str, new: str, top: int = 10) -> dict[str, Any]:
@@ -46,17 +42,16 @@ def compare_caches(old: str, new: str, top: int = 10) -> dict[str, Any]:
     for split in [s for s in m_new["splits"] if s in m_old["splits"]]:
         cols = {}
         for key, url in (("old", old), ("new", new)):
-            ids = read_column(url, split, "id")
-            cols[key] = {"pos": {i: n for n, i in enumerate(ids)}, "text": read_column(url, split, text),
-                         "logits": np.stack(read_column(url, split, "logits")).astype(np.float32),
-                         "label": read_column(url, split, "label"), "ids": ids}
+            c = read_columns(url, split, ["id", text, "logits", "label"])
+            cols[key] = {"pos": {i: n for n, i in enumerate(c["id"])}, "text": c[text],
+                         "logits": np.stack(c["logits"]).astype(np.float32), "label": c["label"], "ids": c["id"]}
         o, n = cols["old"], cols["new"]
         both = [(o["pos"][i], n["pos"][i]) for i in n["ids"] if i in o["pos"]
                 and o["text"][o["pos"][i]] == n["text"][n["pos"][i]]]
         if not both:
             continue
         io, inew = (np.array(x) for x in zip(*both))
-        lp_old, lp_new = _log_softmax(o["logits"][io]), _log_softmax(n["logits"][inew])
+        lp_old, lp_new = log_softmax(o["logits"][io]), log_softmax(n["logits"][inew])
         kl = (np.exp(lp_old) * (lp_old - lp_new)).sum(1)
         kl = np.where(kl < 0, 0.0, kl)  # float rounding of identical rows
         pred_old, pred_new = lp_old.argmax(1), lp_new.argmax(1)

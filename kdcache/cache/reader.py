@@ -163,7 +163,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                    "change the feature loss or rebuild the cache with cache.features.layers")
         if (self.manifest.get("features") or {}).get("pooling") == "tokens" and self.feature_layers:
             raise CacheFormatError(f"{self.url}: per-token features cannot feed a sequence-level feature loss yet")
-        self._footers: dict[int, Any] = {}  # shard index -> its Parquet footer, once read
+        self._footers: dict[str, Any] = {}  # shard path -> its Parquet footer, once read
         self.companion_urls = tuple(str(c) for c in companions)
         self.companions = [self._companion(c) for c in self.companion_urls]
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
@@ -220,8 +220,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
         out = []
         for fs, root, shards in self.companions:
             path = f"{root}/{shards[u.shard]['parquet']}"
-            with fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(u.row_group, columns=["id", "logits"])
+            table = self._row_group(fs, path, u.row_group, ["id", "logits"])
             if table.column("id").to_pylist() != ids:
                 raise CacheMismatchError(f"{path}: row group {u.row_group} holds other rows than {self.url}'s; "
                                          "the teachers' caches are not of the same data: rebuild them")
@@ -279,15 +278,19 @@ class CacheDataset(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return self.num_rows
 
+    def _row_group(self, fs: Any, path: str, group: int, columns: list[str] | None = None) -> pa.Table:
+        """One row group of a shard (of this cache or another teacher's); each file's footer is read once, so its
+        other row groups skip that request (remote stores)."""
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f, metadata=self._footers.get(path))
+            self._footers[path] = pf.metadata
+            return pf.read_row_group(group, columns=columns)
+
     def _read_unit(self, u: Unit) -> dict[str, Any]:
         shard = self.shards[u.shard]
         path = f"{self.root}/{shard['parquet']}"  # read_manifest refused names outside the cache
         try:
-            with self.fs.open(path, "rb") as f:
-                # a shard's footer is read once: its other row groups skip that request (remote stores)
-                pf = pq.ParquetFile(f, metadata=self._footers.get(u.shard))
-                self._footers[u.shard] = pf.metadata
-                table = pf.read_row_group(u.row_group)
+            table = self._row_group(self.fs, path, u.row_group)
         except (OSError, ValueError) as e:
             raise CacheFormatError(f"{path} (split {self.split}): cannot read row group {u.row_group}: {e}; "
                                    "run `kdcache verify` on the cache") from None
@@ -500,12 +503,20 @@ def read_vocab(url: str, manifest: dict[str, Any]) -> tuple[list[bytes], np.ndar
 def read_column(url: str, split: str, column: str, languages: tuple[str, ...] | None = None) -> list[Any]:
     """One column of a cached split, in row order (e.g. the training text to build a word vocabulary); with
     `languages`, of those languages' partitions only."""
+    return read_columns(url, split, [column], languages)[column]
+
+
+def read_columns(url: str, split: str, columns: list[str],
+                 languages: tuple[str, ...] | None = None) -> dict[str, list[Any]]:
+    """Several columns of a cached split in one pass over its shards: column -> values in row order."""
     fs, root, m = open_manifest(url)
-    out: list[Any] = []
+    out: dict[str, list[Any]] = {c: [] for c in columns}
     for shard in m["splits"][split]["shards"]:
         if languages and shard.get("language") not in languages:
             continue
         with fs.open(f"{root}/{shard['parquet']}", "rb") as f:
-            out += pq.read_table(f, columns=[column]).column(column).to_pylist()
+            table = pq.read_table(f, columns=columns)
+        for c in columns:
+            out[c] += table.column(c).to_pylist()
     return out
 

@@ -93,13 +93,9 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         data = growth.data
         split_sha = {s: hash_table(ds.data.table) for s, ds in data.splits.items()}
         inputs = {**inputs, "data": {**inputs["data"], "splits": split_sha}}  # (nothing else changed)
-        for g in growth.generations:
-            for s, v in g["splits"].items():
-                v["dataset_sha256"] = v["dataset_sha256"] or split_sha[s]
     header = manifest_header(pipeline.name, task_name, task, data, head, inputs, runner, model, dist.num_processes)
-    if growth is not None:  # each generation names the fingerprint its shards were written under
-        header["generations"] = [g if "fingerprint" in g else {**g, "fingerprint": header["fingerprint"]}
-                                 for g in growth.generations]
+    if growth is not None:
+        header["generations"] = growth.generations_after(inputs["data"]["splits"], header["fingerprint"])
     if shared and dist.num_processes > 1:
         raise C.ConfigError("--shared works with one process: pull or build the cache first, then launch")
     if shared and not overwrite:  # before any tokenising: an identical shared cache needs none of it
@@ -171,7 +167,7 @@ def _growth(out_dir: Path, inputs: dict[str, Any], data: TaskData, head: Capture
     growth = plan_growth(out_dir, data, head.name, head.text_columns(task))
     if growth.new_rows:
         log.info("%s: the data has %d new row(s); capturing only them, as generation %d", out_dir, growth.new_rows,
-                 growth.generations[-1]["generation"])
+                 growth.generations[-1]["generation"] + 1)
     return growth
 
 

@@ -14,7 +14,7 @@ from ..cache.format import SEQUENCE
 from ..config import TaskConfig
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids
-from ..metrics import classification_metrics
+from ..metrics import classification_metrics, log_softmax
 from .head import CaptureHead
 from .runner import TextRunner, pad_rows, refuse_non_finite
 
@@ -148,12 +148,12 @@ class SequenceClassification(CaptureHead):
 
     def stats(self, rows, out, label_names):
         labels = np.asarray(rows["label"])
-        entropy = _entropy(out.logits)
+        logp = log_softmax(out.logits)
         labelled = labels >= 0
         return {"rows": int(len(labels)), "labelled": int(labelled.sum()),
                 "label_counts": np.bincount(labels[labelled], minlength=len(label_names)).tolist(),
                 "correct": int((out.logits.argmax(1)[labelled] == labels[labelled]).sum()),
-                "entropy_sum": float(entropy.sum()), "confidence_sum": float(_confidence(out.logits).sum()),
+                "entropy_sum": float(_entropy(logp).sum()), "confidence_sum": float(np.exp(logp.max(1)).sum()),
                 "truncated": int(out.truncated.sum()),
                 "tokens_sum": int(out.num_tokens.sum()), "max_tokens": int(out.num_tokens.max(initial=0))}
 
@@ -212,20 +212,12 @@ class SequenceClassification(CaptureHead):
         pred = logits.argmax(1)
         return {"teacher_accuracy": classification_metrics(pred, labels, pred, len(label_names))["accuracy"],
                 "majority_accuracy": float(np.bincount(labels, minlength=len(label_names)).max() / len(labels)),
-                "mean_entropy_nats": float(_entropy(logits).mean())}
+                "mean_entropy_nats": float(_entropy(log_softmax(logits)).mean())}
 
 
-def _entropy(logits: np.ndarray) -> np.ndarray:
-    """Entropy in nats of softmax(logits) per row [N] (T = 1), computed stably."""
-    z = logits - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+def _entropy(logp: np.ndarray) -> np.ndarray:
+    """Entropy in nats per row [N] of log-probabilities [N, C]."""
     return -(np.exp(logp) * logp).sum(1)
-
-
-def _confidence(logits: np.ndarray) -> np.ndarray:
-    """The top probability of softmax(logits) per row [N] (T = 1)."""
-    z = logits - logits.max(1, keepdims=True)
-    return 1.0 / np.exp(z).sum(1)
 
 
 def _labelled(ds: Any) -> list[int]:

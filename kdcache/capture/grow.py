@@ -30,7 +30,8 @@ class GrowError(CacheFormatError):
 
 @dataclass(frozen=True)
 class Growth:
-    """A grown task's data in cache order, how many rows of each split are already cached, and the generations."""
+    """A grown task's data in cache order, how many rows of each split are already cached, and the cache's
+    generations so far."""
 
     data: TaskData
     cached_rows: dict[str, int]
@@ -39,6 +40,16 @@ class Growth:
     @property
     def new_rows(self) -> int:
         return sum(len(ds) for ds in self.data.splits.values()) - sum(self.cached_rows.values())
+
+    def generations_after(self, split_sha: dict[str, str], fingerprint: str) -> list[dict[str, Any]]:
+        """The manifest's generations once the new rows are written: the earlier ones, and one for the new rows
+        (their splits' row counts and data hashes, and the fingerprint their shards are written under)."""
+        if not self.new_rows:
+            return self.generations
+        return [*self.generations, {
+            "generation": self.generations[-1]["generation"] + 1,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "fingerprint": fingerprint,
+            "splits": {s: {"rows": len(ds), "dataset_sha256": split_sha[s]} for s, ds in self.data.splits.items()}}]
 
 
 def generations_of(m: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,7 +77,8 @@ def plan_growth(root: Path, data: TaskData, head: str, columns: list[str]) -> Gr
         table = pq.read_table([str(root / sh["parquet"]) for sh in old["shards"]], columns=["id", *columns, "label"]) \
             if old["shards"] else None
         old_ids = table.column("id").to_pylist() if table is not None else []
-        position = {i: n for n, i in enumerate(ds["id"][:])}
+        ids = ds["id"][:]
+        position = {i: n for n, i in enumerate(ids)}
         missing = [i for i in old_ids if i not in position]
         if missing:
             raise GrowError(f"{where}: split {split!r}: {len(missing)} cached row(s) are no longer in the data (first "
@@ -81,19 +93,13 @@ def plan_growth(root: Path, data: TaskData, head: str, columns: list[str]) -> Gr
                     raise GrowError(f"{where}: split {split!r}: row {old_ids[i]!r} changed its `{col}` since it was "
                                     "cached; a cache grows by new rows only: rebuild with --overwrite")
         known = set(old_ids)
-        order += [n for n, i in enumerate(ds["id"][:]) if i not in known]
+        order += [n for n, i in enumerate(ids) if i not in known]
         splits[split], cached[split] = take_rows(ds, order), len(old_ids)
     gone = sorted(set(m["splits"]) - set(data.splits))
     if gone:
         raise GrowError(f"{where}: the data no longer has split(s) {', '.join(gone)}; rebuild with --overwrite")
-    grown = TaskData(splits, data.label_names, data.origin, data.id_field, data.languages)
-    generations = generations_of(m)
-    if any(len(ds) > cached[s] for s, ds in splits.items()):
-        generations = [*generations, {
-            "generation": generations[-1]["generation"] + 1,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "splits": {s: {"rows": len(ds), "dataset_sha256": None} for s, ds in splits.items()}}]  # build.py hashes
-    return Growth(grown, cached, generations)
+    return Growth(TaskData(splits, data.label_names, data.origin, data.id_field, data.languages), cached,
+                  generations_of(m))
 
 
 def growth_segments(growth: Growth) -> dict[str, list[tuple[None, int, int]]]:

@@ -1,6 +1,6 @@
-"""A refreshed teacher (`kdcache refresh`): its cache is built where the old one was, the old one kept readable
-in `<cache root>.archive/<task>@<old fingerprint>`, the new manifest naming it as its `parent`, and the drift between their
-targets measured and kept (cache/drift.py), so runs trained on the old targets are reported stale with how far
+"""A refreshed teacher (`kdcache refresh`): its cache is built where the old one was, the old one kept readable in
+`<cache root>.archive/<task>@<old fingerprint>`, the new manifest naming it as its `parent`, and the drift between
+their targets measured and kept (cache/drift.py), so runs trained on the old targets are reported stale with how far
 their targets moved."""
 
 from __future__ import annotations
