@@ -21,7 +21,7 @@ TEACHER_ASSETS = $(if $(filter $(GEMMA_PIPELINES),$(PIPELINE)),$(BIN)/.gemma)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install teacher-finetune teacher-cache train-student report bench gpu-check fidelity verify info test clean-cache
+.PHONY: help install teacher-finetune teacher-cache train-student report bench gpu-check fidelity lifelong verify info test clean-cache
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t22
@@ -61,6 +61,9 @@ gpu-check: install  ## on a GPU: autocast, on-device top-k and multi-GPU capture
 
 fidelity: install  ## KD vs hard-label students over 3 seeds, all labels and label-scarce; writes docs/fidelity.md
 	$(KDCACHE) fidelity $(PIPELINE) $(ARGS)
+
+lifelong: install  ## classes arriving in rounds (PIPELINE=lifelong): scratch vs continual students; docs/fidelity.md
+	$(KDCACHE) lifelong $(PIPELINE) $(ARGS)
 
 verify: install  ## re-check every checksum of data/cache/$(PIPELINE)/
 	$(KDCACHE) verify data/cache/$(PIPELINE)

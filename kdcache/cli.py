@@ -44,6 +44,7 @@ examples:
   kdcache fidelity default --sweep bilstm     # temperature / alpha / feature-loss sweep for one student
   kdcache cache multilingual-topic-tiny       # five languages, one cache partitioned by language
   kdcache fidelity multilingual-topic --zero-shot en --students bow-lang   # labels in English only, per language
+  kdcache lifelong lifelong                   # BBC topics arriving in rounds: scratch vs continual students
 """
 
 
@@ -184,6 +185,13 @@ def cmd_fidelity(args) -> int:
     run_fidelity(args.pipeline, [int(x) for x in args.seeds.split(",")], args.students.split(","), args.scarce,
                  args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides,
                  folds=args.folds, all_labels=not args.only_scarce)
+    return 0
+
+
+def cmd_lifelong(args) -> int:
+    from .experiments.lifelong import run_lifelong
+    run_lifelong(args.pipeline, [int(x) for x in args.seeds.split(",")], args.out, None if args.no_doc else args.doc,
+                 args.teachers_dir, overrides=args.overrides)
     return 0
 
 
@@ -389,6 +397,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels alone, and the same student on that language's gold labels (the ceiling)")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("lifelong", help="classes arriving in rounds: scratch vs continual students, with forgetting",
+                       description="Run the pipeline's `lifelong:` rounds: each round the task's data gains the "
+                                   "round's classes; the teacher is fine-tuned again (cache rebuilt, old one "
+                                   "archived) or kept (cache grown by the new rows); then, per seed, the student is "
+                                   "retrained from scratch, continued from its last run on the new classes' rows, and "
+                                   "continued with a memory term (its last run's outputs cached as a second "
+                                   "teacher). Writes data/lifelong/lifelong-<pipeline>.json and the pipeline's "
+                                   "section of docs/fidelity.md: per round, accuracy on all classes so far, the old "
+                                   "ones (forgetting) and the new ones, with each strategy's time and the teacher's "
+                                   "rows (docs/lifecycle.md).")
+    _experiment_args(p, "lifelong", "fidelity")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline value (repeatable), e.g. train.epochs=2")
+    p.add_argument("--teachers-dir", type=Path, default=None,
+                   help="where the round teachers are fine-tuned (default: <out>/teachers)")
+    p.set_defaults(func=cmd_lifelong)
 
     p = sub.add_parser("verify", help="re-check every checksum, row count and schema of a cache",
                        description="Re-check a cache (or every task cache under a pipeline's folder) against its "

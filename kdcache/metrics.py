@@ -19,7 +19,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def classification_metrics(pred: np.ndarray, labels: np.ndarray, teacher_pred: np.ndarray,
                            num_labels: int) -> dict[str, Any]:
-    """accuracy and macro-F1 on labelled rows (label >= 0); agreement with the teacher's argmax on all rows."""
+    """accuracy and macro-F1 on labelled rows (label >= 0); agreement with the teacher's argmax on all rows; rows and
+    correct predictions per gold class (accuracy on any group of classes, e.g. a lifelong round's old ones)."""
     lab = labels >= 0
     p, y = pred[lab], labels[lab]
     f1s = []
@@ -28,7 +29,9 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, teacher_pred: n
         f1s.append(2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 0.0)
     return {"accuracy": float((p == y).mean()) if lab.any() else None,
             "macro_f1": float(np.mean(f1s)) if lab.any() else None,
-            "agreement": float((pred == teacher_pred).mean()), "rows": int(len(pred))}
+            "agreement": float((pred == teacher_pred).mean()), "rows": int(len(pred)),
+            "class_rows": np.bincount(y, minlength=num_labels).tolist(),
+            "class_correct": np.bincount(y[p == y], minlength=num_labels).tolist()}
 
 
 def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:

@@ -79,7 +79,7 @@ def test_configuration_doc_is_up_to_date():
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "kdcache.cli", "--help"], capture_output=True, text=True).stdout
     for cmd in ("cache", "teacher-finetune", "train", "report", "bench", "fidelity", "verify", "info", "config", "push",
-                "pull", "drift", "refresh"):
+                "pull", "drift", "refresh", "lifelong"):
         assert cmd in out
         sub = subprocess.run([sys.executable, "-m", "kdcache.cli", cmd, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and len(sub.stdout) > 200

@@ -52,6 +52,10 @@ def test_reader_streams_the_same_rows_and_features_from_s3(s3, tiny_cache):
         np.testing.assert_array_equal(a["features"]["layer_2"], b["features"]["layer_2"])
     shuffled = [r["row_id"] for r in CacheDataset(s3, "train", shuffle=True, seed=3, rank=1, world_size=2)]
     assert len(shuffled) < len(local) and len(set(shuffled)) == len(shuffled)
+    # a column subset (one ranged request per row group) and a class filter read the same as from disk
+    some = CacheDataset(s3, "train", labels=("tech", "sports"))
+    assert [r["id"] for r in some] == [r["id"] for r in CacheDataset(tiny_cache, "train", labels=("tech", "sports"))]
+    assert len(some) == sum(r["label"] in (3, 4) for r in local) > 0
 
 
 def test_a_student_trains_from_s3_as_from_disk(s3, tiny_cache, tmp_path):

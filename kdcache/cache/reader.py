@@ -14,8 +14,10 @@ from a seeded stream of its row groups (so a smaller share walks through all of 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +35,38 @@ from .format import CAUSAL_LM, MANIFEST, SEQUENCE, TOKEN, CacheFormatError, read
 
 
 READ_AHEAD = 2  # row groups fetched ahead of the one being read, on remote filesystems (s3://, gs://, ...)
+
+
+class RangeFile(io.RawIOBase):
+    """A read-only file of `size` bytes of which only [start, start + len(data)) is held: what pyarrow reads of one
+    row group, given its footer, fetched from a remote store in a single request. A read outside it is a bug."""
+
+    def __init__(self, size: int, start: int, data: bytes) -> None:
+        super().__init__()
+        self.size_, self.start, self.data, self.pos = size, start, data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size_ + offset
+        return self.pos
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self.size_ - self.pos)
+        lo = self.pos - self.start
+        if n > 0 and not (0 <= lo and lo + n <= len(self.data)):
+            raise OSError(f"read of bytes {self.pos}..{self.pos + n} outside the fetched range {self.start}.."
+                          f"{self.start + len(self.data)}")
+        buf[:n] = self.data[lo:lo + n]
+        self.pos += n
+        return n
 
 
 class CacheMismatchError(CacheFormatError):
@@ -123,7 +157,7 @@ def dist_info() -> tuple[int, int]:
 
 class CacheDataset(torch.utils.data.IterableDataset):
     """Rows of one cached split (with `extra_splits`, of several, as one; with `generation`, as it was then: a
-    grown cache's earlier rows only). Sequence classification: dicts with `row_id`, `id`, the text field(s), `label`
+    grown cache's earlier rows only; with `labels`, only the rows of those classes). Sequence classification: dicts with `row_id`, `id`, the text field(s), `label`
     (-1 = none), `logits` [C] float32 and, when asked, `features` {layer_j: [H] float32}; token classification:
     `words`, `tags`, `logits` [covered_words, C], `covered_words`; causal LM: see `lm_columns`. Batch them with
     `ds.collate`.
@@ -137,7 +171,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
                  feature_layers: tuple[int, ...] = (), expect: dict[str, Any] | None = None,
                  rank: int | None = None, world_size: int | None = None, languages: tuple[str, ...] | None = None,
                  mixing: str = "proportional", extra_splits: tuple[str, ...] = (),
-                 companions: tuple[str, ...] = (), generation: int | None = None) -> None:
+                 companions: tuple[str, ...] = (), generation: int | None = None,
+                 labels: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.url = str(url)
         self.fs, self.root, self.manifest = open_manifest(self.url)
@@ -163,7 +198,13 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                    "change the feature loss or rebuild the cache with cache.features.layers")
         if (self.manifest.get("features") or {}).get("pooling") == "tokens" and self.feature_layers:
             raise CacheFormatError(f"{self.url}: per-token features cannot feed a sequence-level feature loss yet")
-        self._footers: dict[str, Any] = {}  # shard path -> its Parquet footer, once read
+        self._footers: dict[str, Any] = {}  # shard path -> (its Parquet footer, remote: its size), read once
+        self.keep_labels = self._label_ids(labels)
+        if self.keep_labels is not None:  # only rows of these classes: count them once
+            self.num_rows = sum(int(np.isin(self._row_group(self.fs, f"{self.root}/{self.shards[i]['parquet']}", g,
+                                                            ["label"]).column("label").fill_null(-1).to_numpy(),
+                                            self.keep_labels).sum())
+                                for i in chosen for g in range(len(self.shards[i]["row_groups"])))
         self.companion_urls = tuple(str(c) for c in companions)
         self.companions = [self._companion(c) for c in self.companion_urls]
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
@@ -193,9 +234,21 @@ class CacheDataset(torch.utils.data.IterableDataset):
         splits = next(g for g in gens if g["generation"] == generation)["splits"]
         return splits[split]["rows"] if split in splits else (float("inf") if len(gens) == 1 else 0)
 
-    def _companion(self, url: str) -> tuple[Any, str, list[dict[str, Any]]]:
-        """(filesystem, root, shards in this reader's order) of another teacher's cache of the same rows, refused
-        unless its task head, label set and rows (the data hash and row-group layout of each split read) agree."""
+    def _label_ids(self, names: tuple[str, ...]) -> np.ndarray | None:
+        """The label ids of `names` (rows of other classes are skipped), or None for every row."""
+        if not names:
+            return None
+        have = self.manifest["label_names"]
+        unknown = [x for x in names if x not in have]
+        if unknown:
+            raise CacheFormatError(f"{self.url}: no label(s) {unknown} in the cache (labels: {', '.join(have)}); "
+                                   "check the student's `train_labels`")
+        return np.array([have.index(x) for x in names])
+
+    def _companion(self, url: str) -> tuple[dict[str, int], np.ndarray]:
+        """(row id -> position, logits [rows, C]) of another teacher's cache of this reader's rows, in any order or
+        shard layout (a grown cache and a fresh one of the same data differ in both); refused unless its head and
+        label set agree and it holds every row read here with the same text."""
         fs, root, m = open_manifest(url)
         mine = self.manifest
         problem = None
@@ -203,29 +256,41 @@ class CacheDataset(torch.utils.data.IterableDataset):
             problem = f"several teachers are for sequence-classification caches (this one is {m['head']})"
         elif m["label_names"] != mine["label_names"]:
             problem = f"its label set {m['label_names']} differs from {mine['label_names']} (of {self.url})"
-        else:
-            for s in self.splits:
-                theirs, ours = m["splits"].get(s), mine["splits"][s]
-                if theirs is None or theirs["dataset_sha256"] != ours["dataset_sha256"] or \
-                        [sh["row_groups"] for sh in theirs["shards"]] != [sh["row_groups"] for sh in ours["shards"]]:
-                    problem = (f"its split {s!r} does not hold the same rows in the same shards as {self.url}; cache "
-                               "every teacher from the same data settings and cache.shard_rows / row_group_rows")
+        elif [s for s in self.splits if s not in m["splits"]] or list(m["text_fields"]) != list(self.text_fields):
+            problem = f"it lacks split(s) of {', '.join(self.splits)} or has other text fields than {self.url}"
+        if problem is None:
+            theirs = self._ids_and_text(fs, root, m, ["logits"])
+            index = {i: n for n, i in enumerate(theirs["id"])}
+            ours = self._ids_and_text(self.fs, self.root, mine)
+            for i, text in zip(ours["id"], ours["text"]):
+                n = index.get(i)
+                if n is None or theirs["text"][n] != text:
+                    how = "missing" if n is None else "there with other text"
+                    problem = (f"it does not hold the same rows: row {i!r} is {how}; "
+                               "cache every teacher from the same data settings (the same rows; their order and shards "
+                               "may differ)")
                     break
         if problem:
             raise CacheMismatchError(f"{url}: cannot serve as another teacher of {self.url}: {problem}")
-        return fs, root, self._shards_of(m)
+        return index, np.concatenate(theirs["logits"]) if theirs["logits"] else np.zeros((0, len(m["label_names"])))
 
-    def _companion_logits(self, u: Unit, ids: list[str]) -> list[np.ndarray]:
-        """The other teachers' logits [rows, C] for unit `u`, checked row by row against this cache's ids."""
-        out = []
-        for fs, root, shards in self.companions:
-            path = f"{root}/{shards[u.shard]['parquet']}"
-            table = self._row_group(fs, path, u.row_group, ["id", "logits"])
-            if table.column("id").to_pylist() != ids:
-                raise CacheMismatchError(f"{path}: row group {u.row_group} holds other rows than {self.url}'s; "
-                                         "the teachers' caches are not of the same data: rebuild them")
-            out.append(np.asarray(table.column("logits").combine_chunks().values.to_numpy()).reshape(len(ids), -1))
+    def _ids_and_text(self, fs: Any, root: str, m: dict[str, Any], more: list[str] = ()) -> dict[str, list]:
+        """Ids, a checksum of each row's text, and `more` columns (arrays per row group) of the rows this reader reads
+        in manifest `m`'s cache."""
+        out: dict[str, list] = {"id": [], "text": [], **{c: [] for c in more}}
+        for sh in self._shards_of(m):
+            with fs.open(f"{root}/{sh['parquet']}", "rb") as f:
+                table = pq.read_table(f, columns=["id", *self.text_fields, *more])
+            out["id"] += table.column("id").to_pylist()
+            out["text"] += [zlib.crc32("\x1f".join(t).encode()) for t in
+                            zip(*(table.column(c).to_pylist() for c in self.text_fields))]
+            for c in more:
+                out[c].append(np.asarray(table.column(c).combine_chunks().values.to_numpy()).reshape(table.num_rows, -1))
         return out
+
+    def _companion_logits(self, ids: list[str]) -> list[np.ndarray]:
+        """The other teachers' logits [rows, C] of these rows (their presence was checked when opened)."""
+        return [logits[[index[i] for i in ids]] for index, logits in self.companions]
 
     def _select_languages(self, wanted: tuple[str, ...] | None) -> list[str]:
         have = self.manifest.get("languages") or []
@@ -279,12 +344,21 @@ class CacheDataset(torch.utils.data.IterableDataset):
         return self.num_rows
 
     def _row_group(self, fs: Any, path: str, group: int, columns: list[str] | None = None) -> pa.Table:
-        """One row group of a shard (of this cache or another teacher's); each file's footer is read once, so its
-        other row groups skip that request (remote stores)."""
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f, metadata=self._footers.get(path))
-            self._footers[path] = pf.metadata
-            return pf.read_row_group(group, columns=columns)
+        """One row group of a shard. On a remote store each file's footer is read once and a row group's column
+        chunks come in one ranged request (not a request per chunk, nor the whole file per row group)."""
+        if path not in self._footers:
+            with fs.open(path, "rb") as f:
+                self._footers[path] = (pq.ParquetFile(f).metadata, f.size if not _is_local(fs) else None)
+        meta, size = self._footers[path]
+        if _is_local(fs):
+            return pq.ParquetFile(path, metadata=meta).read_row_group(group, columns=columns)
+        chunks = [meta.row_group(group).column(i) for i in range(meta.num_columns)]
+        spans = [(c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset else
+                  c.data_page_offset, c.total_compressed_size) for c in chunks
+                 if columns is None or c.path_in_schema.split(".")[0] in columns]
+        start, end = min(a for a, _ in spans), max(a + n for a, n in spans)
+        view = RangeFile(size, start, fs.cat_file(path, start=start, end=end))
+        return pq.ParquetFile(view, metadata=meta).read_row_group(group, columns=columns)
 
     def _read_unit(self, u: Unit) -> dict[str, Any]:
         shard = self.shards[u.shard]
@@ -299,7 +373,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                    f"{u.rows}; the shard changed since it was written: run `kdcache verify`")
         cols = DECODERS[self.manifest["head"]](self, table, shard, u)
         if self.companions:  # several teachers: [rows, teachers, C], this cache's teacher first
-            cols["teacher_logits"] = np.stack([cols["logits"], *self._companion_logits(u, cols["id"])], axis=1)
+            cols["teacher_logits"] = np.stack([cols["logits"], *self._companion_logits(cols["id"])], axis=1)
         if u.language is not None:
             cols["language"] = [u.language] * u.rows
         return cols
@@ -354,7 +428,9 @@ class CacheDataset(torch.utils.data.IterableDataset):
 
     def _rows(self, units: list[Unit]) -> Iterator[dict[str, Any]]:
         for u, cols in self._read_ahead(units):
-            for r in range(u.rows):
+            rows = range(u.rows) if self.keep_labels is None else np.flatnonzero(np.isin(cols["label"],
+                                                                                         self.keep_labels))
+            for r in rows:
                 row = {k: v[r] for k, v in cols.items() if k != "features"}
                 if "features" in cols:
                     row["features"] = {k: v[r] for k, v in cols["features"].items()}

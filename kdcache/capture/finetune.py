@@ -41,9 +41,10 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
     if train is None:
         raise TeacherError(f"teacher.finetune.train_split {ft.train_split!r} is not a split of the data "
                            f"({', '.join(data.splits)})")
-    labelled = HEADS[task.teacher.head].labelled_rows(_limited(train, ft.limit))
+    chosen = _training_rows(train, ft, data.label_names)
+    labelled = HEADS[task.teacher.head].labelled_rows(chosen)
     rows = len(labelled)
-    used = take_rows(train, labelled) if rows < len(train) else train
+    used = take_rows(chosen, labelled) if rows < len(chosen) else chosen
     return {"base": task.teacher.model, "from_config": task.teacher.from_config, "revision": task.teacher.revision,
             "tokenizer": task.teacher.tokenizer, "labels": list(data.label_names),
             # only the rows it trains on decide the teacher (unlabelled rows may be added freely); all of them
@@ -55,6 +56,7 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
             # `folds` never changes this teacher (the fold teachers differ by their training rows)
             # `train` only when not the default, for the same reason
             "settings": {k: getattr(ft, k) for k in ft.__dataclass_fields__ if k != "folds" and
+                         (k != "labels" or ft.labels) and
                          (k != "min_steps" or finetune_steps(ft, rows) > _epoch_steps(ft, rows)) and
                          (k != "train" or ft.train != "all")},
             **({"gguf_file": task.teacher.gguf_file} if task.teacher.gguf_file else {}),
@@ -72,8 +74,14 @@ def finetune_steps(ft: Any, rows: int) -> int:
     return max(_epoch_steps(ft, rows), ft.min_steps)
 
 
-def _limited(ds: Any, limit: int | None) -> Any:
-    return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+def _training_rows(ds: Any, ft: Any, label_names: Any) -> Any:
+    """The rows of the fine-tuning split the teacher may learn from: the first `limit`, of the classes in `labels`
+    (rows of other classes are left out, not unlabelled)."""
+    ds = ds.select(range(min(ft.limit, len(ds)))) if ft.limit is not None else ds
+    if not ft.labels:
+        return ds
+    keep = {label_names.index(x) for x in ft.labels}
+    return take_rows(ds, [i for i, y in enumerate(ds["label"][:]) if y in keep])
 
 
 def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: CaptureHead, out_dir: Path) -> Path:
@@ -100,7 +108,7 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: Cap
     model, _ = build_model(teacher, head.auto_class, data.label_names, seed=ft.seed)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find each row's last token by it
-    train = _limited(data.splits[ft.train_split], ft.limit)
+    train = _training_rows(data.splits[ft.train_split], ft, data.label_names)
     ids, targets = head.finetune_examples(tokenizer, train, task)
     if not ids:
         raise TeacherError(f"task {task_name}: split {ft.train_split!r} has no labelled rows to fine-tune on")

@@ -1,5 +1,5 @@
 """The teacher of a task, ready to run: fine-tuned first when the pipeline asks, converted once from GGUF, or
-loaded as it is (from the hub, a folder, a `pkg:` folder or a config)."""
+loaded as it is (from the hub, a folder, a `pkg:` folder or a config), or a kdcache student run."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def prepare_teacher(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
     """(model, tokenizer, identity) of the task's teacher; derived weights go to <teachers_dir>/<pipeline>/<task>/."""
     quiet_transformers()
     cfg, head = task.teacher, HEADS[task.teacher.head]
+    if cfg.run:  # a kdcache student run as the teacher
+        from .student_teacher import load_run_teacher
+        return load_run_teacher(task_name, task, data)
     folder = teachers_dir / pipeline / task_name
     if cfg.finetune is not None or cfg.gguf_file:
         if cfg.finetune is not None:

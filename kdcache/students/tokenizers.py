@@ -55,9 +55,13 @@ class WordTokenizer:
     def pad_id(self) -> int:
         return self.PAD
 
-    def __call__(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [[self.index.get(w, self.UNK) for w in WORD.findall(t.lower())][:max_length] or [self.UNK]
+    def encode(self, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
+        """Ids per text (at most `max_length`; None: all), `<unk>` alone for a text without words."""
+        return [[self.index.get(w, self.UNK) for w in WORD.findall(t.lower())][:max_length] or [self.UNK]
                 for t in texts]
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.encode(texts, max_length)
         width = max(len(r) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -104,6 +108,11 @@ class HFTokenizer:
     @property
     def pad_id(self) -> int:
         return self.tok.pad_token_id or 0
+
+    def encode(self, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
+        """Ids per text (at most `max_length`; None: all)."""
+        return self.tok(list(texts), truncation=max_length is not None, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
 
     def __call__(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tok(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt",

@@ -310,9 +310,10 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
         teacher: str = "cache", teachers_dir: Path = Path("data/teachers"),
         on_step: Callable[[str, dict], None] | None = None, only: set[str] | None = None,
         transfer: tuple[str, ...] = (), split: str | None = None,
-        teachers: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """Train `students` (whose tasks, languages, training `split`, `transfer` splits and teachers together form one
-    pass; of their runs, those named in `only`, when given) from `caches` (task -> cache); their metrics."""
+        teachers: dict[str, float] | None = None, labels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Train `students` (whose tasks, languages, training `split`, `transfer` splits, teachers and training classes
+    `labels` together form one pass; of their runs, those named in `only`, when given) from `caches` (task ->
+    cache); their metrics."""
     from accelerate import Accelerator
     train = pipeline.train
     # cpu=True on GPU-less machines: accelerate 1.x otherwise reports DistributedType.NO under a 2-process launch
@@ -324,7 +325,7 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
                                for f in pipeline.student_loss(s).features}))
         sources[t] = open_source(pipeline, t, caches[t], accelerator, layers,
                                  pipeline.students[students[0]].languages or None, transfer, split,
-                                 {k: (caches.get(k, k), w) for k, w in (teachers or {}).items()})
+                                 {k: (caches.get(k, k), w) for k, w in (teachers or {}).items()}, labels)
     runs = make_runs(pipeline, students, sources, runs_dir, accelerator, only)
     if teacher == "live":
         from .live import live_targets
@@ -369,15 +370,16 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
                                            f"task {t} has a {pipeline.tasks[t].teacher.head} teacher")
     # one pass per task, language selection, training split, transfer splits and teachers (a per-language student
     # reads its partition; a hard-label twin learns nothing from unlabelled transfer rows or other teachers' targets,
-    # so it joins the pass of the training split alone)
-    groups: dict[tuple[tuple[str, ...], str | None, tuple[str, ...], tuple], dict[str, set[str]]] = {}
+    # so it joins the pass of the training split alone; `train_labels` picks the rows of both)
+    groups: dict[tuple[tuple[str, ...], str | None, tuple[str, ...], tuple, tuple], dict[str, set[str]]] = {}
     for s in students:
         st = pipeline.students[s]
         key = ("+cross",) if st.tasks else (*pipeline.student_tasks(s), "@", *st.languages)
         for name, loss in variants(pipeline, s):
             transfer = st.transfer if loss.alpha < 1.0 else ()
             teachers = tuple(st.teachers.items()) if loss.alpha < 1.0 else ()
-            groups.setdefault((key, st.train_split, transfer, teachers), {}).setdefault(s, set()).add(name)
+            groups.setdefault((key, st.train_split, transfer, teachers, st.train_labels), {}).setdefault(
+                s, set()).add(name)
     if not isinstance(caches, dict):
         root = str(caches).rstrip("/")
         caches = {t: f"{root}/{t}" for t in pipeline.tasks}
@@ -385,9 +387,10 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
                       if "/" not in t} - set(caches))  # (a teacher named by its cache's path needs no entry)
     if missing:
         raise C.ConfigError(f"no cache given for task(s) {', '.join(missing)}")
-    results = [r for (_, split, transfer, teachers), members in groups.items()
+    results = [r for (_, split, transfer, teachers, labels), members in groups.items()
                for r in fit(pipeline, list(members), {t: str(c) for t, c in caches.items()}, runs_dir, teacher,
-                            teachers_dir, on_step, set().union(*members.values()), transfer, split, dict(teachers))]
+                            teachers_dir, on_step, set().union(*members.values()), transfer, split, dict(teachers),
+                            labels)]
     failed = [r["failed"] for r in results if "failed" in r]
     if failed:
         raise TrainingError("; ".join(failed), [r for r in results if "failed" not in r])

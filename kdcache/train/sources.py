@@ -25,12 +25,12 @@ def expectation(pipeline: C.PipelineConfig, task: str) -> dict[str, Any]:
 def training_split(cache: str, pipeline: C.PipelineConfig, task: str, accelerator: Any,
                    feature_layers: tuple[int, ...] = (), languages: tuple[str, ...] | None = None,
                    transfer: tuple[str, ...] = (), split: str | None = None,
-                   companions: tuple[str, ...] = ()) -> CacheDataset:
+                   companions: tuple[str, ...] = (), labels: tuple[str, ...] = ()) -> CacheDataset:
     """The cached training split a trainer streams: a local cache verified first (`train.verify`), checked against
     what the pipeline expects of `task`, shuffled by `train.seed`, shared between the accelerate processes,
     (multilingual caches) of the chosen languages, mixed by `train.language_mixing`, and with the `transfer` splits
     (unlabelled rows) read as part of it. `split`: another training split than `train.train_split`; `companions`:
-    other teachers' caches of the same rows, whose logits come with each row."""
+    other teachers' caches of the same rows, whose logits come with each row; `labels`: only rows of these classes."""
     train = pipeline.train
     if train.verify and accelerator.is_local_main_process and "://" not in str(cache):
         refuse_damaged(cache)
@@ -39,7 +39,7 @@ def training_split(cache: str, pipeline: C.PipelineConfig, task: str, accelerato
                         shuffle_buffer=train.shuffle_buffer,
                         feature_layers=feature_layers, expect=expectation(pipeline, task),
                         rank=accelerator.process_index, world_size=accelerator.num_processes, languages=languages,
-                        mixing=train.language_mixing, extra_splits=transfer, companions=companions)
+                        mixing=train.language_mixing, extra_splits=transfer, companions=companions, labels=labels)
 
 
 def _require_splits(cache: str, train: C.TrainConfig, transfer: tuple[str, ...], split: str | None) -> None:
@@ -63,15 +63,15 @@ def _require_splits(cache: str, train: C.TrainConfig, transfer: tuple[str, ...],
 def open_source(pipeline: C.PipelineConfig, task: str, cache: str, accelerator: Any,
                 feature_layers: tuple[int, ...] = (), languages: tuple[str, ...] | None = None,
                 transfer: tuple[str, ...] = (), train_split: str | None = None,
-                teachers: dict[str, tuple[str, float]] | None = None) -> Source:
+                teachers: dict[str, tuple[str, float]] | None = None, labels: tuple[str, ...] = ()) -> Source:
     """One task's cache for a pass of the loop; `languages`: read (and evaluate) only these partitions; `transfer`:
     unlabelled splits trained on with the training split; `train_split`: a student's own training split; `teachers`:
-    several teachers, task -> (its cache, weight), this task's among them."""
+    several teachers, task -> (its cache, weight), this task's among them; `labels`: train on rows of these classes."""
     train = pipeline.train
     _require_splits(cache, train, transfer, train_split)
     others = {t: c for t, (c, _) in (teachers or {}).items() if t != task}
     ds = training_split(cache, pipeline, task, accelerator, feature_layers, languages, transfer, train_split,
-                        tuple(others.values()))
+                        tuple(others.values()), labels)
     head = HEADS[ds.manifest["head"]]
     head.check_cache(ds.manifest, pipeline, task, cache)
     loader = torch.utils.data.DataLoader(ds, batch_size=train.batch_size, collate_fn=ds.collate,
