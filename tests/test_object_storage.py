@@ -3,6 +3,7 @@ the reader and the trainer stream from s3:// exactly what they read from disk.""
 
 from __future__ import annotations
 
+import pickle
 import socket
 
 import fsspec
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import tiny_pipeline
 from kdcache.cache.format import CacheFormatError
+from kdcache.cache import reader as reader_module
 from kdcache.cache.reader import CacheDataset
 from kdcache.train.loop import train_students
 
@@ -43,7 +45,10 @@ def s3(tiny_cache):
     server.stop()
 
 
-def test_reader_streams_the_same_rows_and_features_from_s3(s3, tiny_cache):
+@pytest.mark.parametrize("hold", [True, False], ids=["shards-held", "row-group-ranges"])
+def test_reader_streams_the_same_rows_and_features_from_s3(s3, tiny_cache, hold, monkeypatch):
+    if not hold:  # a split too large to hold: each row group's column chunks in one ranged request
+        monkeypatch.setattr(reader_module, "HOLD_BYTES", 0)
     local = list(CacheDataset(tiny_cache, "train", feature_layers=(2,)))
     remote = list(CacheDataset(s3, "train", feature_layers=(2,)))
     assert [r["id"] for r in remote] == [r["id"] for r in local]
@@ -56,6 +61,8 @@ def test_reader_streams_the_same_rows_and_features_from_s3(s3, tiny_cache):
     some = CacheDataset(s3, "train", labels=("tech", "sports"))
     assert [r["id"] for r in some] == [r["id"] for r in CacheDataset(tiny_cache, "train", labels=("tech", "sports"))]
     assert len(some) == sum(r["label"] in (3, 4) for r in local) > 0
+    ds = CacheDataset(s3, "train")
+    assert ds._hold is hold and len(pickle.loads(pickle.dumps(ds))) == len(local), "picklable for spawned workers"
 
 
 def test_a_student_trains_from_s3_as_from_disk(s3, tiny_cache, tmp_path):

@@ -4,7 +4,7 @@ Work is planned in row groups (the manifest lists them, so no footer is read up 
 groups are permuted with a seed (shard and row-group order at once), dealt round-robin to every (process,
 DataLoader worker) pair — so each row is read exactly once per epoch across all of them — and their rows pass
 through a seeded shuffle buffer. Memory holds one row group plus the buffer, whatever the cache's size (on a remote
-filesystem, READ_AHEAD more row groups, fetched on a background thread while the current one is consumed).
+filesystem, up to READ_AHEAD more row groups, fetched on background threads while the current one is consumed).
 
 A multilingual cache can be read for some of its languages (only their partitions are opened) and mixed in other
 proportions than their sizes: each language then gives its share of the epoch's rows, in whole row groups, taken
@@ -17,9 +17,10 @@ import hashlib
 import io
 import itertools
 import os
+import threading
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -34,7 +35,13 @@ from ..fingerprint import diff_fields
 from .format import CAUSAL_LM, MANIFEST, SEQUENCE, TOKEN, CacheFormatError, read_manifest
 
 
-READ_AHEAD = 2  # row groups fetched ahead of the one being read, on remote filesystems (s3://, gs://, ...)
+# On remote filesystems (s3://, gs://, ...): at most this many row groups fetched ahead of the one being read, on as
+# many threads, and at most READ_AHEAD_BYTES of them (by their Parquet bytes), so large row groups take fewer.
+READ_AHEAD = 8
+READ_AHEAD_BYTES = 64 << 20
+# A remote split whose shards hold at most this many bytes in all is fetched a whole shard per request and kept in
+# memory for the reader's life (one request per shard, none in later epochs); a larger one a row group at a time.
+HOLD_BYTES = 64 << 20
 
 
 class RangeFile(io.RawIOBase):
@@ -199,6 +206,10 @@ class CacheDataset(torch.utils.data.IterableDataset):
         if (self.manifest.get("features") or {}).get("pooling") == "tokens" and self.feature_layers:
             raise CacheFormatError(f"{self.url}: per-token features cannot feed a sequence-level feature loss yet")
         self._footers: dict[str, Any] = {}  # shard path -> (its Parquet footer, remote: its size), read once
+        # a small remote split is held in memory, shard by shard, as it is first read (HOLD_BYTES)
+        self._hold = sum(self.shards[i]["bytes"] for i in chosen) <= HOLD_BYTES
+        self._shard_bytes: dict[str, Future] = {}
+        self._held_lock = threading.Lock()
         self.keep_labels = self._label_ids(labels)
         if self.keep_labels is not None:  # only rows of these classes: count them once
             self.num_rows = sum(int(np.isin(self._row_group(self.fs, f"{self.root}/{self.shards[i]['parquet']}", g,
@@ -344,8 +355,10 @@ class CacheDataset(torch.utils.data.IterableDataset):
         return self.num_rows
 
     def _row_group(self, fs: Any, path: str, group: int, columns: list[str] | None = None) -> pa.Table:
-        """One row group of a shard. On a remote store each file's footer is read once and a row group's column
-        chunks come in one ranged request (not a request per chunk, nor the whole file per row group)."""
+        """One row group of a shard. On a remote store: from the shard held in memory (small splits, `HOLD_BYTES`),
+        else with each file's footer read once and the row group's column chunks in one ranged request."""
+        if not _is_local(fs) and self._hold:
+            return pq.ParquetFile(pa.BufferReader(self._held(fs, path))).read_row_group(group, columns=columns)
         if path not in self._footers:
             with fs.open(path, "rb") as f:
                 self._footers[path] = (pq.ParquetFile(f).metadata, f.size if not _is_local(fs) else None)
@@ -359,6 +372,29 @@ class CacheDataset(torch.utils.data.IterableDataset):
         start, end = min(a for a, _ in spans), max(a + n for a, n in spans)
         view = RangeFile(size, start, fs.cat_file(path, start=start, end=end))
         return pq.ParquetFile(view, metadata=meta).read_row_group(group, columns=columns)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For DataLoader workers started by spawn: without the lock and the shards held so far."""
+        return {**self.__dict__, "_held_lock": None, "_shard_bytes": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _held_lock=threading.Lock())
+
+    def _held(self, fs: Any, path: str) -> bytes:
+        """A remote shard's bytes, fetched once (by the first thread that wants them; others wait for it)."""
+        with self._held_lock:
+            future = self._shard_bytes.get(path)
+            mine = future is None
+            if mine:
+                future = self._shard_bytes[path] = Future()
+        if mine:
+            try:
+                future.set_result(fs.cat_file(path))
+            except BaseException as e:
+                with self._held_lock:
+                    self._shard_bytes.pop(path, None)
+                future.set_exception(e)
+        return future.result()
 
     def _read_unit(self, u: Unit) -> dict[str, Any]:
         shard = self.shards[u.shard]
@@ -403,19 +439,21 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                mode="r")
 
     def _read_ahead(self, units: list[Unit]) -> Iterator[tuple[Unit, dict[str, Any]]]:
-        """Each unit with its columns, in order. On a remote filesystem the next READ_AHEAD units are fetched on
-        background threads while the caller works on this one, so object-storage latency hides behind training
+        """Each unit with its columns, in order. On a remote filesystem the next units (READ_AHEAD, fewer when their
+        row groups are large) are fetched on background threads while the caller works on this one, so object-storage latency hides behind training
         (one thread when Zarr features are read too: their store is then never read from two threads at once)."""
         if _is_local(self.fs) or len(units) < 2:
             for u in units:
                 yield u, self._read_unit(u)
             return
-        pool = ThreadPoolExecutor(max_workers=1 if self.feature_layers else READ_AHEAD,
+        group_bytes = max(sh["bytes"] / max(1, len(sh["row_groups"])) for sh in self.shards)
+        ahead = max(1, min(READ_AHEAD, int(READ_AHEAD_BYTES // max(1.0, group_bytes))))
+        pool = ThreadPoolExecutor(max_workers=1 if self.feature_layers else ahead,
                                   thread_name_prefix="kdcache-read-ahead")
         try:
             pending: deque = deque()
             todo = iter(units)
-            for u in itertools.islice(todo, READ_AHEAD):
+            for u in itertools.islice(todo, ahead):
                 pending.append((u, pool.submit(self._read_unit, u)))
             while pending:
                 u, future = pending.popleft()
