@@ -119,6 +119,10 @@ class DataConfig:
     augment: AugmentConfig | None = setting(None, help="Derive a transfer set of augmented, unlabelled variants "
                                                        "from a split (see below; sequence classification, one text "
                                                        "field).")
+    label_map: dict[str, str | None] = setting({}, help="Rename the source's label strings before they are read "
+                                                       "as `label_names` (e.g. another domain's `{science/technology: "
+                                                       "tech}`); a label mapped to null drops its rows (topics the "
+                                                       "task does not have). Unmapped labels are read as they are.")
     labels: tuple[str, ...] = setting((), help="Keep only the rows whose gold label is one of these names, in every "
                                                "split (the classes that have arrived so far, in class-incremental "
                                                "rounds: `kdcache lifelong`); the label set stays whole, so a later "

@@ -388,6 +388,14 @@ def _normalise(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names: t
         out[c] = texts
     if cfg.label_field:
         raw = ds[cfg.label_field][:]
+        if cfg.label_map:  # another source's label names: renamed, or their rows dropped (null)
+            keep = [i for i, y in enumerate(raw) if not (isinstance(y, str) and y in cfg.label_map
+                                                         and cfg.label_map[y] is None)]
+            raw = [cfg.label_map.get(raw[i], raw[i]) if isinstance(raw[i], str) else raw[i] for i in keep]
+            out = {k: [v[i] for i in keep] for k, v in out.items()}
+            ids = out["id"]
+            if not raw:
+                raise DataError(f"{where}: data.label_map drops every row; map at least one label to a name")
         labels = []
         for i, y in enumerate(raw):
             if isinstance(y, str) and y not in label_names:  # text files: label ids arrive as text, blank = none

@@ -203,3 +203,24 @@ def test_unlabelled_rows_learn_from_kd_alone():
         torch.testing.assert_close(distillation_loss(s, t, unlabelled, "kl", 2.0, alpha)[0],
                                    distillation_loss(s, t, torch.zeros(8, dtype=torch.long), "kl", 2.0, 0.0)[0])
     assert distillation_loss(s, t, unlabelled, "kl", 2.0, 1.0)[0] == 0, "a hard-label run learns nothing from them"
+
+
+def test_label_map_reads_another_domains_topics_in_the_teachers_label_set():
+    """BBC News -> SIB-200: science/technology read as tech, topics the teacher lacks dropped, nothing else lost."""
+    import csv
+    import gzip
+    root = require_shared_data("sib200") / "eng_Latn"
+    p = load_pipeline("bbc-to-sib200")
+    data = load_task_data(p.tasks["topic"].data)
+    names = data.label_names
+    assert names == ("business", "entertainment", "politics", "sports", "tech")
+    with gzip.open(root / "test.tsv.gz", "rt") as f:
+        raw = {r["index_id"]: r["category"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
+    test = data.splits["test"]
+    expect = {i: {"science/technology": "tech"}.get(c, c) for i, c in raw.items()
+              if c not in ("travel", "health", "geography")}
+    assert dict(zip(test["id"][:], (names[y] for y in test["label"][:]))) == expect
+    assert len(data.splits["news"]) > 1000 and set(data.splits["news"]["label"][:]) == set(range(5))
+    everything_dropped = {c: None for c in set(raw.values())}
+    with pytest.raises(DataError, match="label_map drops every row"):
+        load_task_data(replace(p.tasks["topic"].data, label_map=everything_dropped, extra={}))
