@@ -79,21 +79,23 @@ def run_lifelong(pipeline_name: str, seeds: list[int], out_dir: Path, doc: Path 
     finetuned = base.tasks[task].teacher.finetune is not None
     seen: list[str] = []
     teacher_classes: list[str] = []
+    teacher_round = 0  # the round whose teacher labels this one (its own folder: a rerun fine-tunes nothing again)
     previous: dict[tuple[str, int], Path] = {}  # (strategy, seed) -> its last run
     results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name,
                                "task": task, "student": student, "seeds": seeds, "memory_weight": life.memory_weight,
+                               "epochs": base.train.epochs,
                                "rounds": []}
     for r, rnd in enumerate(life.rounds):
         seen += rnd.labels
         if rnd.teacher == "refresh":
-            teacher_classes = list(seen)
+            teacher_classes, teacher_round = list(seen), r
         over = [*overrides, f"tasks.{task}.data.labels={json.dumps(seen)}"]
         if finetuned:
             over.append(f"tasks.{task}.teacher.finetune.labels={json.dumps(teacher_classes)}")
         pipeline = C.load_pipeline(pipeline_name, over)
         before = read_manifest(cache)["fingerprint"] if r else None
         started = time.perf_counter()
-        manifest, _drift = refresh_teacher_cache(pipeline, task, cache, teachers_dir)
+        manifest, _drift = refresh_teacher_cache(pipeline, task, cache, teachers_dir / f"round-{teacher_round}")
         teacher_s = time.perf_counter() - started
         label_names = list(manifest["label_names"])
         groups = _groups(label_names, seen, rnd.labels)
@@ -107,7 +109,7 @@ def run_lifelong(pipeline_name: str, seeds: list[int], out_dir: Path, doc: Path 
             ("refreshed" if r else "built"), "teacher_rows": captured, "cache_rows": total,
             "teacher_seconds": round(teacher_s, 1), "teacher_test": _teacher_scores(cache, groups, len(label_names)),
             "students": {k: {g: [] for g in groups} for k in STRATEGIES},
-            "seconds": {k: [] for k in STRATEGIES}}
+            "seconds": {k: [] for k in STRATEGIES}, "best_epoch": {k: [] for k in STRATEGIES}}
         for seed in seeds:
             runs = out_dir / "runs" / f"seed-{seed}" / f"round-{r}"
             names = {"scratch": f"{student}-scratch"}
@@ -134,6 +136,7 @@ def run_lifelong(pipeline_name: str, seeds: list[int], out_dir: Path, doc: Path 
                 for g, classes in groups.items():
                     entry["students"][strategy][g].append(_accuracy(test["class_correct"], test["class_rows"], classes))
                 entry["seconds"][strategy].append(done[name]["train_seconds"] + extra_s[strategy])
+                entry["best_epoch"][strategy].append(done[name]["best_epoch"])
                 previous[strategy, seed] = runs / name
         results["rounds"].append(entry)
     return _publish(results, out_dir / f"lifelong-{base.name}.json", render(results), doc, f"lifelong:{base.name}")
@@ -149,7 +152,7 @@ def _memory_pipeline(pipeline_name: str, over: list[str], task: str, run: Path) 
 def render(r: dict[str, Any]) -> str:
     """The per-round table: the teacher's pass, then each strategy's accuracy on every class so far, the old
     classes and the new ones (mean ± std over seeds), and its wall time."""
-    out = [f"### {r['pipeline']}: classes arriving in rounds ({r['date']})", "",
+    out = [f"## Lifelong: pipeline `{r['pipeline']}`, classes arriving in rounds ({r['date']})", "",
            f"Machine: {r['machine']}. Command: `kdcache lifelong {r['pipeline']} --seeds "
            f"{','.join(map(str, r['seeds']))}`. Student `{r['student']}`, {len(r['seeds'])} seed(s); test accuracy "
            "(mean ± std) on every class so far (*seen*), on the earlier rounds' classes (*old*: forgetting) and on "
@@ -162,15 +165,17 @@ def render(r: dict[str, Any]) -> str:
         out.append(f"| {e['round']} | {', '.join(e['classes'])} | {e['teacher']} | {e['cache']} | "
                    f"{e['teacher_rows']:,} of {e['cache_rows']:,} | {e['teacher_seconds']:.0f} | "
                    f"{fmt(t['seen'])} / {fmt(t['old'])} / {fmt(t['new'])} |")
-    out += ["", "| round | strategy | seen | old (forgetting) | new | train s |", "|---|---|---|---|---|---:|"]
+    out += ["", "| round | strategy | seen | old (forgetting) | new | train s | epoch kept |",
+            "|---|---|---|---|---|---:|---|"]
     for e in r["rounds"]:
         for k in STRATEGIES if e["round"] else ("scratch",):
             acc = e["students"][k]
             cells = [_mean_std(acc[g]) if acc[g] and None not in acc[g] else "–" for g in ("seen", "old", "new")]
             out.append(f"| {e['round']} | {k if e['round'] else 'all three (first round)'} | {' | '.join(cells)} | "
-                       f"{np.mean(e['seconds'][k]):.1f} |")
+                       f"{np.mean(e['seconds'][k]):.1f} | {', '.join(map(str, e['best_epoch'][k]))} |")
     out += ["", "*scratch*: retrained on every row so far; *continual*: the previous round's run trained on the new "
             "classes' rows; *memory*: the same plus a KD term on the previous run's own outputs over those rows "
-            "(its time includes caching them). Teacher rows: the rows the teacher ran over this round (a kept "
+            "(its time includes caching them). Epoch kept: the epoch of best validation accuracy (on every class so far), "
+            f"per seed, of {r.get('epochs', '?')}. Teacher rows: the rows the teacher ran over this round (a kept "
             "teacher labels only the new rows: the cache grows).", ""]
     return "\n".join(out)
