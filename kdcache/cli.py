@@ -48,10 +48,14 @@ examples:
 """
 
 
+def _set_arg(p: argparse.ArgumentParser, example: str = "tasks.sentiment.cache.batch_size=32") -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config value by dotted key (repeatable), e.g. {example}")
+
+
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", help="pipeline name under pipelines/ or path to a pipeline YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key (repeatable), e.g. tasks.sentiment.cache.batch_size=32")
+    _set_arg(p)
     p.add_argument("--task", dest="tasks", action="append", default=None, metavar="NAME",
                    help="only this task (repeatable); default: every task of the pipeline")
     p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"),
@@ -338,8 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rebuild data/runs/<pipeline>/report.md and report.png from every run's "
                                    "metrics.json and the teacher's cached test logits.")
     p.add_argument("pipeline", help="pipeline name or YAML path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key (repeatable)")
+    _set_arg(p)
     _runs_args(p)
     p.set_defaults(func=cmd_report)
 
@@ -385,8 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0, metavar="K",
                    help="also run every setting with out-of-fold training targets from K fold teachers "
                         "(teacher.finetune.folds=K) and compare them with the in-sample targets")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a pipeline value (repeatable), e.g. tasks.sst2.data.limit=null for the full set")
+    _set_arg(p, "tasks.sst2.data.limit=null for the full set")
     p.add_argument("--sweep", metavar="STUDENT", default=None,
                    help="instead: temperature (1/2/4), α (0/0.5/0.9/1) and feature loss on/off for this student, "
                         "all variants in one pass over the cache, over --seeds (classification and NER "
@@ -410,8 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rows (docs/lifecycle.md).")
     _experiment_args(p, "lifelong", "fidelity")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a pipeline value (repeatable), e.g. train.epochs=2")
+    _set_arg(p, "train.epochs=2")
     p.add_argument("--teachers-dir", type=Path, default=None,
                    help="where the round teachers are fine-tuned (default: <out>/teachers)")
     p.set_defaults(func=cmd_lifelong)
@@ -474,8 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the pipeline's config with defaults filled in and --set applied "
                                    "(validating every key), or with --reference the documentation of every key.")
     p.add_argument("pipeline", nargs="?", help="pipeline name or YAML path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key (repeatable)")
+    _set_arg(p)
     p.add_argument("--reference", action="store_true", help="print the reference of every config key (markdown)")
     p.set_defaults(func=cmd_config)
     return parser

@@ -522,18 +522,20 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         out[name], where = _extra_split(cfg, name, label_names)
         origin += f", {where}"
     if cfg.labels:
-        out = {split: _of_classes(ds, cfg.labels, label_names, raw.origin) for split, ds in out.items()}
+        out = {split: of_classes(ds, cfg.labels, label_names, f"{raw.origin}: data.labels")
+               for split, ds in out.items()}
     if cfg.augment is not None:
         out[cfg.augment.into] = _transfer_set(out, cfg, raw.origin)
     return TaskData(out, label_names, origin, "id")
 
 
-def _of_classes(ds: datasets.Dataset, keep: tuple[str, ...], label_names: tuple[str, ...],
-                origin: str) -> datasets.Dataset:
-    """The rows of `ds` whose gold label is named in `keep` (`data.labels`), and those without a label."""
+def of_classes(ds: datasets.Dataset, keep: tuple[str, ...], label_names: tuple[str, ...],
+               where: str) -> datasets.Dataset:
+    """The rows of `ds` whose gold label is named in `keep` (`data.labels`, `finetune.labels`), and those without a
+    label; `where` names the source and the setting in the error for an unknown name."""
     unknown = [x for x in keep if x not in label_names]
     if unknown:
-        raise DataError(f"{origin}: data.labels names unknown label(s) {unknown}; the labels are {list(label_names)}")
+        raise DataError(f"{where} names unknown label(s) {unknown}; the labels are {list(label_names)}")
     ids = {label_names.index(x) for x in keep}
     return take_rows(ds, [i for i, y in enumerate(ds["label"][:]) if y < 0 or y in ids])
 

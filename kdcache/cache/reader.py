@@ -164,10 +164,10 @@ def dist_info() -> tuple[int, int]:
 
 class CacheDataset(torch.utils.data.IterableDataset):
     """Rows of one cached split (with `extra_splits`, of several, as one; with `generation`, as it was then: a
-    grown cache's earlier rows only; with `labels`, only the rows of those classes). Sequence classification: dicts with `row_id`, `id`, the text field(s), `label`
-    (-1 = none), `logits` [C] float32 and, when asked, `features` {layer_j: [H] float32}; token classification:
-    `words`, `tags`, `logits` [covered_words, C], `covered_words`; causal LM: see `lm_columns`. Batch them with
-    `ds.collate`.
+    grown cache's earlier rows only; with `labels`, only the rows of those classes). Sequence classification: dicts
+    with `row_id`, `id`, the text field(s), `label` (-1 = none), `logits` [C] float32 and, when asked, `features`
+    {layer_j: [H] float32}; token classification: `words`, `tags`, `logits` [covered_words, C], `covered_words`;
+    causal LM: see `lm_columns`. Batch them with `ds.collate`.
 
     shuffle: permute row groups per epoch and pass rows through a `shuffle_buffer`-row buffer, seeded by
     (seed, epoch, rank, worker) so the same seed gives the same order. rank/world_size default to the running
@@ -217,7 +217,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                             self.keep_labels).sum())
                                 for i in chosen for g in range(len(self.shards[i]["row_groups"])))
         self.companion_urls = tuple(str(c) for c in companions)
-        self.companions = [self._companion(c) for c in self.companion_urls]
+        ours = self._ids_and_text(self.fs, self.root, self.shards) if companions else None  # read once for them all
+        self.companions = [self._companion(c, ours) for c in self.companion_urls]
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
         self.epoch = 0
         self.units = [Unit(i, g, sum(self.shards[i]["row_groups"][:g]), n, self.shards[i].get("language"))
@@ -228,7 +229,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.budgets = {} if mixing == "proportional" else {k: round(p * self.num_rows) for k, p in self.shares.items()}
 
     def _shards_of(self, m: dict[str, Any]) -> list[dict[str, Any]]:
-        """The shards this reader reads of a manifest (its own, or another teacher's of the same rows)."""
+        """The shards this reader reads of its manifest: those of its splits, as of its generation."""
         return [sh for s in self.splits for sh in m["splits"][s]["shards"]
                 if sh["row_start"] < self._rows_as_of(s, self.generation)]
 
@@ -256,10 +257,10 @@ class CacheDataset(torch.utils.data.IterableDataset):
                                    "check the student's `train_labels`")
         return np.array([have.index(x) for x in names])
 
-    def _companion(self, url: str) -> tuple[dict[str, int], np.ndarray]:
-        """(row id -> position, logits [rows, C]) of another teacher's cache of this reader's rows, in any order or
-        shard layout (a grown cache and a fresh one of the same data differ in both); refused unless its head and
-        label set agree and it holds every row read here with the same text."""
+    def _companion(self, url: str, ours: dict[str, list]) -> tuple[dict[str, int], np.ndarray]:
+        """(row id -> position, logits [rows, C]) of another teacher's cache of this reader's rows (`ours`: their ids
+        and text checksums), in any order or shard layout (a grown cache and a fresh one of the same data differ in
+        both); refused unless its head and label set agree and it holds every row read here with the same text."""
         fs, root, m = open_manifest(url)
         mine = self.manifest
         problem = None
@@ -270,9 +271,9 @@ class CacheDataset(torch.utils.data.IterableDataset):
         elif [s for s in self.splits if s not in m["splits"]] or list(m["text_fields"]) != list(self.text_fields):
             problem = f"it lacks split(s) of {', '.join(self.splits)} or has other text fields than {self.url}"
         if problem is None:
-            theirs = self._ids_and_text(fs, root, m, ["logits"])
+            theirs = self._ids_and_text(fs, root, [sh for s in self.splits for sh in m["splits"][s]["shards"]],
+                                        ["logits"])
             index = {i: n for n, i in enumerate(theirs["id"])}
-            ours = self._ids_and_text(self.fs, self.root, mine)
             for i, text in zip(ours["id"], ours["text"]):
                 n = index.get(i)
                 if n is None or theirs["text"][n] != text:
@@ -285,11 +286,10 @@ class CacheDataset(torch.utils.data.IterableDataset):
             raise CacheMismatchError(f"{url}: cannot serve as another teacher of {self.url}: {problem}")
         return index, np.concatenate(theirs["logits"]) if theirs["logits"] else np.zeros((0, len(m["label_names"])))
 
-    def _ids_and_text(self, fs: Any, root: str, m: dict[str, Any], more: list[str] = ()) -> dict[str, list]:
-        """Ids, a checksum of each row's text, and `more` columns (arrays per row group) of the rows this reader reads
-        in manifest `m`'s cache."""
+    def _ids_and_text(self, fs: Any, root: str, shards: list[dict[str, Any]], more: list[str] = ()) -> dict[str, list]:
+        """Ids, a checksum of each row's text, and `more` columns (an array per shard) of these shards of a cache."""
         out: dict[str, list] = {"id": [], "text": [], **{c: [] for c in more}}
-        for sh in self._shards_of(m):
+        for sh in shards:
             with fs.open(f"{root}/{sh['parquet']}", "rb") as f:
                 table = pq.read_table(f, columns=["id", *self.text_fields, *more])
             out["id"] += table.column("id").to_pylist()
@@ -440,8 +440,9 @@ class CacheDataset(torch.utils.data.IterableDataset):
 
     def _read_ahead(self, units: list[Unit]) -> Iterator[tuple[Unit, dict[str, Any]]]:
         """Each unit with its columns, in order. On a remote filesystem the next units (READ_AHEAD, fewer when their
-        row groups are large) are fetched on background threads while the caller works on this one, so object-storage latency hides behind training
-        (one thread when Zarr features are read too: their store is then never read from two threads at once)."""
+        row groups are large) are fetched on background threads while the caller works on this one, so object-storage
+        latency hides behind training (one thread when Zarr features are read too: their store is then never read
+        from two threads at once)."""
         if _is_local(self.fs) or len(units) < 2:
             for u in units:
                 yield u, self._read_unit(u)

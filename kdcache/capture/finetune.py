@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import TaskConfig
-from ..data import TaskData, take_rows
+from ..data import TaskData, of_classes, take_rows
 from ..fingerprint import hash_obj, hash_table
 from ..progress import progress
 from ..optim import adamw, warmup_linear
@@ -41,7 +41,7 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
     if train is None:
         raise TeacherError(f"teacher.finetune.train_split {ft.train_split!r} is not a split of the data "
                            f"({', '.join(data.splits)})")
-    chosen = _training_rows(train, ft, data.label_names)
+    chosen = _training_rows(train, ft, data)
     labelled = HEADS[task.teacher.head].labelled_rows(chosen)
     rows = len(labelled)
     used = take_rows(chosen, labelled) if rows < len(chosen) else chosen
@@ -74,14 +74,11 @@ def finetune_steps(ft: Any, rows: int) -> int:
     return max(_epoch_steps(ft, rows), ft.min_steps)
 
 
-def _training_rows(ds: Any, ft: Any, label_names: Any) -> Any:
+def _training_rows(ds: Any, ft: Any, data: TaskData) -> Any:
     """The rows of the fine-tuning split the teacher may learn from: the first `limit`, of the classes in `labels`
     (rows of other classes are left out, not unlabelled)."""
     ds = ds.select(range(min(ft.limit, len(ds)))) if ft.limit is not None else ds
-    if not ft.labels:
-        return ds
-    keep = {label_names.index(x) for x in ft.labels}
-    return take_rows(ds, [i for i, y in enumerate(ds["label"][:]) if y in keep])
+    return of_classes(ds, ft.labels, data.label_names, f"{data.origin}: teacher.finetune.labels") if ft.labels else ds
 
 
 def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: CaptureHead, out_dir: Path) -> Path:
@@ -108,7 +105,7 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: Cap
     model, _ = build_model(teacher, head.auto_class, data.label_names, seed=ft.seed)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find each row's last token by it
-    train = _training_rows(data.splits[ft.train_split], ft, data.label_names)
+    train = _training_rows(data.splits[ft.train_split], ft, data)
     ids, targets = head.finetune_examples(tokenizer, train, task)
     if not ids:
         raise TeacherError(f"task {task_name}: split {ft.train_split!r} has no labelled rows to fine-tune on")

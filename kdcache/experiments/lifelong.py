@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from .. import config as C
-from ..cache.format import read_manifest
 from ..cache.reader import read_columns
 from ..capture.build import build_teacher_cache
 from ..capture.refresh import refresh_teacher_cache
@@ -93,16 +92,14 @@ def run_lifelong(pipeline_name: str, seeds: list[int], out_dir: Path, doc: Path 
         if finetuned:
             over.append(f"tasks.{task}.teacher.finetune.labels={json.dumps(teacher_classes)}")
         pipeline = C.load_pipeline(pipeline_name, over)
-        before = read_manifest(cache)["fingerprint"] if r else None
         started = time.perf_counter()
         manifest, _drift = refresh_teacher_cache(pipeline, task, cache, teachers_dir / f"round-{teacher_round}")
         teacher_s = time.perf_counter() - started
         label_names = list(manifest["label_names"])
         groups = _groups(label_names, seen, rnd.labels)
         total = sum(v["rows"] for v in manifest["splits"].values())
-        gens = manifest.get("generations") or []
-        grown = bool(r and len(gens) > 1 and gens[-1]["fingerprint"] == manifest["fingerprint"]
-                     and manifest.get("parent", {}).get("fingerprint") != before)
+        gens = manifest.get("generations") or []  # a rebuilt cache has none; a grown one ends with this round's
+        grown = bool(r) and len(gens) > 1 and gens[-1]["fingerprint"] == manifest["fingerprint"]
         captured = total - sum(s["rows"] for s in gens[-2]["splits"].values()) if grown else total
         entry: dict[str, Any] = {
             "round": r, "classes": list(rnd.labels), "teacher": rnd.teacher, "cache": "grown" if grown else
@@ -126,8 +123,8 @@ def run_lifelong(pipeline_name: str, seeds: list[int], out_dir: Path, doc: Path 
                 extra_s["memory"] = time.perf_counter() - t0
                 loss = C.to_dict(base.student_loss(student))
                 sets.append(_student(base, names["memory"], init_from=str(previous["memory", seed]),
-                                     train_labels=list(rnd.labels), teachers={task: 1.0, str(memory): life.memory_weight},
-                                     loss={**loss, "ensemble": "terms"}))
+                                     train_labels=list(rnd.labels), loss={**loss, "ensemble": "terms"},
+                                     teachers={task: 1.0, str(memory): life.memory_weight}))
             seeded = C.load_pipeline(pipeline_name, [*over, *sets])
             done = {m["run"]: m for m in train_students(seeded, list(names.values()), {task: str(cache)}, runs)}
             for strategy in STRATEGIES:
@@ -144,9 +141,9 @@ def run_lifelong(pipeline_name: str, seeds: list[int], out_dir: Path, doc: Path 
 
 def _memory_pipeline(pipeline_name: str, over: list[str], task: str, run: Path) -> C.PipelineConfig:
     """The round's data with the previous run as the teacher (its outputs on every row: the memory term)."""
-    t = f"tasks.{task}"
-    return C.load_pipeline(pipeline_name, [*over, f"{t}.teacher={json.dumps({'run': str(run), 'sanity': {'enabled': False}})}",
-                                           f"{t}.cache.features={{}}"])
+    teacher = {"run": str(run), "sanity": {"enabled": False}}  # a memory is not judged on the new classes
+    return C.load_pipeline(pipeline_name, [*over, f"tasks.{task}.teacher={json.dumps(teacher)}",
+                                           f"tasks.{task}.cache.features={{}}"])
 
 
 def render(r: dict[str, Any]) -> str:
