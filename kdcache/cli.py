@@ -382,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "docs/fidelity.md (mean ± std).")
     _experiment_args(p, "fidelity", "fidelity")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    p.add_argument("--students", default="bow,bilstm", help="comma-separated students of the pipeline")
+    p.add_argument("--students", default="bow,bilstm",
+                   help="comma-separated students of the pipeline; a `per_language` student stands for all its "
+                        "<name>@<code> students, and on a multilingual cache every setting gets a per-language table")
     p.add_argument("--scarce", type=int, default=1000, help="labelled training rows in the label-scarce setting (0: all-labels setting only)")
     p.add_argument("--only-scarce", action="store_true", help="run the label-scarce setting only")
     p.add_argument("--folds", type=int, default=0, metavar="K",

@@ -181,7 +181,9 @@ class FinetuneConfig:
     train_split: str = setting("train", help="Split to fine-tune on.")
     eval_split: str | None = setting("validation", help="Split to report accuracy on after fine-tuning (and to judge "
                                                         "the teacher by, see `teacher.sanity`).")
-    limit: int | None = setting(None, help="Fine-tune on at most this many training rows (label-scarce settings).",
+    limit: int | None = setting(None, help="Fine-tune on at most this many training rows, the first ones "
+                                           "(label-scarce settings); with `data.languages`, the languages take turns "
+                                           "(6000 over three languages: the first 2000 of each).",
                                 check=at_least(1))
     seed: int = setting(0, help="Seed for the head initialisation and the data order.")
     labels: tuple[str, ...] = setting((), help="Fine-tune only on rows of these classes (a teacher kept from an "

@@ -204,6 +204,37 @@ def test_zero_shot_comparison_per_language(tmp_path):
     assert f"{res['teacher']['labels in en only']['de']:.4f}" in row
 
 
+def test_fidelity_breaks_every_student_down_by_language(tmp_path):
+    """`kdcache fidelity <multilingual pipeline> --students bow,bow-lang`: a per-language family runs as its
+    `@<code>` students; per seed it counts once (the mean of its languages), and the per-language table holds the
+    teacher's cached value and each run's own test accuracy in its cell."""
+    require_shared_data("sib200")
+    from kdcache.experiments.fidelity import run_fidelity
+    doc = tmp_path / "f.md"
+    res = run_fidelity(PIPELINE, [0, 1], ["bow", "bow-lang"], 0, tmp_path / "fid", doc,
+                       teachers_dir=tmp_path / "teachers", cache_root=tmp_path / "caches",
+                       overrides=[*FAST, "train.epochs=1"])
+    s = res["settings"]["all labels"]
+    by = s["by_language"]
+    m = read_manifest(tmp_path / "caches" / "multilingual-topic-tiny" / "topic")
+    assert by["teacher"] == {c: [m["splits"]["test"]["languages"][c]["stats"]["teacher_accuracy"]] for c in CODES}
+    for seed in (0, 1):
+        runs = tmp_path / "fid" / "runs" / "all-labels" / str(seed)
+        own = {c: json.loads((runs / f"bow-lang@{c}" / "metrics.json").read_text())["test"]["accuracy"]
+               for c in CODES}
+        assert [by["bow-lang (one per language, KD)"][c][seed] for c in CODES] == [own[c] for c in CODES]
+        assert s["students"]["bow-lang"]["kd"][seed] == pytest.approx(np.mean(list(own.values())))
+        multi = json.loads((runs / "bow" / "metrics.json").read_text())
+        assert by["bow (multilingual, hard labels)"]["fr"][seed] is not None
+        assert by["bow (multilingual, KD)"]["fr"][seed] == multi["test_by_language"]["fr"]["accuracy"]
+        assert s["students"]["bow"]["kd"][seed] == multi["test"]["accuracy"]
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| bow-lang (one per language, KD)"))
+    de = by["bow-lang (one per language, KD)"]["de"]
+    assert f"{np.mean(de):.4f} ± {np.std(de, ddof=1):.4f}" in row
+    with pytest.raises(ConfigError, match="no student 'nope'"):
+        run_fidelity(PIPELINE, [0], ["nope"], 0, tmp_path / "fid", None, overrides=FAST)
+
+
 def test_multilingual_ner_one_tag_set_per_language_taggers(tmp_path):
     """CoNLL English, Spanish and Dutch in one token-classification cache: word-level partitions per language, a
     tagger per language with its own vocabulary, and a multilingual tagger whose per-language counts add up."""
@@ -260,3 +291,23 @@ def test_multilingual_lm_cache_packs_each_language_apart(ml_lm_cache, tmp_path):
     assert fert["de"] > fert["en"] > 1.0, fert  # an English WordPiece splits German words more
     r = id_layouts(str(cache), None, tmp_path / "bench", reps=1)  # asserts the round trip itself
     assert r["bits"] == 18 and set(r["rows"]) == {"int32", "packed 18-bit"}
+
+
+def test_a_teacher_fine_tuning_limit_takes_the_languages_in_turn():
+    """`teacher.finetune.limit` on a multilingual task: the first rows of every language, a short language leaving
+    its turns to the others, in the rows' own order; without languages, the first rows as before."""
+    require_shared_data("sib200")
+    from kdcache.capture.finetune import _training_rows
+    from kdcache.data import load_task_data
+    for limit, want in ((50, {c: 10 for c in CODES}), (100, {"en": 22, "de": 12, "fr": 22, "es": 22, "nl": 22})):
+        p = pipeline(f"tasks.topic.teacher.finetune.limit={limit}")
+        data = load_task_data(p.tasks["topic"].data)
+        train = data.splits["train"]
+        chosen = _training_rows(train, p.tasks["topic"].teacher.finetune, data)
+        assert Counter(chosen["language"]) == want
+        first = {c: [r["id"] for r in train if r["language"] == c][:want[c]] for c in CODES}
+        assert chosen["id"] == [r["id"] for r in train if r["id"] in set(sum(first.values(), []))]
+    one = load_pipeline(str(REPO / "pipelines" / "sib200-en" / "pipeline.yaml"), ["tasks.topic.teacher.finetune.limit=40"])
+    data = load_task_data(one.tasks["topic"].data)
+    assert _training_rows(data.splits["train"], one.tasks["topic"].teacher.finetune, data)["id"] == \
+        data.splits["train"]["id"][:40]

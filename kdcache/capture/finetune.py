@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,28 @@ def finetune_steps(ft: Any, rows: int) -> int:
 
 
 def _training_rows(ds: Any, ft: Any, data: TaskData) -> Any:
-    """The rows of the fine-tuning split the teacher may learn from: the first `limit`, of the classes in `labels`
-    (rows of other classes are left out, not unlabelled)."""
-    ds = ds.select(range(min(ft.limit, len(ds)))) if ft.limit is not None else ds
+    """The rows of the fine-tuning split the teacher may learn from: the first `limit` (of every language in turn,
+    so that a multilingual teacher sees each language), of the classes in `labels` (rows of other classes are left
+    out, not unlabelled)."""
+    if ft.limit is not None and ft.limit < len(ds):
+        rows = _first_of_each_language(ds["language"] if "language" in ds.column_names else [None] * len(ds), ft.limit)
+        # the first rows: a slice of the table, as teachers keyed before languages existed were hashed
+        ds = ds.select(range(ft.limit)) if rows[-1] == ft.limit - 1 else take_rows(ds, rows)
     return of_classes(ds, ft.labels, data.label_names, f"{data.origin}: teacher.finetune.labels") if ft.labels else ds
+
+
+def _first_of_each_language(languages: list[str | None], limit: int) -> list[int]:
+    """`limit` row indices, the languages taking turns (a language with fewer rows leaves its turns to the others),
+    in the rows' own order."""
+    rows: dict[str | None, list[int]] = {}
+    for i, code in enumerate(languages):
+        rows.setdefault(code, []).append(i)
+    taken: list[int] = []
+    for turn in zip_longest(*rows.values()):
+        taken += [i for i in turn if i is not None][:limit - len(taken)]
+        if len(taken) == limit:
+            break
+    return sorted(taken)
 
 
 def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: CaptureHead, out_dir: Path) -> Path:

@@ -17,7 +17,7 @@ from ..cache.format import CAUSAL_LM, SEQUENCE
 from ..capture.build import build_teacher_cache
 from ..data import load_task_data
 from ..metrics import METRICS
-from ..report import _fmt
+from ..report import _fmt, _per_language_rows
 from ..train.loop import train_students
 from .docsections import write_section
 from .machine import machine
@@ -45,6 +45,8 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     metric = _metric(base.tasks[task].teacher.head)
+    runs_of = _student_runs(base, students)
+    names = [n for s in students for n in runs_of[s]]
     settings = {}
     if all_labels:
         settings["all labels"] = (list(overrides), teachers_dir, cache_root / base.name / task)
@@ -71,12 +73,21 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
         manifest = build_teacher_cache(pipeline, task, cache, teachers)
         built_s = time.perf_counter() - started
         rows: dict[str, dict[str, list[float]]] = {s: {"kd": [], "hard": []} for s in students}
+        by_language: dict[str, dict[str, list[float]]] = {}
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
                                      [f"students.{s}.twin=true" for s in students])
-            for r in train_students(seeded, students, cache.parent,
-                                    out_dir / "runs" / name.replace(" ", "-") / str(seed)):
-                rows[r["student"]]["kd" if r["kd"] else "hard"].append(r["test"][metric[0]])
+            runs = train_students(seeded, names, cache.parent,
+                                  out_dir / "runs" / name.replace(" ", "-") / str(seed))
+            for s in students:  # a per-language family counts once per seed: the mean of its languages
+                for kd in (True, False):
+                    got = [r["test"][metric[0]] for r in runs if r["student"] in runs_of[s] and r["kd"] == kd]
+                    if got:  # (a twin is skipped where its rows have no gold labels)
+                        rows[s]["kd" if kd else "hard"].append(float(np.mean(got)))
+            if manifest.get("languages"):
+                for label, vals in _per_language_rows(runs, metric[0]).items():
+                    for code, v in vals.items():
+                        by_language.setdefault(label, {}).setdefault(code, []).append(v)
         results["settings"][name] = {"teacher_test_accuracy": manifest["splits"]["test"]["stats"][metric[1]],
                                      "teacher_finetune_epochs": (pipeline.tasks[task].teacher.finetune.epochs
                                                                  if pipeline.tasks[task].teacher.finetune else None),
@@ -89,16 +100,48 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                                      "teacher_train": {k: manifest["splits"]["train"]["stats"].get(k)
                                                        for k in (metric[1], "mean_entropy_nats")},
                                      # 0 when an earlier run's teacher and cache were reused as they were
-                                     "build_seconds": round(built_s, 1), **_transfer(pipeline, students, manifest),
+                                     "build_seconds": round(built_s, 1), **_transfer(pipeline, names, manifest),
                                      # every cached split (other sources, transfer sets): how the teacher does there
                                      "teacher_splits": {sp: {k: v["stats"].get(k) for k in (metric[1],
                                                                                              "mean_confidence")}
                                                         for sp, v in manifest["splits"].items()}}
+        if by_language:  # every student per language, the teacher's own value beside them
+            test = manifest["splits"]["test"]["languages"]
+            results["settings"][name]["by_language"] = {
+                "teacher": {c: [test[c]["stats"].get(metric[1])] for c in manifest["languages"]}, **by_language}
     # an out-of-fold comparison has its own JSON and doc section: it does not replace the pipeline's main one
     name = base.name + ("-oof" if folds else "")
     results["flags"] = (f" --students {','.join(students)} --scarce {scarce}" + (" --only-scarce" if not all_labels else "")
                         + (f" --folds {folds}" if folds else "") + "".join(f" --set {o}" for o in overrides))
     return _publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
+
+
+def _student_runs(pipeline: C.PipelineConfig, students: list[str]) -> dict[str, list[str]]:
+    """Each named student's runs: itself, or for a `per_language` student its `<name>@<code>` students."""
+    out = {s: [n for n in pipeline.students if n == s or n.startswith(f"{s}@")] for s in students}
+    missing = [s for s, names in out.items() if not names]
+    if missing:
+        raise C.ConfigError(f"pipeline {pipeline.name!r} has no student {', '.join(map(repr, missing))} "
+                            f"(its students: {', '.join(sorted({n.split('@')[0] for n in pipeline.students}))})")
+    return out
+
+
+def _render_languages(s: dict[str, Any], words: str) -> list[str]:
+    """The setting's per-language table: the teacher and every student family, mean ± std over seeds."""
+    by = s.get("by_language")
+    if not by:
+        return []
+    codes = list(by["teacher"])
+    lines = [f"Per language ({words}; a `<name>@<code>` family is one student per language, trained and tested on "
+             "its partition; a multilingual student is tested on each partition):", "",
+             "| model | " + " | ".join(codes) + " | mean |", "|---|" + "---:|" * (len(codes) + 1)]
+    for label, vals in by.items():
+        cells = [vals.get(c) or [] for c in codes]
+        per_seed = [float(np.mean(x)) for x in zip(*cells)] if all(cells) else []
+        lines.append(f"| {label} | " + " | ".join(_mean_std(x) if len(x) > 1 else _fmt(x[0] if x else None)
+                                                  for x in cells)
+                     + f" | {_mean_std(per_seed) if len(per_seed) > 1 else _fmt(per_seed[0] if per_seed else None)} |")
+    return lines + [""]
 
 
 def _render_splits(s: dict[str, Any]) -> list[str]:
@@ -296,6 +339,7 @@ def render(r: dict[str, Any]) -> str:
             gain = [a - b for a, b in zip(v["kd"], v["hard"])]
             lines.append(f"| {student} | {_mean_std(v['kd'])} | {_mean_std(v['hard'])} | {_mean_std(gain)} |")
         lines.append("")
+        lines += _render_languages(s, words)
     lines += _render_oof(r)
     other_domain = any(set(s.get("teacher_splits") or {}) - {"train", "validation", "test", "transfer"}
                        for s in r["settings"].values())
