@@ -326,6 +326,13 @@ class LossConfig:
                                          "distributions at the loss temperature) or `terms` (one KD term per teacher, "
                                          "weighted; with `kl` or `soft_ce` the two have equal gradients).",
                             check=one_of("mean", "terms"))
+    center_languages: str | None = setting(None, help="Multilingual classification caches: shift each row's cached "
+                                                      "teacher logits by this language's mean logits minus its own "
+                                                      "language's (means over the training split, labels not needed). "
+                                                      "Removes a teacher's per-language offset: for a linear head on a "
+                                                      "frozen model, the same as centring its features per language. "
+                                                      "For a teacher fine-tuned on one language, name that language "
+                                                      "(docs/multilingual.md).")
     chunk: int | None = setting(32, help="Causal-LM students: token rows per chunk of the memory-lean student "
                                          "normalisation (no second [tokens, vocab] tensor; small chunks stay in CPU "
                                          "cache, ~5x faster than the plain path); null = plain path.", check=at_least(1))
@@ -582,6 +589,12 @@ def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
             if st.tokenizer != "words" and not p.tasks[task].cache.offsets:
                 raise ConfigError(f"`{where}.tokenizer` = {st.tokenizer!r}: a causal-LM student with its own "
                                   f"tokenizer needs a cache with offsets; set tasks.{task}.cache.offsets: true")
+        codes = p.tasks[task].data.languages
+        if loss.center_languages is not None and (head != SEQUENCE or st.teachers or
+                                                  loss.center_languages not in codes):
+            raise ConfigError(f"`{lw}.center_languages` = {loss.center_languages!r}: one of the task's languages "
+                              f"({', '.join(codes) if codes else 'it has no `data.languages`'}), for single-teacher "
+                              "sequence-classification students")
         if loss.kind == "uld" and (head != CAUSAL_LM or st.tokenizer == "words") and loss.alpha < 1.0:
             raise ConfigError(f"`{lw}.kind` is `uld`: the sorted-probability baseline is for causal-LM students "
                               "with their own tokenizer (`tokenizer: bpe:<size>` or a tokenizer name)")

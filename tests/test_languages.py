@@ -202,6 +202,19 @@ def test_zero_shot_comparison_per_language(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| de |"))
     assert f"{zs['bow-lang@de'][0]:.4f}" in row and f"{full['bow-lang@de-hard'][0]:.4f}" in row
     assert f"{res['teacher']['labels in en only']['de']:.4f}" in row
+    # centred on English: the teacher's accuracy recomputed densely from the cached logits (means over train)
+    cache = tmp_path / "fid" / "cache-zero-shot" / "topic"
+    logits = {s: pads.dataset(cache / s, partitioning="hive").to_table().to_pydict() for s in ("train", "test")}
+    mean = {c: np.mean([x for x, l in zip(logits["train"]["logits"], logits["train"]["language"]) if l == c], axis=0)
+            for c in CODES}
+    for c in CODES:
+        rows = [(x, y) for x, y, l in zip(logits["test"]["logits"], logits["test"]["label"], logits["test"]["language"])
+                if l == c]
+        want = np.mean([np.argmax(np.asarray(x) - mean[c] + mean["en"]) == y for x, y in rows])
+        assert res["teacher"]["labels in one language, logits centred"][c] == pytest.approx(want)
+    centred = res["runs"]["labels in one language, logits centred"]
+    assert set(centred) == {f"bow-lang@{c}" for c in CODES}, "KD students only: no twins in the centred setting"
+    assert f"{centred['bow-lang@de'][0]:.4f}" in row
 
 
 def test_fidelity_breaks_every_student_down_by_language(tmp_path):
@@ -311,3 +324,30 @@ def test_a_teacher_fine_tuning_limit_takes_the_languages_in_turn():
     data = load_task_data(one.tasks["topic"].data)
     assert _training_rows(data.splits["train"], one.tasks["topic"].teacher.finetune, data)["id"] == \
         data.splits["train"]["id"][:40]
+
+
+def test_centred_teacher_logits_shift_each_row_by_its_languages_mean(ml_cache):
+    """`loss.center_languages: en` on a German student: the KD target of each row is its cached logits plus English's
+    mean training logits minus German's, both means over every partition of the training split (the student reads
+    only German), checked against a dense loss on shifted logits; a student without the setting sees the logits as
+    cached."""
+    from accelerate import Accelerator
+    from kdcache.train.losses import distillation_loss
+    from kdcache.train.sources import open_source
+    p = pipeline("train.loss.center_languages=en")
+    src = open_source(p, "topic", str(ml_cache), Accelerator(cpu=True), languages=("de",))
+    train = pads.dataset(ml_cache / "train", partitioning="hive").to_table().to_pydict()
+    mean = {c: np.mean([x for x, l in zip(train["logits"], train["language"]) if l == c], axis=0) for c in CODES}
+    batch = next(iter(src.loader))
+    assert set(batch["language"]) == {"de"}
+    targets = src.head.targets(batch, src, torch.device("cpu"))
+    student = torch.randn(len(batch["label"]), 7)
+    got, _ = src.head.loss(student, [], targets, batch, p.train.loss, "test")
+    shifted = batch["logits"] + torch.as_tensor(mean["en"] - mean["de"], dtype=torch.float32)
+    want, _ = distillation_loss(student, shifted, batch["label"], "kl", 2.0, 0.5)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    plain, _ = src.head.loss(student, [], targets, batch, pipeline().train.loss, "test")
+    assert float(plain) == pytest.approx(float(distillation_loss(student, batch["logits"], batch["label"])[0]), rel=1e-6)
+    assert float(plain) != pytest.approx(float(got))
+    with pytest.raises(ConfigError, match="center_languages"):
+        pipeline("train.loss.center_languages=xx")

@@ -14,16 +14,19 @@ import numpy as np
 
 from .. import config as C
 from ..cache.format import CAUSAL_LM, SEQUENCE
+from ..cache.reader import read_columns
 from ..capture.build import build_teacher_cache
 from ..data import load_task_data
 from ..metrics import METRICS
 from ..report import _fmt, _per_language_rows
+from ..train.classification import language_mean_logits
 from ..train.loop import train_students
 from .docsections import write_section
 from .machine import machine
 
 
 OOF = "out-of-fold targets"
+CENTRED = "labels in one language, logits centred"
 
 
 def _metric(head: str) -> list[str]:
@@ -183,8 +186,9 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
                   doc: Path | None, teachers_dir: Path = Path("data/teachers"), cache_root: Path = Path("data/cache"),
                   overrides: list[str] = ()) -> dict[str, Any]:
     """Labels in one language only: a teacher fine-tuned on `labelled`'s rows labels every language; per language,
-    the teacher (zero-shot), `student` trained on its cached soft labels alone, and the same student on that
-    language's gold labels (the ceiling, from the pipeline's all-labels cache), over `seeds`."""
+    the teacher (zero-shot), `student` trained on its cached soft labels alone (as cached, and for classification
+    also centred on `labelled`: `loss.center_languages`), and the same student on that language's gold labels (the
+    ceiling, from the pipeline's all-labels cache), over `seeds`."""
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     codes = list(base.tasks[task].data.languages)
@@ -193,10 +197,14 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
                             f"({', '.join(codes) or 'none: set data.languages'})")
     metric = _metric(base.tasks[task].teacher.head)
     per_language = [*overrides, f"students.{student}.per_language=true", f"students.{student}.twin=true"]
+    zero_shot = [*per_language] + [f"tasks.{task}.data.languages.{c}.labelled_limit=0" for c in codes if c != labelled]
+    st = base.students.get(student) or base.students.get(f"{student}@{labelled}")  # (per_language: expanded)
+    centred = f"{'students.' + student if st and st.loss else 'train'}.loss.center_languages={labelled}"
+    zs_dirs = (out_dir / "teachers-zero-shot", out_dir / "cache-zero-shot" / task)
     settings = {"all labels": (per_language, teachers_dir, cache_root / base.name / task),
-                f"labels in {labelled} only": ([*per_language] + [f"tasks.{task}.data.languages.{c}.labelled_limit=0"
-                                                                   for c in codes if c != labelled],
-                                               out_dir / "teachers-zero-shot", out_dir / "cache-zero-shot" / task)}
+                f"labels in {labelled} only": (zero_shot, *zs_dirs)}
+    if base.tasks[task].teacher.head == SEQUENCE:  # the same cache, each language's logits centred on `labelled`
+        settings[CENTRED] = ([*zero_shot, centred, f"students.{student}.twin=false"], *zs_dirs)
     results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name,
                                "labelled": labelled, "student": student, "seeds": seeds, "metric": metric,
                                "languages": codes, "teacher": {}, "runs": {}}
@@ -205,6 +213,9 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
         manifest = build_teacher_cache(pipeline, task, cache, teachers)
         results["teacher"][name] = {c: manifest["splits"]["test"]["languages"][c]["stats"].get(metric[1])
                                     for c in codes}
+        if name == CENTRED:
+            results["teacher"][name] = _centred_teacher(str(cache), labelled, pipeline.train.train_split,
+                                                        pipeline.train.test_split)
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"])
             for r in train_students(seeded, [f"{student}@{c}" for c in codes], cache.parent,
@@ -212,6 +223,17 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
                 results["runs"].setdefault(name, {}).setdefault(r["run"], []).append(r["test"][metric[0]])
     return _publish(results, out_dir / f"zero-shot-{base.name}.json", render_zero_shot(results), doc,
                     f"fidelity:{base.name}-zero-shot")
+
+
+def _centred_teacher(cache: str, reference: str, train_split: str, test_split: str) -> dict[str, float]:
+    """Per language, the teacher's test accuracy once its logits are centred on `reference` as the students see
+    them (`loss.center_languages`: the means come from the training split)."""
+    means = language_mean_logits(cache, train_split)
+    test = read_columns(cache, test_split, ["logits", "label", "language"])
+    right: dict[str, list[bool]] = {}
+    for x, y, c in zip(test["logits"], test["label"], test["language"]):
+        right.setdefault(c, []).append(int(np.argmax(np.asarray(x) + means[reference] - means[c])) == y)
+    return {c: float(np.mean(v)) for c, v in right.items()}
 
 
 def render_zero_shot(r: dict[str, Any]) -> str:
@@ -223,15 +245,19 @@ def render_zero_shot(r: dict[str, Any]) -> str:
              f"language; `{s}@<code>` is trained on one language's partition: from the teacher's soft labels alone "
              "where that language has no labels, and on its gold labels (hard-label twin, all-labels cache) for the "
              "ceiling.", "",
-             f"| language | teacher, {lab} labels only | {s}: KD, no labels in the language | {s}: gold labels "
-             f"(ceiling) | teacher, all labels |", "|---|---:|---:|---:|---:|"]
+             f"| language | teacher, {lab} labels only | {s}: KD, no labels in the language | teacher, centred | "
+             f"{s}: KD on the centred teacher | {s}: gold labels (ceiling) | teacher, all labels |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for c in r["languages"]:
-        kd = r["runs"].get(zs, {}).get(f"{s}@{c}", [])
-        gold = r["runs"].get(full, {}).get(f"{s}@{c}-hard", [])
+        kd, kd_c, gold = (r["runs"].get(setting, {}).get(f"{s}@{c}{suffix}", [])
+                          for setting, suffix in ((zs, ""), (CENTRED, ""), (full, "-hard")))
         lines.append(f"| {c}{' (labelled)' if c == lab else ''} | {_fmt(r['teacher'][zs].get(c))} | "
-                     f"{_mean_std(kd) if kd else '–'} | {_mean_std(gold) if gold else '–'} | "
+                     f"{_mean_std(kd) if kd else '–'} | {_fmt(r['teacher'].get(CENTRED, {}).get(c))} | "
+                     f"{_mean_std(kd_c) if kd_c else '–'} | {_mean_std(gold) if gold else '–'} | "
                      f"{_fmt(r['teacher'][full].get(c))} |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + ["", f"Centred: each language's cached logits shifted by `{lab}`'s mean training logits "
+                                   "minus its own (`loss.center_languages`, docs/multilingual.md); the teacher's "
+                                   "column is its test accuracy with the same shift.", ""])
 
 
 SWEEP = {  # name -> loss changes against the pipeline's loss; the first is the reference row

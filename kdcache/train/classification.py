@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import config as C
 from ..cache.format import SEQUENCE
-from ..cache.reader import CacheDataset
+from ..cache.reader import CacheDataset, read_columns
 from ..metrics import classification_metrics
 from ..students import HFTokenizer, WordTokenizer, build_student
 from .head import Source, StudentModel, TrainHead, add_feature_terms
@@ -25,6 +25,14 @@ from .losses import distillation_loss, multi_teacher_loss
 def texts_of(batch: dict[str, Any], fields: tuple[str, ...] | list[str]) -> list[str]:
     """Input text per row; text pairs are joined with ' | '."""
     return [" | ".join(p) for p in zip(*(batch[f] for f in fields))]
+
+
+def language_mean_logits(cache: str, split: str) -> dict[str, np.ndarray]:
+    """Each language's mean cached teacher logits over `split` (every partition, labelled or not): what
+    `loss.center_languages` subtracts."""
+    cols = read_columns(cache, split, ["logits", "language"])
+    return {code: np.mean([x for x, c in zip(cols["logits"], cols["language"]) if c == code], axis=0)
+            for code in dict.fromkeys(cols["language"])}
 
 
 class ClassifierModel(StudentModel):
@@ -99,10 +107,17 @@ class SequenceClassification(TrainHead):
         if "teacher_logits" in batch:  # several teachers: [B, teachers, C] and their weights
             return (batch["teacher_logits"].to(device), batch["label"].to(device), feats,
                     torch.tensor(list(source.teachers.values()), device=device))
-        return batch["logits"].to(device), batch["label"].to(device), feats, None
+
+        def shift(reference: str) -> torch.Tensor:  # asked for by a student with `loss.center_languages` only
+            means = source.once("language_means", lambda: language_mean_logits(source.cache, source.train.split))
+            return torch.as_tensor(np.stack([means[reference] - means[c] for c in batch["language"]]),
+                                   dtype=torch.float32, device=device)
+        return batch["logits"].to(device), batch["label"].to(device), feats, None, shift
 
     def loss(self, logits, features, targets, batch, loss, where):
-        teacher, labels, wanted, weights = targets
+        teacher, labels, wanted, weights, *shift = targets
+        if loss.center_languages is not None:
+            teacher = teacher + shift[0](loss.center_languages)
         if weights is None:
             value, parts = distillation_loss(logits, teacher, labels, loss.kind, loss.temperature, loss.alpha,
                                              loss.beta)

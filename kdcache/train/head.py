@@ -49,6 +49,7 @@ class Source:
     languages: tuple[str, ...] | None = None  # the languages read (None: every one the cache has)
     teachers: dict[str, float] = field(default_factory=dict)  # several teachers: task -> weight (sum 1), own first
     _columns: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    _once: dict[str, Any] = field(default_factory=dict)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -59,6 +60,12 @@ class Source:
         if (split, name) not in self._columns:
             self._columns[split, name] = read_column(self.cache, split, name, self.languages)
         return self._columns[split, name]
+
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        """`make()`, computed once per source (e.g. a statistic of the whole cache a head needs every batch)."""
+        if key not in self._once:
+            self._once[key] = make()
+        return self._once[key]
 
     def labelled_train_rows(self) -> int | None:
         """Gold-labelled rows in the training selection (None when the head keeps no such count)."""
