@@ -117,14 +117,15 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .config import student_families
     from .report import build_report, run_summary
     from .train.loop import TrainingError, train_students
     pipeline, _ = _load(args)
-    students = args.students.split(",") if args.students else list(pipeline.students)
-    unknown = [s for s in students if s not in pipeline.students]
-    if unknown or not students:
-        raise SystemExit(f"kdcache: error: pipeline {pipeline.name!r} has no student(s) {unknown or ''} "
-                         f"(students: {', '.join(pipeline.students) or 'none: add a `students:` section'})")
+    if not pipeline.students:
+        raise SystemExit(f"kdcache: error: pipeline {pipeline.name!r} has no students: add a `students:` section")
+    # a per_language student's name stands for all its <name>@<code> students
+    students = [n for runs in student_families(pipeline, args.students.split(",")).values() for n in runs] \
+        if args.students else list(pipeline.students)
     cache_root = str(args.cache or Path("data/cache") / pipeline.name).rstrip("/")  # a folder or an fsspec URL
     runs_dir = args.runs or Path("data/runs") / pipeline.name
     failure = None
@@ -331,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`accelerate launch -m kdcache.cli train ...`.")
     _pipeline_args(p)
     _runs_args(p)
-    p.add_argument("--students", default=None, metavar="A,B", help="comma-separated student names (default: all)")
+    p.add_argument("--students", default=None, metavar="A,B",
+                   help="comma-separated student names (default: all); a `per_language` student's name trains all "
+                        "its <name>@<code> students")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="for a cache built with `kdcache cache --limit N`: the same N (the cache records it)")
     p.add_argument("--teacher", choices=("cache", "live"), default="cache",

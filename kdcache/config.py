@@ -624,6 +624,16 @@ def _check_lifelong(p: "PipelineConfig", life: LifelongConfig) -> None:
                           "and the first round fine-tunes the teacher (`teacher: refresh`)")
 
 
+def student_families(p: "PipelineConfig", names: list[str]) -> dict[str, list[str]]:
+    """Each named student's runs: itself, or for a `per_language` student all its `<name>@<code>` students."""
+    out = {s: [n for n in p.students if n == s or n.startswith(f"{s}@")] for s in names}
+    missing = [s for s, runs in out.items() if not runs]
+    if missing:
+        raise ConfigError(f"pipeline {p.name!r} has no student {', '.join(map(repr, missing))} "
+                          f"(its students: {', '.join(dict.fromkeys(n.split('@')[0] for n in p.students)) or 'none'})")
+    return out
+
+
 def _per_language_students(p: "PipelineConfig") -> dict[str, StudentConfig]:
     """Students with `per_language` become one student per language, `<name>@<code>` (in the task's language order)."""
     out = {}

@@ -351,3 +351,16 @@ def test_centred_teacher_logits_shift_each_row_by_its_languages_mean(ml_cache):
     assert float(plain) != pytest.approx(float(got))
     with pytest.raises(ConfigError, match="center_languages"):
         pipeline("train.loss.center_languages=xx")
+
+
+def test_train_command_takes_a_per_language_students_name_for_all_its_languages(ml_cache, tmp_path, capsys):
+    """`kdcache train <pipeline> --students bow-lang`: the family name trains bow-lang@<code> for every language;
+    an unknown name is an error naming the pipeline's students."""
+    from kdcache.cli import main
+    args = ["train", PIPELINE, *sum((["--set", o] for o in [*FAST, "train.epochs=1", "students.bow-lang.twin=false"]),
+                                    []), "--cache", str(ml_cache.parent), "--runs", str(tmp_path / "runs")]
+    assert main([*args, "--students", "bow-lang"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == sorted(f"bow-lang@{c}" for c in CODES)
+    assert main([*args, "--students", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no student 'nope'" in err and "bow-lang" in err

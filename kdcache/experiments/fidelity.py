@@ -48,7 +48,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     metric = _metric(base.tasks[task].teacher.head)
-    runs_of = _student_runs(base, students)
+    runs_of = C.student_families(base, students)
     names = [n for s in students for n in runs_of[s]]
     settings = {}
     if all_labels:
@@ -117,16 +117,6 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     results["flags"] = (f" --students {','.join(students)} --scarce {scarce}" + (" --only-scarce" if not all_labels else "")
                         + (f" --folds {folds}" if folds else "") + "".join(f" --set {o}" for o in overrides))
     return _publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
-
-
-def _student_runs(pipeline: C.PipelineConfig, students: list[str]) -> dict[str, list[str]]:
-    """Each named student's runs: itself, or for a `per_language` student its `<name>@<code>` students."""
-    out = {s: [n for n in pipeline.students if n == s or n.startswith(f"{s}@")] for s in students}
-    missing = [s for s, names in out.items() if not names]
-    if missing:
-        raise C.ConfigError(f"pipeline {pipeline.name!r} has no student {', '.join(map(repr, missing))} "
-                            f"(its students: {', '.join(sorted({n.split('@')[0] for n in pipeline.students}))})")
-    return out
 
 
 def _render_languages(s: dict[str, Any], words: str) -> list[str]:
