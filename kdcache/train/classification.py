@@ -31,8 +31,8 @@ def language_mean_logits(cache: str, split: str) -> dict[str, np.ndarray]:
     """Each language's mean cached teacher logits over `split` (every partition, labelled or not): what
     `loss.center_languages` subtracts."""
     cols = read_columns(cache, split, ["logits", "language"])
-    return {code: np.mean([x for x, c in zip(cols["logits"], cols["language"]) if c == code], axis=0)
-            for code in dict.fromkeys(cols["language"])}
+    logits, codes = np.asarray(cols["logits"], dtype=np.float64), np.asarray(cols["language"])
+    return {code: logits[codes == code].mean(axis=0) for code in dict.fromkeys(cols["language"])}
 
 
 class ClassifierModel(StudentModel):

@@ -48,8 +48,7 @@ class Source:
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # the live teacher (online KD)
     languages: tuple[str, ...] | None = None  # the languages read (None: every one the cache has)
     teachers: dict[str, float] = field(default_factory=dict)  # several teachers: task -> weight (sum 1), own first
-    _columns: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
-    _once: dict[str, Any] = field(default_factory=dict)
+    _once: dict[str, Any] = field(default_factory=dict)  # what `once` computed (columns, statistics)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -57,9 +56,7 @@ class Source:
 
     def column(self, split: str, name: str) -> list[Any]:
         """A column of a cached split, read once (e.g. training text for the students' vocabularies)."""
-        if (split, name) not in self._columns:
-            self._columns[split, name] = read_column(self.cache, split, name, self.languages)
-        return self._columns[split, name]
+        return self.once(f"column {split} {name}", lambda: read_column(self.cache, split, name, self.languages))
 
     def once(self, key: str, make: Callable[[], Any]) -> Any:
         """`make()`, computed once per source (e.g. a statistic of the whole cache a head needs every batch)."""
