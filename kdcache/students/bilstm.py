@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from .base import Student
+from .lstm import bilstm
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,6 @@ class BiLSTM(Student):
         self.hidden_sizes = [2 * p.hidden, p.mlp]
 
     def forward(self, input_ids, attention_mask):
-        lengths = attention_mask.sum(1).clamp_min(1).cpu()
-        packed = pack_padded_sequence(self.embed(input_ids), lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)
-        h = torch.cat([h_n[-2], h_n[-1]], -1)                        # last layer, both directions: [B, 2H]
+        _, h = bilstm(self.lstm, self.embed(input_ids), attention_mask.sum(1))  # last layer, both directions
         m = self.mlp(h)
         return self.out(m), [h, m]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .lstm import bilstm
 from .tokenizers import NUM_SHAPES
 
 
@@ -36,9 +36,7 @@ class BiLSTMTagger(nn.Module):
     def encode(self, ids, shapes, mask):
         """Per-word hidden states [B, W, hidden_size] (what a feature loss is taken on)."""
         x = self.drop(torch.cat([self.embed(ids), self.shape(shapes)], -1))
-        lengths = mask.sum(1).clamp_min(1).cpu()
-        h, _ = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-        return pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])[0]
+        return bilstm(self.lstm, x, mask.sum(1))[0]
 
     def head(self, h):
         """Per-word hidden states -> tag logits."""
