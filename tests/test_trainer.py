@@ -180,6 +180,27 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path):
     assert json.loads((tmp_path / "bench" / "bench-quick.json").read_text())["mode"] == "quick"
 
 
+def test_the_bench_probe_sees_every_capture_batch_and_changes_nothing_in_the_cache(tmp_path, tiny_cache, teachers_dir):
+    """Stage one's overhead is timed batch by batch: the probe (the bare forward) runs on each of the capture's own
+    batches, every row once, and what the capture writes is the cache built without it, byte for byte."""
+    import pyarrow.parquet as pq
+    from kdcache.cache.format import read_manifest
+    from kdcache.capture.runner import probe_batches
+    from kdcache.experiments.bench import stage_one_overhead
+    seen = []
+    with probe_batches(lambda runner, ids, mask: seen.append((ids.shape[0], int(mask.sum())))):
+        out, m = build(tmp_path, teachers=teachers_dir)
+    shards = lambda man: [sh for _, s in sorted(man["splits"].items()) for sh in s["shards"]]  # noqa: E731
+    tokens = sum(pq.read_table(out / sh["parquet"], columns=["num_tokens"])["num_tokens"].to_numpy().sum()
+                 for sh in shards(m))
+    assert sum(b for b, _ in seen) == m["capture"]["rows"] and max(b for b, _ in seen) == 8  # cache.batch_size
+    assert sum(t for _, t in seen) == tokens
+    assert [sh["sha256"] for sh in shards(m)] == [sh["sha256"] for sh in shards(read_manifest(tiny_cache))]
+    n = len(seen)
+    capture, bare = stage_one_overhead(tiny_pipeline(), "topic", tmp_path / "again", teachers_dir)
+    assert capture > 0 and bare > 0 and len(seen) == n, "a closed probe runs no more"
+
+
 def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
     """`kdcache fidelity` on the tiny pipeline: both settings, paired KD/hard results per seed, a markdown table."""
     from kdcache.experiments.fidelity import run_fidelity

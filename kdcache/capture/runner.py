@@ -4,12 +4,26 @@ batching inside windows, padding onto the device, feature-layer resolution, and 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .models import TeacherError
+
+
+_probes: list[Callable] = []  # see probe_batches
+
+
+@contextlib.contextmanager
+def probe_batches(fn: Callable[["BatchRunner", torch.Tensor, torch.Tensor], None]):
+    """While open, fn(runner, input_ids, attention_mask) runs before every teacher batch of every head: the bench
+    times the bare forward on the capture's own batches, each in turn with the capture's (experiments/bench.py)."""
+    _probes.append(fn)
+    try:
+        yield
+    finally:
+        _probes.remove(fn)
 
 
 def pick_device(device: str) -> torch.device:
@@ -57,7 +71,10 @@ class BatchRunner:
         input_ids, mask = pad_rows(ids, batch, pad_id)
         if self.device.type == "cuda":
             input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-        return input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        input_ids, mask = input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        for probe in _probes:
+            probe(self, input_ids, mask)
+        return input_ids, mask
 
     def layers(self, wanted: Sequence[int]) -> list[int]:
         """Feature layer indices resolved against the teacher's depth (0 = embeddings, -1 = last layer)."""

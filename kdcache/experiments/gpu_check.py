@@ -131,21 +131,13 @@ def multi_gpu_check(out: Path) -> dict[str, Any]:
 
 def overhead_on_device(device: str, rows: int) -> dict[str, Any]:
     """Capture ÷ raw teacher forward for the default pipeline on `device` (as `kdcache bench` measures it)."""
-    from ..capture.build import build_teacher_cache
-    from ..capture.teacher import prepare_teacher
-    from .bench import _raw_forward_rows_per_s
+    from .bench import stage_one_overhead
     over = [f"tasks.sentiment.data.limit={rows}", "tasks.sentiment.teacher.finetune.limit=64",
             "tasks.sentiment.teacher.finetune.epochs=1", "tasks.sentiment.teacher.finetune.min_steps=0",
             "tasks.sentiment.teacher.sanity.enabled=false", f"tasks.sentiment.teacher.device={device}"]
-    pipeline = C.load_pipeline("default", over)
-    task = pipeline.tasks["sentiment"]
     with tempfile.TemporaryDirectory() as tmp:
-        m = build_teacher_cache(pipeline, "sentiment", Path(tmp) / "cache", Path(tmp) / "teachers")
-        data = load_task_data(task.data)
-        model, tok, _ = prepare_teacher(pipeline.name, "sentiment", task, data, Path(tmp) / "teachers")
-        texts = [t for s in data.splits.values() for t in s["text"][:]]
-        raw = _raw_forward_rows_per_s(model, tok, texts, task.cache, device)
-    capture = m["capture"]["rows"] / m["capture"]["seconds"]
+        capture, raw = stage_one_overhead(C.load_pipeline("default", over), "sentiment", Path(tmp) / "cache",
+                                          Path(tmp) / "teachers")
     return {"capture_rows_per_s": capture, "raw_forward_rows_per_s": raw, "ratio": capture / raw, "goal": 0.95}
 
 
