@@ -48,10 +48,11 @@ def test_topk_with_k_equal_classes_equals_dense_loss_and_gradient(kind):
     perm_k = TopKTargets.from_logits(t.float(), 2.0, k=7)  # topk ordering, all ids
     dense = dense_kd_loss_per_row(s1, t.float(), kind, 2.0)
     sparse = kd_loss_per_row(s2, perm_k, kind, 2.0)
-    torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=1e-6)
+    # two computations (plain log-softmaxes against top-k buckets), so float32 rounding apart
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
     dense.sum().backward()
     sparse.sum().backward()
-    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(s2.grad, s1.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["kl", "reverse_kl", "soft_ce", "jsd"])

@@ -197,20 +197,23 @@ def kd_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, kind: st
     if kind == "uld":
         return uld_loss_per_row(student_logits, targets, temperature, chunk)
     logp, logq = _buckets(student_logits, targets, temperature, chunk)
+    return _divergence(logp, logq, kind, beta) * temperature ** 2
+
+
+def _divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """The KD divergence per row between teacher log-probabilities logp and the student's logq (same buckets)."""
     if kind == "kl":
-        loss = _kl(logp, logq)
-    elif kind == "reverse_kl":
-        loss = _kl(logq, logp)
-    elif kind == "jsd":
+        return _kl(logp, logq)
+    if kind == "reverse_kl":
+        return _kl(logq, logp)
+    if kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
         logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1.0 - beta))
-        loss = beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
-    elif kind == "soft_ce":
-        loss = -(logp.exp() * logq).sum(-1)
-    else:
-        raise ValueError(f"unknown KD loss {kind!r}; one of {KINDS}")
-    return loss * temperature ** 2
+        return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+    if kind == "soft_ce":
+        return -(logp.exp() * logq).sum(-1)
+    raise ValueError(f"unknown KD loss {kind!r}; one of {KINDS}")
 
 
 def uld_loss_per_row(student_logits: torch.Tensor, targets: TopKTargets, temperature: float = 1.0,
@@ -257,7 +260,12 @@ def dense_kd_loss_per_row(student_logits: torch.Tensor, teacher_logits: torch.Te
     """Any KD loss per row on full teacher logits [N, C] (the exact path for classification caches)."""
     if kind == "mse":
         return mse_logits_loss_per_row(student_logits, teacher_logits)
-    return kd_loss_per_row(student_logits, TopKTargets.from_logits(teacher_logits, temperature), kind, temperature, beta)
+    if kind == "uld":
+        return kd_loss_per_row(student_logits, TopKTargets.from_logits(teacher_logits, temperature), kind, temperature)
+    # every class is a target: no tail bucket, so both sides are plain log-softmaxes (half the top-k path's cost)
+    logp = F.log_softmax(_wide(teacher_logits) / temperature, -1)
+    logq = F.log_softmax(_wide(student_logits) / temperature, -1)
+    return _divergence(logp, logq, kind, beta) * temperature ** 2
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -269,7 +277,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """
     labelled = labels >= 0
     ce = F.cross_entropy(_wide(student_logits), labels.clamp_min(0), reduction="none")
-    ce_mean = ce[labelled].mean() if labelled.any() else ce.sum() * 0.0
+    ce_mean = (ce * labelled).sum() / labelled.sum().clamp_min(1)  # no unlabelled row counts (and no host sync)
     if alpha >= 1.0:  # hard labels only (the "twin" of a KD student): unlabelled rows teach nothing
         return ce_mean, {"ce": float(ce_mean.detach()), "kd": 0.0}
     kd = dense_kd_loss_per_row(student_logits, teacher_logits, kind, temperature, beta)
