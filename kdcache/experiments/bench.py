@@ -182,7 +182,6 @@ def run_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None,
     from accelerate import Accelerator
     rows, task_name, over = bench_settings(pipeline_name, quick)
     pipeline = C.load_pipeline(pipeline_name, over)
-    task = pipeline.tasks[task_name]
     teachers, cache = out_dir / "teachers", out_dir / "cache" / task_name
     res: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "mode": "quick" if quick else "full",
                            "pipeline": pipeline_name, "rows_per_split": rows, "repeats": repeats,
@@ -430,7 +429,8 @@ def render(r: dict[str, Any]) -> str:
              f"{la['cpus']} cores. Ratios: min / median / max of {r['repeats']} repetitions, each measured side by "
              "side; a goal is judged on the minimum.", "",
              "| figure | measured | goal (on the minimum) |", "|---|---|---|",
-             f"| stage-one overhead: capture ÷ raw teacher forward (batch by batch in turn) | {_range(s1['ratio'])} (median "
+             "| stage-one overhead: capture ÷ raw teacher forward (batch by batch in turn) | "
+             f"{_range(s1['ratio'])} (median "
              f"{s1['capture_rows_per_s']['median']:.0f} vs {s1['raw_forward_rows_per_s']['median']:.0f} rows/s) | "
              f"≥ 0.95: {ok(s1['ratio']['min'], 0.95)} |",
              f"| loader headroom: reader ÷ BiLSTM consumption | {ld['headroom']:.1f}× ({ld['reader_rows_per_s']:.0f} vs "
