@@ -121,3 +121,63 @@ def test_a_cache_older_than_a_data_setting_counts_it_at_its_default(tmp_path, ti
     CacheDataset(old, "train", expect=expectation(tiny_pipeline(), "topic"))
     with pytest.raises(CacheMismatchError, match=r"data\.quoting: cache has 'minimal', pipeline expects 'none'"):
         CacheDataset(old, "train", expect=expectation(tiny_pipeline("tasks.topic.data.quoting=none"), "topic"))
+
+
+def buffered_reference(rows, buffer, rng):
+    """The shuffle buffer one row at a time: each row past the first `buffer` takes the place of a random one,
+    which leaves; the rest leave in a random order."""
+    buf, out = [], []
+    for row in rows:
+        if len(buf) < buffer:
+            buf.append(row)
+            continue
+        i = int(rng.integers(len(buf)))
+        out.append(buf[i])
+        buf[i] = row
+    rng.shuffle(buf)
+    return out + buf
+
+
+@pytest.mark.parametrize("labels", [(), ("a", "c")])
+def test_shuffled_order_is_the_row_by_row_buffer(cache, labels):
+    """The reader draws a row group's swaps in one call: the order is that of the buffer fed row by row, drawing
+    one number per row, over the same row groups (here also with only some classes' rows)."""
+    import pyarrow.parquet as pq
+    ds = CacheDataset(cache, "train", shuffle=True, seed=3, shuffle_buffer=150, labels=labels)
+    ds.set_epoch(2)
+    names = ["a", "b", "c"]
+    stream = []
+    for u in ds.my_units():
+        t = pq.ParquetFile(cache / ds.shards[u.shard]["parquet"]).read_row_group(u.row_group)
+        stream += [int(i) for i, y in zip(t.column("row_id").to_pylist(), t.column("label").to_pylist())
+                   if not labels or (y is not None and names[y] in labels)]
+    expected = buffered_reference(stream, 150, np.random.default_rng([3, 2, 0, 0, 1]))
+    assert [int(r["row_id"]) for r in ds] == expected
+    assert len(expected) == len(ds) and (len(ds) < 1730) == bool(labels)
+
+
+def test_a_batch_gathers_each_column_as_the_rows_hold_it(tiny_cache):
+    """Rows are views into their row group's columns and a batch gathers each column per row group; it equals the
+    batch stacked value by value from the same rows as plain dicts (features and shuffled rows from several row
+    groups included)."""
+    ds = CacheDataset(tiny_cache, "train", shuffle=True, shuffle_buffer=100, feature_layers=(2,))
+    rows = list(ds)
+    plain = [{k: dict(v) if k == "features" else v for k, v in r.items()} for r in rows]
+    assert len({id(r.cols) for r in rows[:32]}) > 1, "a shuffled batch spans row groups"
+    for a in range(0, len(rows), 32):
+        views, dicts = ds.collate(rows[a:a + 32]), ds.collate(plain[a:a + 32])
+        assert views.keys() == dicts.keys() and views["id"] == dicts["id"] and views["text"] == dicts["text"]
+        for k in ("row_id", "label", "logits"):
+            assert views[k].dtype == dicts[k].dtype and torch.equal(views[k], dicts[k]), k
+        assert torch.equal(views["features"]["layer_2"], dicts["features"]["layer_2"])
+
+
+def test_a_causal_lm_batch_gathers_as_the_rows_hold_it(ml_lm_cache):
+    cache, _ = ml_lm_cache
+    ds = CacheDataset(cache, "train", shuffle=True, shuffle_buffer=8)
+    rows = list(ds)[:12]
+    plain = [dict(r) for r in rows]
+    views, dicts = ds.collate(rows), ds.collate(plain)
+    assert views.keys() == dicts.keys()
+    for k, v in views.items():
+        assert torch.equal(v, dicts[k]) if torch.is_tensor(v) else v == dicts[k], k

@@ -3,8 +3,10 @@
 Work is planned in row groups (the manifest lists them, so no footer is read up front). Each epoch the row
 groups are permuted with a seed (shard and row-group order at once), dealt round-robin to every (process,
 DataLoader worker) pair — so each row is read exactly once per epoch across all of them — and their rows pass
-through a seeded shuffle buffer. Memory holds one row group plus the buffer, whatever the cache's size (on a remote
-filesystem, up to READ_AHEAD more row groups, fetched on background threads while the current one is consumed).
+through a seeded shuffle buffer. Rows are views into their row group's columns (`Row`), so a batch gathers each
+column with one index per row group instead of a value at a time. Memory holds the row groups that still have rows in
+the buffer (a few: a buffered row leaves at random), whatever the cache's size (on a remote filesystem, up to
+READ_AHEAD more row groups, fetched on background threads while the current one is consumed).
 
 A multilingual cache can be read for some of its languages (only their partitions are opened) and mixed in other
 proportions than their sizes: each language then gives its share of the epoch's rows, in whole row groups, taken
@@ -20,6 +22,7 @@ import os
 import threading
 import zlib
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -465,34 +468,92 @@ class CacheDataset(torch.utils.data.IterableDataset):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _rows(self, units: list[Unit]) -> Iterator[dict[str, Any]]:
+    def _blocks(self, units: list[Unit]) -> Iterator[list[Row]]:
+        """Each unit's rows (those of the wanted classes) as views into its columns, in order."""
         for u, cols in self._read_ahead(units):
-            rows = range(u.rows) if self.keep_labels is None else np.flatnonzero(np.isin(cols["label"],
-                                                                                         self.keep_labels))
-            for r in rows:
-                row = {k: v[r] for k, v in cols.items() if k != "features"}
-                if "features" in cols:
-                    row["features"] = {k: v[r] for k, v in cols["features"].items()}
-                yield row
+            keep = range(u.rows) if self.keep_labels is None else np.flatnonzero(np.isin(cols["label"],
+                                                                                          self.keep_labels)).tolist()
+            yield [Row(cols, r) for r in keep]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Row]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rows = self._rows(self.my_units(worker, workers))
+        blocks = self._blocks(self.my_units(worker, workers))
         if not self.shuffle:
-            yield from rows
+            for rows in blocks:
+                yield from rows
             return
+        # Each row past the first `buffer` swaps with a random one of the buffer, which is yielded; a unit's draws
+        # are taken in one call (the same stream of numbers as one call per row, so the order is the same).
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
-        buf: list[dict[str, Any]] = []
-        for row in rows:
-            if len(buf) < self.buffer:
-                buf.append(row)
-                continue
-            i = int(rng.integers(len(buf)))
-            yield buf[i]
-            buf[i] = row
+        buf: list[Row] = []
+        for rows in blocks:
+            fill = min(len(rows), self.buffer - len(buf))
+            buf.extend(rows[:fill])
+            if fill < len(rows):
+                for i, row in zip(rng.integers(len(buf), size=len(rows) - fill).tolist(), rows[fill:]):
+                    yield buf[i]
+                    buf[i] = row
         rng.shuffle(buf)
         yield from buf
+
+
+class Row(Mapping):
+    """One cached row, read like a dict ({column: value}; `features`: {name: value}), but a view into its row
+    group's columns: building none of it per row, and letting a batch gather each column in one go."""
+
+    __slots__ = ("cols", "r")
+
+    def __init__(self, cols: dict[str, Any], r: int) -> None:
+        self.cols, self.r = cols, r
+
+    def __getitem__(self, key: str) -> Any:
+        v = self.cols[key]
+        return {k: f[self.r] for k, f in v.items()} if key == "features" else v[self.r]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cols)
+
+    def __len__(self) -> int:
+        return len(self.cols)
+
+    def __repr__(self) -> str:
+        return f"Row({dict(self)!r})"
+
+    def __reduce__(self):  # pickled alone (e.g. rows returned by a worker's collate): as a dict, not its row group
+        return dict, ({k: self[k] for k in self.cols},)
+
+
+class _Batch:
+    """A batch's rows column by column. Rows that are views (`Row`) are gathered with one fancy index per row group
+    they come from; any other mapping value by value."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+        self.groups: list[tuple[dict[str, Any], np.ndarray]] | None = None
+        if all(type(r) is Row for r in rows):
+            first = rows[0].cols
+            if all(r.cols is first for r in rows):  # one row group (an unshuffled read): nothing to reorder
+                self.groups, self.order = [(first, np.array([r.r for r in rows]))], None
+                return
+            where: dict[int, tuple[dict[str, Any], list[int], list[int]]] = {}
+            for i, row in enumerate(rows):
+                g = where.setdefault(id(row.cols), (row.cols, [], []))
+                g[1].append(i)
+                g[2].append(row.r)
+            self.groups = [(cols, np.array(r)) for cols, _, r in where.values()]
+            # the groups' rows, concatenated, back in batch order
+            self.order = np.argsort(np.concatenate([i for _, i, _ in where.values()]))
+
+    def array(self, key: str, name: str | None = None) -> np.ndarray:
+        """Column `key` (of `features`: feature `name`) stacked over the batch's rows."""
+        if self.groups is None:
+            return np.stack([r[key] if name is None else r[key][name] for r in self.rows])
+        parts = [np.asarray(cols[key] if name is None else cols[key][name])[r] for cols, r in self.groups]
+        return parts[0] if self.order is None else np.concatenate(parts)[self.order]
+
+    def list(self, key: str) -> list[Any]:
+        return [r[key] for r in self.rows]
 
 
 def _sequence_columns(ds: CacheDataset, table, shard: dict[str, Any], u: Unit) -> dict[str, Any]:
@@ -552,41 +613,43 @@ def lm_columns(table, lm: dict[str, Any]) -> dict[str, Any]:
 _STACKED = ("input_ids", "topk_ids", "topk_logits", "lse", "tail", "sample_lengths", "token_bytes")
 
 
-def _collate_sequence(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate_sequence(rows: list[Any]) -> dict[str, Any]:
     """Texts stay lists; labels [B] int64; logits [B, C] float32 (several teachers: also teacher_logits [B, T, C]);
     features {name: [B, H]}."""
-    out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0]
+    batch = _Batch(rows)
+    out: dict[str, Any] = {k: batch.list(k) for k in rows[0]
                            if k not in ("label", "logits", "features", "row_id", "teacher_logits")}
-    out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
-    out["label"] = torch.as_tensor(np.array([r["label"] for r in rows], dtype=np.int64))
-    out["logits"] = torch.as_tensor(np.stack([r["logits"] for r in rows]))
+    out["row_id"] = torch.as_tensor(batch.array("row_id"))
+    out["label"] = torch.as_tensor(batch.array("label").astype(np.int64, copy=False))
+    out["logits"] = torch.as_tensor(batch.array("logits"))
     if "teacher_logits" in rows[0]:  # several teachers: [B, teachers, C]
-        out["teacher_logits"] = torch.as_tensor(np.stack([r["teacher_logits"] for r in rows]))
+        out["teacher_logits"] = torch.as_tensor(batch.array("teacher_logits"))
     if "features" in rows[0]:
-        out["features"] = {k: torch.as_tensor(np.stack([r["features"][k] for r in rows])) for k in rows[0]["features"]}
+        out["features"] = {k: torch.as_tensor(batch.array("features", k)) for k in rows[0]["features"]}
     return out
 
 
-def _collate_tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate_tokens(rows: list[Any]) -> dict[str, Any]:
     """Ragged per sentence (lists per key), padded by the trainer; row ids [B]."""
     out: dict[str, Any] = {k: [r[k] for r in rows] for k in rows[0]}
     out["row_id"] = torch.as_tensor(np.array(out["row_id"]))
     return out
 
 
-def _collate_lm(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate_lm(rows: list[Any]) -> dict[str, Any]:
     """Per-position arrays stacked to [B, ...]; sample ids/counts concatenated in row order."""
-    out = {k: torch.as_tensor(np.stack([r[k] for r in rows]).astype(
-        np.int64 if k.endswith(("ids", "lengths", "bytes")) else np.float32))
+    batch = _Batch(rows)
+    out = {k: torch.as_tensor(batch.array(k).astype(
+        np.int64 if k.endswith(("ids", "lengths", "bytes")) else np.float32, copy=False))
            for k in _STACKED if k in rows[0]}
-    out["row_id"] = torch.as_tensor(np.array([r["row_id"] for r in rows]))
-    out["id"] = [r["id"] for r in rows]
+    out["row_id"] = torch.as_tensor(batch.array("row_id"))
+    out["id"] = batch.list("id")
     for k in ("language", "text"):
         if k in rows[0]:
-            out[k] = [r[k] for r in rows]
+            out[k] = batch.list(k)
     if "sample_ids" in rows[0]:
-        out["sample_ids"] = torch.as_tensor(np.concatenate([r["sample_ids"] for r in rows]).astype(np.int64))
-        out["sample_counts"] = torch.as_tensor(np.concatenate([r["sample_counts"] for r in rows]).astype(np.int64))
+        out["sample_ids"] = torch.as_tensor(np.concatenate(batch.list("sample_ids")).astype(np.int64))
+        out["sample_counts"] = torch.as_tensor(np.concatenate(batch.list("sample_counts")).astype(np.int64))
     return out
 
 
