@@ -74,11 +74,13 @@ def test_growing_keeps_old_shards_and_caches_each_row_once(grown):
         assert len(ids) == len(set(ids)) == 66, "no row twice"
         table = pq.read_table([str(cache / sh["parquet"]) for sh in m["splits"][split]["shards"]])
         assert table.column("row_id").to_pylist() == list(range(66))
-        # the new rows' targets are the teacher's, exactly as a from-scratch build of the grown data has them
+        # the new rows' targets are the teacher's, as a from-scratch build of the grown data has them: to float
+        # rounding, since there the teacher saw them in other batches (other padding), and on some CPUs (an AMD
+        # EPYC here; not the Intel Xeon) a row's logits then differ in the last bit
         want = rows(fresh, split)
         assert set(want) == set(ids)
         for i, z in rows(cache, split).items():
-            np.testing.assert_array_equal(z, want[i])
+            np.testing.assert_allclose(z, want[i], rtol=1e-5, atol=1e-6)
     assert verify_cache(cache).ok
     assert m["fingerprint"] != m0["fingerprint"] and m["capture"]["rows"] == 3 * 6, "only the new rows captured"
 
