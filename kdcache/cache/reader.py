@@ -521,7 +521,7 @@ class Row(Mapping):
         return f"Row({dict(self)!r})"
 
     def __reduce__(self):  # pickled alone (e.g. rows returned by a worker's collate): as a dict, not its row group
-        return dict, ({k: self[k] for k in self.cols},)
+        return dict, (dict(self),)
 
 
 class _Batch:
@@ -530,11 +530,12 @@ class _Batch:
 
     def __init__(self, rows: list[Any]) -> None:
         self.rows = rows
-        self.groups: list[tuple[dict[str, Any], np.ndarray]] | None = None
+        self.groups: list[tuple[dict[str, Any], np.ndarray]] | None = None  # None: not all views
+        self.order: np.ndarray | None = None  # None: the groups' rows are already in batch order
         if all(type(r) is Row for r in rows):
             first = rows[0].cols
             if all(r.cols is first for r in rows):  # one row group (an unshuffled read): nothing to reorder
-                self.groups, self.order = [(first, np.array([r.r for r in rows]))], None
+                self.groups = [(first, np.array([r.r for r in rows]))]
                 return
             where: dict[int, tuple[dict[str, Any], list[int], list[int]]] = {}
             for i, row in enumerate(rows):
