@@ -92,32 +92,37 @@ def hash_tokenizer(tokenizer: Any) -> str:
 
 
 def hash_table(table: pa.Table) -> str:
-    """sha256 of a table's content (schema metadata ignored), via one Arrow IPC stream of contiguous batches."""
-    table = table.replace_schema_metadata(None).combine_chunks()
-    sink = _HashSink()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        for batch in table.to_batches(max_chunksize=65536):
-            w.write_batch(batch)
-    return sink.h.hexdigest()
+    """sha256 of a table's content: column names, types and values, never its layout (chunking, slice offsets,
+    an all-valid validity bitmap or none), so the same rows read from a file or taken from another table agree."""
+    h = hashlib.sha256()
+    for field, col in zip(table.schema, table.columns):
+        h.update(f"{field.name}\0{field.type}\0{len(col)}\0".encode())
+        _hash_values(h, col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+    return h.hexdigest()
 
 
-class _HashSink:
-    """A file-like object that hashes what is written to it."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        mv = memoryview(data)
-        self.h.update(mv)
-        return mv.nbytes
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
+def _hash_values(h: Any, arr: pa.Array) -> None:
+    """Feed `h` an array's nulls (a packed mask) and values, layout-free: text as lengths + the bytes its slice
+    spans, lists as lengths + their flattened values, fixed-width values as numpy bytes (nulls as 0)."""
+    import pyarrow.compute as pc
+    t = arr.type
+    h.update(np.packbits(arr.is_valid().to_numpy(zero_copy_only=False)).tobytes())
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        arr = pc.fill_null(arr, pa.scalar("" if "string" in str(t) else b"", t))
+        wide = pa.types.is_large_string(t) or pa.types.is_large_binary(t)
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if wide else np.int32)
+        offsets = offsets[arr.offset:arr.offset + len(arr) + 1]
+        h.update(np.diff(offsets).astype(np.int64).tobytes())
+        if len(arr) and arr.buffers()[2] is not None:
+            h.update(memoryview(arr.buffers()[2])[int(offsets[0]):int(offsets[-1])])
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        h.update(pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        _hash_values(h, arr.flatten())
+    elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        h.update(pc.fill_null(arr, pa.scalar(False if pa.types.is_boolean(t) else 0, t))
+                 .to_numpy(zero_copy_only=False).tobytes())
+    else:  # rarer types (structs, dictionaries, dates): their Python values, canonically
+        h.update(json.dumps(arr.to_pylist(), sort_keys=True, default=str).encode())
 
 
 def hash_ids(ids: np.ndarray) -> int:

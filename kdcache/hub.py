@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 from .errors import KdcacheError
 
@@ -16,8 +17,16 @@ class ModelNotFound(KdcacheError):
 
 
 def resolve_model_name(name: str) -> str:
-    """`pkg:<module>[/sub]` -> folder inside an installed package; anything else is passed through."""
+    """`pkg:<module>[/sub]` -> folder inside an installed package; a local folder checked to exist and hold
+    something; anything else (a hub name) is passed through."""
     if not name.startswith("pkg:"):
+        path = Path(name).expanduser()
+        if path.is_dir() and not any(path.iterdir()):
+            raise ModelNotFound(f"model {name!r}: the folder {path.resolve()} is empty; point it at a folder written "
+                                "by save_pretrained (config.json, weights, tokenizer files) or at a hub name")
+        if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise ModelNotFound(f"model {name!r}: no such folder ({path.resolve()}); check the path, or give a hub "
+                                "name such as `org/model`")
         return name
     module, _, sub = name[4:].partition("/")
     spec = importlib.util.find_spec(module)
@@ -28,6 +37,18 @@ def resolve_model_name(name: str) -> str:
     if not path.exists():
         raise ModelNotFound(f"model {name!r}: {path} does not exist inside package `{module}`")
     return str(path)
+
+
+def from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained` (a model class or AutoTokenizer) on a resolved name; what transformers raises when
+    nothing loadable is there becomes one line saying what each kind of name needs."""
+    try:
+        return loader.from_pretrained(resolve_model_name(name), **kwargs)
+    except (OSError, ValueError) as e:  # ValueError: a folder without a model or tokenizer in it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFound(f"model {name!r} could not be loaded ({first}); a folder needs what save_pretrained "
+                            "writes, a hub name needs internet (HF_HUB_OFFLINE=0) or the model in the local Hugging "
+                            "Face cache") from None
 
 
 def quiet_transformers() -> None:

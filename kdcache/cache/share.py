@@ -51,6 +51,8 @@ def push(cache: str | Path, url: str) -> dict[str, Any]:
     if fs.exists(f"{dest}/{MANIFEST}"):  # replacing a cache: hide the old one first
         fs.rm(f"{dest}/{MANIFEST}")
     files = _files(root)
+    for folder in sorted({dest, *(f"{dest}/{Path(rel).parent.as_posix()}" for rel in files)}):
+        fs.makedirs(folder, exist_ok=True)  # a local folder needs its parents; object storage ignores it
     with progress(sum((root / f).stat().st_size for f in files), desc=f"push {root.name}", unit="B") as bar:
         for rel in files:
             fs.put_file(str(root / rel), f"{dest}/{rel}")

@@ -40,18 +40,7 @@ class SequenceRunner(TextRunner):
 
     def tokenize(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> tuple[list[list[int]], np.ndarray]:
         """Token ids per row (truncated to max_length) and whether each row was truncated."""
-        enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True,
-                             max_length=self.max_length, return_attention_mask=False, return_token_type_ids=False)
-        ids = enc["input_ids"]
-        truncated = np.zeros(len(ids), dtype=bool)
-        full = [i for i, x in enumerate(ids) if len(x) >= self.max_length]  # only these can have been cut
-        if full:
-            long = self.tokenizer([texts[i] for i in full], [pairs[i] for i in full] if pairs is not None else None,
-                                  truncation=False, return_attention_mask=False, return_token_type_ids=False,
-                                  verbose=False)["input_ids"]
-            for i, x in zip(full, long):
-                truncated[i] = len(x) > self.max_length
-        return ids, truncated
+        return tokenize_bounded(self.tokenizer, texts, pairs, self.max_length)
 
     @torch.inference_mode()
     def run(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
@@ -228,4 +217,37 @@ def _labelled(ds: Any) -> list[int]:
 def _encode(tokenizer: Any, ds: Any, task: TaskConfig) -> list[list[int]]:
     fields = task.data.text_fields
     pairs = ds[fields[1]][:] if len(fields) > 1 else None
-    return tokenizer(ds[fields[0]][:], pairs, truncation=True, max_length=task.cache.max_length)["input_ids"]
+    return tokenize_bounded(tokenizer, ds[fields[0]][:], pairs, task.cache.max_length)[0]
+
+
+CHARS_PER_TOKEN = 64  # a text is cut to max_length · 64 characters before tokenising: no more than the teacher reads
+
+
+def tokenize_bounded(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None,
+                     max_length: int) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids per row, truncated to `max_length`, and whether each row was truncated, tokenising at most
+    max_length · CHARS_PER_TOKEN characters of a text (a 50 MB text costs what a long paragraph does). Equal to
+    tokenising the whole text: a cut text whose tokens do not run past max_length by 2 (the cut can only change
+    the last one) is tokenised whole instead."""
+    cap = max_length * CHARS_PER_TOKEN
+    cut_texts = [t[:cap] for t in texts]
+    cut_pairs = [t[:cap] for t in pairs] if pairs is not None else None
+    was_cut = [len(t) > cap or (pairs is not None and len(pairs[i]) > cap) for i, t in enumerate(texts)]
+
+    def encode(rows: list[int], whole: bool, truncation: bool) -> list[list[int]]:
+        a, b = (texts, pairs) if whole else (cut_texts, cut_pairs)
+        return tokenizer([a[i] for i in rows], [b[i] for i in rows] if b is not None else None, verbose=False,
+                         truncation=truncation, max_length=max_length if truncation else None,
+                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    ids = encode(list(range(len(texts))), False, True)
+    truncated = np.zeros(len(ids), dtype=bool)
+    check = [i for i, x in enumerate(ids) if len(x) >= max_length or was_cut[i]]  # only these can have been cut
+    redo = []
+    for i, x in zip(check, encode(check, False, False) if check else []):
+        if was_cut[i] and len(x) <= max_length + 1:
+            redo.append(i)
+        truncated[i] = len(x) > max_length
+    if redo:  # tokens of over CHARS_PER_TOKEN characters on average: tokenise those texts whole
+        for i, x, y in zip(redo, encode(redo, True, True), encode(redo, True, False)):
+            ids[i], truncated[i] = x, len(y) > max_length
+    return ids, truncated

@@ -26,7 +26,7 @@ from ..progress import progress
 from ..optim import adamw, warmup_linear
 from .head import CaptureHead
 from .heads import HEADS
-from .models import TeacherError, build_model, convert_gguf, load_tokenizer
+from .models import TeacherError, build_model, convert_gguf, load_tokenizer, shareable
 from .runner import pad_rows
 from .sanity import check_teacher
 
@@ -151,6 +151,7 @@ def finetune_teacher(task_name: str, task: TaskConfig, data: TaskData, head: Cap
     tokenizer.save_pretrained(tmp)
     (tmp / RECORD).write_text(json.dumps({"key": key, "key_sha256": hash_obj(key), "metrics": metrics},
                                          indent=1, sort_keys=True))
+    shareable(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     _gate(task_name, task, head, data, metrics)

@@ -14,7 +14,7 @@ import torch
 from ..config import TeacherConfig
 from ..errors import KdcacheError
 from ..fingerprint import FingerprintError, hash_state_dict, hash_weight_files
-from ..hub import resolve_model_name
+from ..hub import from_pretrained, resolve_model_name
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def load_tokenizer(cfg: TeacherConfig):
     name = cfg.tokenizer or cfg.model
     if not name:
         raise TeacherError("teacher.tokenizer (or teacher.model) is required to tokenize inputs")
-    return AutoTokenizer.from_pretrained(resolve_model_name(name), revision=cfg.revision if not cfg.tokenizer else None)
+    return from_pretrained(AutoTokenizer, name, revision=cfg.revision if not cfg.tokenizer else None)
 
 
 def build_model(cfg: TeacherConfig, cls_name: str, label_names: Sequence[str] | None,
@@ -53,8 +53,8 @@ def build_model(cfg: TeacherConfig, cls_name: str, label_names: Sequence[str] | 
         return cls.from_config(transformers.AutoConfig.for_model(model_type, **conf, **labels)), False
     if not cfg.model:
         raise TeacherError("teacher.model or teacher.from_config is required")
-    model, info = cls.from_pretrained(resolve_model_name(cfg.model), revision=cfg.revision, output_loading_info=True,
-                                      dtype=torch.float32, **labels)
+    model, info = from_pretrained(cls, cfg.model, revision=cfg.revision, output_loading_info=True,
+                                  dtype=torch.float32, **labels)
     return model, not info["missing_keys"]
 
 
@@ -97,9 +97,20 @@ def convert_gguf(cfg: TeacherConfig, cls_name: str, out: Path) -> None:
     shutil.rmtree(tmp / "gguf", ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    shareable(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def shareable(folder: Path) -> None:
+    """Give every file in `folder` the mode a new file gets under the umask (0644 as a rule): some writers (weights
+    saved through a temporary file) leave 0600, which a team folder's other readers cannot open."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
 
 
 def _package_assembler(model: str | None) -> Any:

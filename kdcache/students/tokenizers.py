@@ -98,8 +98,8 @@ class HFTokenizer:
     def __init__(self, name_or_path: str) -> None:
         from transformers import AutoTokenizer
 
-        from ..hub import resolve_model_name
-        self.tok = AutoTokenizer.from_pretrained(resolve_model_name(name_or_path))
+        from ..hub import from_pretrained
+        self.tok = from_pretrained(AutoTokenizer, name_or_path)
 
     @property
     def vocab_size(self) -> int:

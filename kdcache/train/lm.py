@@ -15,7 +15,7 @@ from .. import config as C
 from ..cache.format import CAUSAL_LM
 from ..cache.reader import COLLATE, CacheMismatchError, read_vocab
 from ..fingerprint import hash_tokenizer
-from ..hub import quiet_transformers, resolve_model_name
+from ..hub import from_pretrained, quiet_transformers
 from ..students import build_student
 from .crosstok import (BPE_PREFIX, CrossLMModel, CrossTokenizer, bpe_tokenizer, cross_loss, cross_tokenizer,
                        evaluate_cross, select)
@@ -41,7 +41,7 @@ def student_tokenizer(st: C.StudentConfig, source: Any, where: str) -> CrossToke
     tok = None
     if not bpe:
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(resolve_model_name(st.tokenizer))
+        tok = from_pretrained(AutoTokenizer, st.tokenizer)
         if hash_tokenizer(tok) == lm["tokenizer_sha256"]:
             return None
     if not lm.get("offsets"):
