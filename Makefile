@@ -1,6 +1,7 @@
 # kdcache — run `make help` for the targets.
-# Everything runs inside .venv/ (created on first use). PIPELINE picks pipelines/<name>/pipeline.yaml; ARGS passes
-# extra options to the kdcache command, e.g. ARGS="--set tasks.conll.data.limit=null".
+# Everything runs inside .venv/ (created on first use). PIPELINE picks pipelines/<name>/pipeline.yaml or a YAML path;
+# its cache, teachers and runs live under $KDCACHE_HOME (default data/) by the pipeline's `name:` (`kdcache where`
+# prints them). ARGS passes extra options to the kdcache command, e.g. ARGS="--set tasks.conll.data.limit=null".
 
 PYTHON     ?= python3
 PIPELINE   ?= default
@@ -43,9 +44,9 @@ $(BIN)/.gemma: $(BIN)/.installed
 teacher-finetune: install $(TEACHER_ASSETS)  ## fine-tune the pipeline's teachers that need it (into data/teachers/$(PIPELINE)/)
 	$(KDCACHE) teacher-finetune $(PIPELINE) $(ARGS)
 
-teacher-cache: install $(TEACHER_ASSETS)  ## stage one: run the teacher once, write data/cache/$(PIPELINE)/ and verify it
-	$(KDCACHE) cache $(PIPELINE) --out data/cache/$(PIPELINE) $(ARGS)
-	$(KDCACHE) verify data/cache/$(PIPELINE)
+teacher-cache: install $(TEACHER_ASSETS)  ## stage one: run the teacher once, write data/cache/<name>/ and verify it
+	$(KDCACHE) cache $(PIPELINE) $(ARGS)
+	dir=$$($(KDCACHE) where $(PIPELINE) --cache) && $(KDCACHE) verify "$$dir"
 
 train-student: install  ## stage two: train the pipeline's students (STUDENTS=a,b) from the cache, then report
 	$(KDCACHE) train $(PIPELINE) $(if $(STUDENTS),--students $(STUDENTS)) $(ARGS)
@@ -65,14 +66,14 @@ fidelity: install  ## KD vs hard-label students over 3 seeds, all labels and lab
 lifelong: install  ## classes arriving in rounds (PIPELINE=lifelong): scratch vs continual students; docs/fidelity.md
 	$(KDCACHE) lifelong $(PIPELINE) $(ARGS)
 
-verify: install  ## re-check every checksum of data/cache/$(PIPELINE)/
-	$(KDCACHE) verify data/cache/$(PIPELINE)
+verify: install  ## re-check every checksum of the pipeline's cache
+	dir=$$($(KDCACHE) where $(PIPELINE) --cache) && $(KDCACHE) verify "$$dir"
 
-info: install  ## summarise data/cache/$(PIPELINE)/
-	$(KDCACHE) info data/cache/$(PIPELINE)
+info: install  ## summarise the pipeline's cache
+	dir=$$($(KDCACHE) where $(PIPELINE) --cache) && $(KDCACHE) info "$$dir"
 
 test: install  ## run the test suite (offline, CPU, tiny models)
 	$(BIN)/pytest -q
 
-clean-cache:  ## delete data/cache/$(PIPELINE)/
-	rm -rf data/cache/$(PIPELINE)
+clean-cache: install  ## delete the pipeline's cache
+	dir=$$($(KDCACHE) where $(PIPELINE) --cache) && rm -rf "$$dir"

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, layout
 
 DESCRIPTION = """\
 kdcache: offline soft-label caching for knowledge distillation.
@@ -48,6 +48,14 @@ examples:
 """
 
 
+def _rows(value: str) -> int:
+    """A `--limit` value: a whole number of rows, at least 1."""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value}: a number of rows, at least 1")
+    return n
+
+
 def _set_arg(p: argparse.ArgumentParser, example: str = "tasks.sentiment.cache.batch_size=32") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config value by dotted key (repeatable), e.g. {example}")
@@ -58,27 +66,45 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     _set_arg(p)
     p.add_argument("--task", dest="tasks", action="append", default=None, metavar="NAME",
                    help="only this task (repeatable); default: every task of the pipeline")
-    p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"),
-                   help="where fine-tuned teachers are kept, as <dir>/<pipeline>/<task>/ (default: data/teachers)")
+    _teachers_arg(p)
+
+
+def _teachers_arg(p: argparse.ArgumentParser, default: str = "$KDCACHE_HOME/teachers") -> None:
+    p.add_argument("--teachers-dir", type=Path, default=None,
+                   help=f"where fine-tuned teachers are kept, as <dir>/<pipeline>/<task>/ (default: {default})")
 
 
 def _runs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None,
                    help="cache root, a folder or an fsspec URL such as s3://bucket/caches/default "
-                        "(default: data/cache/<pipeline>); set FSSPEC_S3_ENDPOINT_URL for S3-compatible servers")
-    p.add_argument("--runs", type=Path, default=None, help="runs root (default: data/runs/<pipeline>)")
+                        "(default: $KDCACHE_HOME/cache/<pipeline>); set FSSPEC_S3_ENDPOINT_URL for S3-compatible servers")
+    p.add_argument("--runs", type=Path, default=None, help="runs root (default: $KDCACHE_HOME/runs/<pipeline>)")
 
 
 def _experiment_args(p: argparse.ArgumentParser, folder: str, doc: str) -> None:
     p.add_argument("pipeline", nargs="?", default="default", help="pipeline (default: default)")
-    p.add_argument("--out", type=Path, default=Path("data") / folder, help=f"scratch and JSON folder (default: data/{folder})")
+    p.add_argument("--out", type=Path, default=None, help=f"scratch and JSON folder (default: $KDCACHE_HOME/{folder})")
+    p.set_defaults(scratch=folder)
     p.add_argument("--doc", type=Path, default=Path("docs") / f"{doc}.md", help=f"markdown file to write (docs/{doc}.md)")
     p.add_argument("--no-doc", action="store_true", help="leave the markdown file alone")
+
+
+def _defaults(args, pipeline: str | None = None) -> None:
+    """Fill the folder options left unset from the one layout rule (layout.py)."""
+    if getattr(args, "teachers_dir", "") is None:
+        args.teachers_dir = layout.teachers_dir()
+    if getattr(args, "out", "") is None and getattr(args, "scratch", None):
+        args.out = layout.scratch(args.scratch)
+    if pipeline is not None:
+        for key, where in (("cache", layout.cache_root), ("runs", layout.runs_root)):
+            if getattr(args, key, "") is None:
+                setattr(args, key, where(pipeline))
 
 
 def _load(args):
     from .config import load_pipeline, with_limit
     pipeline = with_limit(load_pipeline(args.pipeline, args.overrides), getattr(args, "limit", None))
+    _defaults(args, pipeline.name)
     tasks = args.tasks or list(pipeline.tasks)
     for t in tasks:
         if t not in pipeline.tasks:
@@ -91,7 +117,7 @@ def cmd_cache(args) -> int:
     from .capture.build import build_teacher_cache
     from .report import cache_summary
     pipeline, tasks = _load(args)
-    out = args.out or Path("data/cache") / pipeline.name
+    out = args.out or layout.cache_root(pipeline.name)
     for t in tasks:
         m = build_teacher_cache(pipeline, t, out / t, args.teachers_dir, overwrite=args.overwrite, shared=args.shared)
         print("\n".join(cache_summary(out / t, m)))
@@ -126,8 +152,7 @@ def cmd_train(args) -> int:
     # a per_language student's name stands for all its <name>@<code> students
     students = [n for runs in student_families(pipeline, args.students.split(",")).values() for n in runs] \
         if args.students else list(pipeline.students)
-    cache_root = str(args.cache or Path("data/cache") / pipeline.name).rstrip("/")  # a folder or an fsspec URL
-    runs_dir = args.runs or Path("data/runs") / pipeline.name
+    cache_root, runs_dir = str(args.cache).rstrip("/"), args.runs  # the cache: a folder or an fsspec URL
     failure = None
     try:
         results = train_students(pipeline, students, cache_root, runs_dir, teacher=args.teacher,
@@ -147,15 +172,15 @@ def cmd_report(args) -> int:
     from .config import load_pipeline
     from .report import build_report
     pipeline = load_pipeline(args.pipeline, args.overrides)
-    runs_dir = args.runs or Path("data/runs") / pipeline.name
-    cache_root = args.cache or Path("data/cache") / pipeline.name
-    print(f"report: {build_report(runs_dir, cache_root, pipeline.train.test_split or 'test')}")
+    _defaults(args, pipeline.name)
+    print(f"report: {build_report(args.runs, args.cache, pipeline.train.test_split or 'test')}")
     return 0
 
 
 def cmd_bench(args) -> int:
     from .cache.format import CAUSAL_LM
     from .config import load_pipeline
+    _defaults(args)
     if args.id_layouts:
         from .experiments.lm_bench import id_layouts
         id_layouts(str(args.id_layouts), None if args.no_doc else args.doc, args.out)
@@ -179,6 +204,7 @@ def cmd_bench(args) -> int:
 
 def cmd_fidelity(args) -> int:
     from .experiments.fidelity import run_fidelity, run_sweep, run_zero_shot
+    _defaults(args)
     if args.zero_shot:
         run_zero_shot(args.pipeline, args.zero_shot, args.students.split(",")[0], [int(x) for x in args.seeds.split(",")],
                       args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
@@ -195,8 +221,10 @@ def cmd_fidelity(args) -> int:
 
 def cmd_lifelong(args) -> int:
     from .experiments.lifelong import run_lifelong
+    teachers = args.teachers_dir  # None: <out>/teachers, the rounds' own
+    _defaults(args)
     run_lifelong(args.pipeline, [int(x) for x in args.seeds.split(",")], args.out, None if args.no_doc else args.doc,
-                 args.teachers_dir, overrides=args.overrides)
+                 teachers, overrides=args.overrides)
     return 0
 
 
@@ -253,7 +281,7 @@ def cmd_refresh(args) -> int:
     from .capture.refresh import refresh_teacher_cache
     from .report import cache_summary, drift_lines
     pipeline, tasks = _load(args)
-    out = args.out or Path("data/cache") / pipeline.name
+    out = args.out or layout.cache_root(pipeline.name)
     for t in tasks:
         m, drift = refresh_teacher_cache(pipeline, t, out / t, args.teachers_dir)
         print("\n".join(cache_summary(out / t, m)))
@@ -272,6 +300,16 @@ def cmd_drift(args) -> int:
     path = write_drift(d)
     print(json.dumps(d, indent=1) if args.json else "\n".join(drift_lines(d)))
     print(f"kept in {path} (the report's stale-runs note reads it)", file=sys.stderr)
+    return 0
+
+
+def cmd_where(args) -> int:
+    from .config import load_pipeline
+    name = load_pipeline(args.pipeline, args.overrides).name
+    folders = {"cache": layout.cache_root(name), "teachers": layout.teachers_dir() / name, "runs": layout.runs_root(name)}
+    wanted = [k for k in folders if getattr(args, k)]
+    for k in wanted or folders:
+        print(folders[k] if wanted else f"{k}\t{folders[k]}")
     return 0
 
 
@@ -307,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p)
     p.add_argument("--out", type=Path, default=None,
                    help="cache root; each task goes to <out>/<task>/ (default: data/cache/<pipeline>)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N rows per split (quick runs)")
+    p.add_argument("--limit", type=_rows, default=None, metavar="N", help="at most N rows per split (quick runs)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
     p.add_argument("--shared", default=None, metavar="URL",
                    help="a team's cache store (fsspec URL, e.g. s3://team/kdcache): when a cache with exactly this "
@@ -335,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--students", default=None, metavar="A,B",
                    help="comma-separated student names (default: all); a `per_language` student's name trains all "
                         "its <name>@<code> students")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=_rows, default=None, metavar="N",
                    help="for a cache built with `kdcache cache --limit N`: the same N (the cache records it)")
     p.add_argument("--teacher", choices=("cache", "live"), default="cache",
                    help="targets from the cache (default) or from the live teacher every step (online KD)")
@@ -372,8 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=Path, default=None, metavar="CACHE",
                    help="instead: what each column of a causal-LM cache costs in bytes per token, per language, "
                         "from its shards' footers (the byte offsets of cross-tokenizer students included)")
-    p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"),
-                   help="where converted/fine-tuned teachers are kept (default: data/teachers)")
+    _teachers_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("fidelity", help="KD students vs hard-label twins over seeds, with all labels and label-scarce",
@@ -402,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead, for a multilingual pipeline: only LANG's training rows labelled; per language the "
                         "teacher (zero-shot), the first --students student trained per language on the cached soft "
                         "labels alone, and the same student on that language's gold labels (the ceiling)")
-    p.add_argument("--teachers-dir", type=Path, default=Path("data/teachers"), help="fine-tuned teachers")
+    _teachers_arg(p)
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("lifelong", help="classes arriving in rounds: scratch vs continual students, with forgetting",
@@ -475,6 +512,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows that moved most to list per split (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("where", help="print where a pipeline's cache, teachers and runs live",
+                       description="Print the folders kdcache uses for a pipeline (given by name or YAML path; its "
+                                   "`name:` decides): $KDCACHE_HOME/cache/<name>/, $KDCACHE_HOME/teachers/<name>/ "
+                                   "and $KDCACHE_HOME/runs/<name>/, KDCACHE_HOME defaulting to `data`. Every "
+                                   "command's defaults and the Makefile's targets follow this one rule.")
+    p.add_argument("pipeline", help="pipeline name or YAML path")
+    _set_arg(p)
+    for k in ("cache", "teachers", "runs"):
+        p.add_argument(f"--{k}", action="store_true", help=f"print only the {k} folder")
+    p.set_defaults(func=cmd_where)
 
     p = sub.add_parser("config", help="print a pipeline's resolved config, or the reference of every key",
                        description="Print the pipeline's config with defaults filled in and --set applied "

@@ -5,6 +5,7 @@ them into docs/configuration.md. The generic machinery (coercion, checks, errors
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ import yaml
 
 from .cache.format import CAUSAL_LM, HEADS, SEQUENCE, TOKEN
 from .students import REGISTRY
+
+# Students' step floor (train.min_steps): chosen by measurement on SIB-200 French (701 training rows), docs/fidelity.md.
+MIN_STEPS = 600
 from .typedconfig import (ConfigError, above, apply_override, at_least, between, build, each, matches, nonempty,
                           one_of, setting, to_dict)
 
@@ -88,7 +92,9 @@ class DataConfig:
     text_fields: tuple[str, ...] = setting(("text",), help="Column(s) fed to the teacher; two columns make a text pair.")
     label_field: str | None = setting("label", help="Gold label column (int or string); null for unlabelled data.")
     id_field: str | None = setting(None, help="Stable example id column; default `<split>-<row index>`.")
-    label_names: tuple[str, ...] = setting((), help="Label names in id order; taken from the source when it has them.")
+    label_names: tuple[str, ...] = setting((), help="Label names in id order; taken from the source when it has them, "
+                                                     "else inferred from the `train` split (the distinct names "
+                                                     "sorted, or integer ids 0..max named \"0\", \"1\", ...).")
     limit: int | None = setting(None, help="Keep at most this many rows per split (first rows), for quick runs.",
                                 check=at_least(1))
     validation_fraction: float = setting(0.1, help="When the source has a `train` split but no `validation`, carve "
@@ -343,6 +349,10 @@ class TrainConfig:
     """How students are trained (shared by every student of a pipeline, so one pass feeds them all)."""
 
     epochs: int = setting(3, help="Passes over the cached training split.", check=at_least(1))
+    min_steps: int = setting(MIN_STEPS, help="Take at least this many optimiser steps, whatever `epochs` gives: the "
+                                             "epochs are raised (and the log says so). 701 rows are 22 steps an "
+                                             "epoch at batch 32, too few for a student to learn; 0 = off.",
+                             check=at_least(0))
     batch_size: int = setting(32, help="Rows per optimisation step (per process).", check=at_least(1))
     learning_rate: float = setting(2.0e-3, help="Peak AdamW learning rate (a student may override it).",
                                    check=above(0))
@@ -468,6 +478,7 @@ class PipelineConfig:
             raise ConfigError(f"pipeline {self.name!r}: `tasks` is empty; add at least one task")
         for name, task in self.tasks.items():
             _check_task(name, task)
+            _check_split_names(self, name, task)
         for name, st in self.students.items():
             _check_student(self, name, st)
         object.__setattr__(self, "students", _per_language_students(self))
@@ -488,6 +499,25 @@ class PipelineConfig:
 
 
 # ------------------------------------------------------------------------------------- head-specific rules
+
+STANDARD_SPLITS = ("train", "validation", "test", "dev", "valid", "val")
+
+
+def _check_split_names(p: "PipelineConfig", name: str, task: TaskConfig) -> None:
+    """A `data.files` split that no setting reads and whose name is a near-miss of a standard one (`tset:`) is a
+    typo: refused at load, not found missing at stage two."""
+    ft = task.teacher.finetune
+    used = {p.train.train_split, p.train.eval_split, p.train.test_split, *((ft.train_split, ft.eval_split) if ft else ()),
+            *(x for st in p.students.values() for x in (st.train_split, *st.transfer))}
+    for split in task.data.files:
+        if split in STANDARD_SPLITS or split in used:
+            continue
+        close = difflib.get_close_matches(split, STANDARD_SPLITS, n=1, cutoff=0.6)
+        if close:
+            raise ConfigError(f"`tasks.{name}.data.files.{split}`: no setting reads a split {split!r}; did you mean "
+                              f"`{close[0]}`? (a split of another name is read only when a setting names it, e.g. "
+                              "`train.eval_split` or a student's `transfer`)")
+
 
 def _check_task(name: str, task: TaskConfig) -> None:
     """Settings that depend on the teacher's head, named by key (so a typo fails at load, not mid-capture)."""
@@ -696,6 +726,11 @@ def load_pipeline(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Pi
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     for o in overrides:
+        key = o.split("=", 1)[0].strip().split(".")
+        named = raw.get(key[0]) if key[0] in ("tasks", "students") else None
+        if named is not None and len(key) > 2 and key[1] not in named:  # a typo, not a new task built key by key
+            raise ConfigError(f"--set {o.split('=', 1)[0]}: {path} has no {key[0][:-1]} {key[1]!r} ({key[0]}: "
+                              f"{', '.join(named) or 'none'})")
         apply_override(raw, o)
     return build(PipelineConfig, raw, "", str(path) + (" (with --set overrides)" if overrides else ""))
 

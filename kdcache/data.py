@@ -209,7 +209,9 @@ def _text_lines(path: Path, compression: str | None) -> Iterator[str]:
 
 
 def _read_delimited(path: Path, compression: str | None, delimiter: str, quoting: str, split: str) -> list[dict]:
-    """Rows of a csv/tsv file as dicts of strings; a row with more or fewer fields than the header is named."""
+    """Rows of a csv/tsv file as dicts of strings; a row with more or fewer fields than the header is named. A
+    field of any length is read (csv's 128 KiB default would refuse long texts, which are truncated at capture)."""
+    csv.field_size_limit(2**31 - 1)
     reader = csv.DictReader(_text_lines(path, compression), delimiter=delimiter, strict=True,
                             quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
     rows = []
@@ -276,8 +278,28 @@ def _files(cfg: DataConfig) -> TaskData:
             rows = _read_json(path, compression, fmt == "jsonl", split)
         if not rows:
             raise DataError(f"{path} split `{split}`: no rows could be read (a header only?); check the file")
-        splits[split] = datasets.Dataset.from_list(rows)
+        splits[split] = _table(rows, path, split)
     return TaskData(splits, tuple(cfg.label_names), ", ".join(cfg.files.values()))
+
+
+def _table(rows: list[dict], path: Path, split: str) -> datasets.Dataset:
+    """The rows as a Dataset; a column whose values are of several kinds (numbers and text in one JSON column) is
+    named with the first row of each kind, instead of Arrow's bare type error."""
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        for col in dict.fromkeys(k for r in rows for k in r):
+            first: dict[str, int] = {}
+            for i, r in enumerate(rows):
+                v = r.get(col)
+                if v is not None:
+                    first.setdefault("text" if isinstance(v, str) else "a number" if isinstance(v, (int, float))
+                                     else type(v).__name__, i)
+            if len(first) > 1:
+                kinds = " and ".join(f"{k} (row {i})" for k, i in first.items())
+                raise DataError(f"{path}: column `{col}` mixes {kinds}; split `{split}`: give the column one "
+                                "kind of value (e.g. quote every id)") from None
+        raise DataError(f"{path}: the rows of split `{split}` do not form a table ({e})") from None
 
 
 def _hub(cfg: DataConfig) -> TaskData:
@@ -400,6 +422,10 @@ def _normalise(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names: t
         for i, y in enumerate(raw):
             if isinstance(y, str) and y not in label_names:  # text files: label ids arrive as text, blank = none
                 y = None if not y.strip() else int(y) if y.strip().lstrip("-").isdigit() else y
+            if isinstance(y, float):
+                raise DataError(f"{where}: row {i} (id {ids[i]}) label {y!r} is a float in column "
+                                f"`{cfg.label_field}`: labels are names or integer ids; write them as integers or "
+                                "names (an unlabelled row: leave the label blank or null, not NaN)")
             if y is None or (isinstance(y, int) and y < 0):
                 labels.append(-1)
             elif isinstance(y, str):
@@ -486,8 +512,6 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         raise DataError(f"unknown data.source {cfg.source!r}; one of: {', '.join(SOURCES)}")
     raw = SOURCES[cfg.source](cfg)
     label_names = tuple(cfg.label_names) or raw.label_names
-    if cfg.label_field and not label_names:
-        raise DataError(f"{raw.origin}: label names unknown; list them in data.label_names")
     if cfg.source in TOKEN_SOURCES:  # already checked and normalised by the reader
         out = {split: ds.select(range(min(cfg.limit, len(ds)))) if cfg.limit is not None else ds
                for split, ds in raw.splits.items()}
@@ -504,6 +528,8 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         selected = {s: raw.splits[src] for s, src in cfg.splits.items()}
     elif not cfg.splits:
         selected = canonical_splits(selected)
+    if cfg.label_field and not label_names:
+        label_names = infer_label_names(selected, cfg.label_field, raw.origin)
     selected = carve_validation(selected, cfg, raw.origin, cfg.id_field or raw.id_field)
     out = {}
     for split, ds in selected.items():
@@ -527,6 +553,37 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     if cfg.augment is not None:
         out[cfg.augment.into] = _transfer_set(out, cfg, raw.origin)
     return TaskData(out, label_names, origin, "id")
+
+
+def infer_label_names(splits: dict[str, datasets.Dataset], field: str, origin: str) -> tuple[str, ...]:
+    """Label names read from the whole `train` split when `data.label_names` is not given: integer ids 0..max as
+    "0", "1", ... (their own order), otherwise the distinct names sorted, so every run and row order agrees.
+    Blank, null and negative labels are unlabelled rows."""
+    if "train" not in splits or field not in splits["train"].column_names:
+        raise DataError(f"{origin}: label names unknown and no `train` split with column `{field}` to infer them "
+                        "from; list them in data.label_names")
+    seen = [y for y in splits["train"][field][:]
+            if y is not None and not (isinstance(y, str) and not y.strip()) and not (isinstance(y, int) and y < 0)]
+    ids = [y for y in seen if isinstance(y, int) and not isinstance(y, bool)
+           or isinstance(y, str) and y.strip().isdigit()]
+    if not seen:
+        raise DataError(f"{origin} split `train`: no labelled rows in column `{field}` to infer the label names "
+                        "from; list them in data.label_names")
+    floats = [y for y in seen if isinstance(y, float)]
+    if floats:
+        raise DataError(f"{origin} split `train`: column `{field}` holds floats ({floats[0]!r}): labels are names or "
+                        "integer ids; write them as integers or names (an unlabelled row: blank or null, not NaN)")
+    if len(ids) == len(seen):
+        names = tuple(str(i) for i in range(max(int(y) for y in ids) + 1))
+    elif not ids and all(isinstance(y, str) for y in seen):
+        names = tuple(sorted(set(seen)))
+    else:
+        odd = next(y for y in seen if not isinstance(y, str) or y.strip().isdigit())
+        raise DataError(f"{origin} split `train`: column `{field}` mixes label names and other values ({odd!r}); "
+                        "labels are names or integer ids: list the names in data.label_names")
+    log.info("%s: label names inferred from split `train` (%s): %s; set data.label_names to choose another order",
+             origin, "integer ids" if ids else "sorted", list(names))
+    return names
 
 
 def of_classes(ds: datasets.Dataset, keep: tuple[str, ...], label_names: tuple[str, ...],

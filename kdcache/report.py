@@ -118,7 +118,9 @@ def _in_order(runs: list[dict]) -> list[dict]:
 
 def _student(r: dict[str, Any]) -> str:
     """The cells every head's table starts a student row with: name (arch, KD or hard labels), task, params."""
-    return f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}) | {r['task']} | {r['parameters']:,} |"
+    flag = " ⚠ at chance" if r.get("at_chance") else ""
+    return (f"| {r['run']} ({r['arch']}{', KD' if r['kd'] else ', hard labels'}){flag} | {r['task']} | "
+            f"{r['parameters']:,} |")
 
 
 def token_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
@@ -430,6 +432,20 @@ def stale_lines(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def chance_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """A warning naming the students no better than a model that learned nothing (the majority class, all `O`) on
+    the evaluation split, with what to change; the tables mark them ⚠."""
+    flagged = [r for r in _in_order(runs) if r.get("at_chance")]
+    if not flagged:
+        return []
+    what = "; ".join(f"{r['run']} {r['at_chance']['score']:.4f} against the {r['at_chance']['baseline']}'s "
+                     f"{r['at_chance']['baseline_score']:.4f} (± {r['at_chance']['margin']:.4f} over "
+                     f"{r['at_chance']['rows']} rows)" for r in flagged)
+    return [f"> **⚠ At chance** on the evaluation split: {what}. They learned next to nothing: give them more "
+            "optimiser steps (`train.min_steps`, `train.epochs`), another learning rate (`train.learning_rate` or "
+            "the student's own), or a smaller student.", ""]
+
+
 def _moved(cache: str, names: list[tuple[str, str]]) -> list[str]:
     """How far each stale run's targets moved, where `kdcache drift` measured it."""
     out = []
@@ -476,7 +492,7 @@ def build_report(runs_dir: Path, cache_root: str | Path, test_split: str = "test
     if not all_runs:
         raise ReportError(f"{runs_dir}: no run folders (*/metrics.json) to report on; train students first with "
                           "`kdcache train <pipeline>` (make train-student)")
-    lines = [f"# Student comparison — {runs_dir.name}", "", *stale_lines(all_runs)]
+    lines = [f"# Student comparison — {runs_dir.name}", "", *stale_lines(all_runs), *chance_lines(all_runs)]
     cross = [r for r in all_runs if r.get("head") == CROSS]
     panels = []
     for head, (teacher_row, table, metric, label) in HEADS.items():

@@ -69,6 +69,7 @@ def test_a_student_learns_and_the_run_directory_is_complete(tmp_path, tiny300):
         assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint" / "student.pt").is_file()
         assert r["size_bytes"] == (run_dir / "checkpoint" / "student.pt").stat().st_size
         assert r["inference_examples_per_s_cpu"] > 0
+        assert "at_chance" not in r, "a student that learned is not flagged"
     assert results["bow"]["kd"] and not results["bow-hard"]["kd"]
 
     report = build_report(tmp_path, tiny300.parent)

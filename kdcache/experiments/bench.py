@@ -154,14 +154,14 @@ def bench_settings(pipeline_name: str, quick: bool) -> tuple[int, str, list[str]
 
 
 def run_lifecycle(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None,
-                  teachers: Path = Path("data/bench/teachers"), repeats: int = REPEATS) -> dict[str, Any]:
+                  teachers: Path | None = None, repeats: int = REPEATS) -> dict[str, Any]:
     """`kdcache bench --lifecycle`: the two figures of caches that live, alone, as their own doc section: an
     incremental capture of 10% new rows against a full recapture, and the reader from object storage."""
     rows, task_name, over = bench_settings(pipeline_name, quick)
     res = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": pipeline_name,
            "command": f"kdcache bench {pipeline_name} --lifecycle{' --quick' if quick else ''}", "load_before": load(),
-           "incremental": _incremental(pipeline_name, over, task_name, rows if quick else None, teachers, out_dir,
-                                       repeats),
+           "incremental": _incremental(pipeline_name, over, task_name, rows if quick else None,
+                                       teachers or out_dir / "teachers", out_dir, repeats),
            "remote": _remote_reader(out_dir, 5_000 if quick else 200_000, repeats)}
     res["load_after"] = load()
     text = "\n".join([f"### {res['date']} — `{res['command']}`", "",

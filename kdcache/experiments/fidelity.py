@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import config as C
+from .. import config as C, layout
 from ..cache.format import CAUSAL_LM, SEQUENCE
 from ..cache.reader import read_columns
 from ..capture.build import build_teacher_cache
@@ -40,11 +40,12 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scarce: int, out_dir: Path,
-                 doc: Path | None, teachers_dir: Path = Path("data/teachers"), cache_root: Path = Path("data/cache"),
+                 doc: Path | None, teachers_dir: Path | None = None, cache_root: Path | None = None,
                  overrides: list[str] = (), folds: int = 0, all_labels: bool = True) -> dict[str, Any]:
     """The all-labels setting reuses the pipeline's own teacher and cache; the label-scarce one builds its own.
     With `folds` = k, each setting is run again with out-of-fold training targets (k fold teachers beside the
     setting's teacher), and the render compares the two: KD gain and teacher build time."""
+    teachers_dir = teachers_dir or layout.teachers_dir()
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     metric = _metric(base.tasks[task].teacher.head)
@@ -52,7 +53,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     names = [n for s in students for n in runs_of[s]]
     settings = {}
     if all_labels:
-        settings["all labels"] = (list(overrides), teachers_dir, cache_root / base.name / task)
+        settings["all labels"] = (list(overrides), teachers_dir, layout.cache_root(base.name, cache_root) / task)
     if scarce:  # 0 = all-labels setting only
         settings[f"{scarce} labelled training rows"] = ([*overrides, f"tasks.{task}.data.labelled_limit={scarce}"],
                                                          out_dir / "teachers-scarce", out_dir / "cache-scarce" / task)
@@ -173,12 +174,13 @@ def _publish(results: dict[str, Any], path: Path, text: str, doc: Path | None, s
 
 
 def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[int], out_dir: Path,
-                  doc: Path | None, teachers_dir: Path = Path("data/teachers"), cache_root: Path = Path("data/cache"),
+                  doc: Path | None, teachers_dir: Path | None = None, cache_root: Path | None = None,
                   overrides: list[str] = ()) -> dict[str, Any]:
     """Labels in one language only: a teacher fine-tuned on `labelled`'s rows labels every language; per language,
     the teacher (zero-shot), `student` trained on its cached soft labels alone (as cached, and for classification
     also centred on `labelled`: `loss.center_languages`), and the same student on that language's gold labels (the
     ceiling, from the pipeline's all-labels cache), over `seeds`."""
+    teachers_dir = teachers_dir or layout.teachers_dir()
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     codes = list(base.tasks[task].data.languages)
@@ -191,7 +193,7 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
     st = base.students.get(student) or base.students.get(f"{student}@{labelled}")  # (per_language: expanded)
     centred = f"{'students.' + student if st and st.loss else 'train'}.loss.center_languages={labelled}"
     zs_dirs = (out_dir / "teachers-zero-shot", out_dir / "cache-zero-shot" / task)
-    settings = {"all labels": (per_language, teachers_dir, cache_root / base.name / task),
+    settings = {"all labels": (per_language, teachers_dir, layout.cache_root(base.name, cache_root) / task),
                 f"labels in {labelled} only": (zero_shot, *zs_dirs)}
     if base.tasks[task].teacher.head == SEQUENCE:  # the same cache, each language's logits centred on `labelled`
         settings[CENTRED] = ([*zero_shot, centred, f"students.{student}.twin=false"], *zs_dirs)
@@ -262,10 +264,11 @@ SWEEP = {  # name -> loss changes against the pipeline's loss; the first is the 
 
 
 def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path, doc: Path | None,
-              teachers_dir: Path = Path("data/teachers"), cache_root: Path = Path("data/cache"),
+              teachers_dir: Path | None = None, cache_root: Path | None = None,
               overrides: list[str] = ()) -> dict[str, Any]:
     """Temperature, α and feature loss on/off for one student: every variant trained in the same pass over the
     cache (same seed, initial weights and batches), over several seeds."""
+    teachers_dir = teachers_dir or layout.teachers_dir()
     import dataclasses
 
     base = C.load_pipeline(pipeline_name, list(overrides))
@@ -275,7 +278,7 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
         raise C.ConfigError(f"pipeline {base.name!r}: the sweep covers classification and token-classification "
                             "students; for causal-LM targets use `kdcache bench lm` (k, sampled, naive top-k)")
     metric = _metric(head)
-    cache = cache_root / base.name / task
+    cache = layout.cache_root(base.name, cache_root) / task
     manifest = build_teacher_cache(base, task, cache, teachers_dir)
     layers = (manifest.get("features") or {}).get("layers") or []
     st = base.students[student]

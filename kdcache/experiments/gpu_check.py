@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import config as C
+from .. import config as C, layout
 from ..capture.classification import SequenceRunner
 from ..capture.lm import LMRunner, pack
 from ..capture.models import build_model, load_tokenizer
@@ -141,7 +141,7 @@ def overhead_on_device(device: str, rows: int) -> dict[str, Any]:
     return {"capture_rows_per_s": capture, "raw_forward_rows_per_s": raw, "ratio": capture / raw, "goal": 0.95}
 
 
-def run_gpu_check(out_dir: Path = Path("data/bench"), doc: Path | None = Path("docs/benchmarks.md"),
+def run_gpu_check(out_dir: Path | None = None, doc: Path | None = Path("docs/benchmarks.md"),
                   rows: int = 4096) -> dict[str, Any]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -162,6 +162,7 @@ def run_gpu_check(out_dir: Path = Path("data/bench"), doc: Path | None = Path("d
         res["stage_one_on_device"] = overhead_on_device(device, rows)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["ok"] = all(c["ok"] for c in res["checks"].values())
+    out_dir = out_dir or layout.scratch("bench")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu-check.json").write_text(json.dumps(res, indent=1))
     text = render(res)

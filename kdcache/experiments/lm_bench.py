@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .. import config as C
+from .. import config as C, layout
 from ..cache.format import lm_parquet_schema, parquet_write_options
 from ..capture.lm import LMRunner, Packed, lm_shard_table, pack
 from ..capture.teacher import prepare_teacher
@@ -83,14 +83,14 @@ class _Held(torch.utils.data.IterableDataset):
 
 
 def run_lm_bench(pipeline_name: str, quick: bool, out_dir: Path, doc: Path | None,
-                 teachers_dir: Path = Path("data/teachers"), overrides: list[str] = ()) -> dict[str, Any]:
+                 teachers_dir: Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
     pipeline = C.load_pipeline(pipeline_name, list(overrides))
     task_name = next(iter(pipeline.tasks))
     task = pipeline.tasks[task_name]
     student = next((s for s in pipeline.students.values() if s.arch == "llama"), C.StudentConfig(arch="llama"))
     n_train, n_held, epochs = (32, 8, 1) if quick else (160, 32, 3)
     data = load_task_data(task.data)
-    model, tok, _ = prepare_teacher(pipeline.name, task_name, task, data, teachers_dir)
+    model, tok, _ = prepare_teacher(pipeline.name, task_name, task, data, teachers_dir or layout.teachers_dir())
     L = task.cache.max_length
     train_packed = pack(tok, data.splits["train"]["text"][:], L, offsets=True)[:n_train]
     train_seqs = train_packed.ids

@@ -139,6 +139,14 @@ class SequenceClassification(TrainHead):
         return classification_metrics(np.concatenate(preds), np.concatenate(labels), np.concatenate(teacher),
                                       len(ds.manifest["label_names"]))
 
+    def chance(self, source):
+        train = [y for y in source.column(source.train.split, "label") if y is not None and y >= 0]
+        ev = np.array([y for y in source.column(source.eval.split, "label") if y is not None and y >= 0])
+        if not train or not len(ev):
+            return None
+        label = int(np.bincount(train).argmax())
+        return f"majority class ({source.manifest['label_names'][label]})", float((ev == label).mean()), len(ev)
+
     def run_extras(self, model, source, pipeline):
         if source.test is None:
             return {}

@@ -117,6 +117,22 @@ class TrainHead:
         """Head-specific fields of a finished single-task run's metrics."""
         return {}
 
+    def chance(self, source: Source) -> tuple[str, float, int] | None:
+        """(name, evaluation metric, rows it is measured on) of a model that learned nothing, on the source's
+        evaluation split: a student no better is flagged (None: the head has no such baseline)."""
+        return None
+
+
+def at_chance(score: float | None, chance: tuple[str, float, int] | None) -> dict[str, Any] | None:
+    """The flag of a student whose evaluation `score` is no better than `chance` (a rate p on n rows) beyond two
+    standard errors of that rate, sqrt(p(1-p)/n): what the report and the log call out; None when it is better."""
+    if score is None or chance is None:
+        return None
+    name, p, n = chance
+    margin = 2 * (p * (1 - p) / max(1, n)) ** 0.5
+    return None if score > p + margin else {"baseline": name, "baseline_score": p, "score": score,
+                                            "margin": round(margin, 4), "rows": n}
+
 
 def add_feature_terms(loss: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: C.LossConfig,
                       parts: dict[str, float]) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import json
 import logging
 import math
@@ -21,14 +22,15 @@ import torch
 import yaml
 from torch.distributed.algorithms.join import Join
 
-from .. import config as C
+from .. import config as C, layout
+from ..cache.format import write_text_atomic
 from ..cache.reader import CacheDataset
 from ..errors import KdcacheError
 from ..optim import clip_grad_norm_, optimizer_for, sparse_params, warmup_linear
 from ..progress import progress
 from ..students import REGISTRY
 from .continual import init_tokenizer, init_weights
-from .head import Source, StudentModel
+from .head import Source, StudentModel, at_chance
 from .heads import HEADS
 from .multitask import build_multitask, multitask_tokenizer
 from .sources import open_source
@@ -80,11 +82,31 @@ def variants(pipeline: C.PipelineConfig, student: str) -> list[tuple[str, C.Loss
     return [(student, loss)] + ([(f"{student}-hard", C.LossConfig(alpha=1.0, chunk=loss.chunk))] if st.twin else [])
 
 
-def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str, Source], runs_dir: Path,
-              accelerator: Any, only: set[str] | None = None) -> list[Run]:
-    """Every student and twin (of the run names in `only`, when given): tokenizer once per student, then seed ->
-    build -> AdamW -> warm-up -> prepare."""
+def steps_per_epoch(pipeline: C.PipelineConfig, student: str, sources: dict[str, Source], processes: int) -> int:
+    """Optimiser steps one epoch gives `student` in each process: a batch per step over each of its weighted tasks."""
+    return sum(math.ceil(sources[t].train.num_rows / processes / pipeline.train.batch_size)
+               for t, w in pipeline.student_tasks(student).items() if w)
+
+
+def pass_epochs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str, Source], processes: int) -> int:
+    """`train.epochs`, raised so that every student of the pass takes at least `train.min_steps` steps (a few hundred
+    rows give a few dozen steps an epoch: too few to learn anything); the raise is logged."""
     train = pipeline.train
+    fewest = min(steps_per_epoch(pipeline, s, sources, processes) for s in students)
+    epochs = max(train.epochs, math.ceil(train.min_steps / max(1, fewest)))
+    if epochs > train.epochs:
+        log.info("%s: %d steps an epoch, so %d epochs instead of train.epochs=%d to reach train.min_steps=%d (set "
+                 "train.min_steps=0 to turn this off)", "+".join(sources), fewest, epochs, train.epochs,
+                 train.min_steps)
+    return epochs
+
+
+def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str, Source], runs_dir: Path,
+              accelerator: Any, only: set[str] | None = None, epochs: int | None = None) -> list[Run]:
+    """Every student and twin (of the run names in `only`, when given): tokenizer once per student, then seed ->
+    build -> AdamW -> warm-up and decay over `epochs` (default `train.epochs`) -> prepare."""
+    train = pipeline.train
+    epochs = epochs or train.epochs
     runs = []
     for s in students:
         st, tasks = pipeline.students[s], pipeline.student_tasks(s)
@@ -92,8 +114,7 @@ def make_runs(pipeline: C.PipelineConfig, students: list[str], sources: dict[str
         multitask = REGISTRY[st.arch].multitask
         tok = multitask_tokenizer(st, sources) if multitask else init_tokenizer(st, where) if st.init_from else \
             sources[next(iter(tasks))].head.tokenizer(st, sources[next(iter(tasks))], where)
-        steps = train.epochs * sum(math.ceil(sources[t].train.num_rows / accelerator.num_processes / train.batch_size)
-                                   for t, w in tasks.items() if w)
+        steps = epochs * steps_per_epoch(pipeline, s, sources, accelerator.num_processes)
         for name, loss in variants(pipeline, s):
             if only is not None and name not in only:
                 continue
@@ -166,8 +187,8 @@ def step(run: Run, source: Source, batch: dict[str, Any], targets: Any, train: C
     return parts
 
 
-def _epoch(runs: list[Run], sources: dict[str, Source], epoch: int, train: C.TrainConfig, accelerator: Any,
-           on_step: Callable[[str, dict], None] | None) -> dict[str, Any]:
+def _epoch(runs: list[Run], sources: dict[str, Source], epoch: int, epochs: int, train: C.TrainConfig,
+           accelerator: Any, on_step: Callable[[str, dict], None] | None) -> dict[str, Any]:
     """One pass over every source, their batches taking turns; returns per-run loss sums and the rows seen."""
     iters = {}
     for t, src in sources.items():
@@ -183,7 +204,7 @@ def _epoch(runs: list[Run], sources: dict[str, Source], epoch: int, train: C.Tra
     ddp = [r.model for r in runs if isinstance(r.model, torch.nn.parallel.DistributedDataParallel)]
     total = sum(math.ceil(s.train.num_rows / accelerator.num_processes) for s in sources.values())
     with Join(ddp) if ddp else contextlib.nullcontext(), progress(
-            total, desc=f"train {'+'.join(sources)} epoch {epoch + 1}/{train.epochs} ({len(runs)} students)",
+            total, desc=f"train {'+'.join(sources)} epoch {epoch + 1}/{epochs} ({len(runs)} students)",
             disable=not accelerator.is_local_main_process) as bar:
         while iters:
             for t in list(iters):
@@ -281,33 +302,52 @@ def _finish(run: Run, sources: dict[str, Source], pipeline: C.PipelineConfig, te
                         single.cache, single.test.split, rank=0, world_size=1, languages=(code,)), single)
                     for code in single.test.languages}
         metrics.update(single.head.run_extras(model, single, pipeline))
+        flag = at_chance(run.best["eval"].get(single.head.metric.key), single.head.chance(single))
+        if flag:
+            metrics["at_chance"] = flag
+            log.warning("%s: %s %s %.4f is no better than the %s (%.4f, ± %.4f over %d rows): it learned next to "
+                        "nothing. Give it more steps (train.min_steps, train.epochs), another learning rate "
+                        "(train.learning_rate or the student's own), or a smaller student", run.name,
+                        pipeline.train.eval_split, single.head.metric.key, flag["score"], flag["baseline"],
+                        flag["baseline_score"], flag["margin"], flag["rows"])
     return metrics
 
 
 def save_run(run: Run, model: StudentModel, metrics: dict[str, Any], pipeline: C.PipelineConfig,
              sources: dict[str, Source]) -> None:
     """The run folder of every head: config.yaml, cache.json, metrics.json and checkpoint/ (the best weights with
-    what reads their inputs), the checkpoint written under a temporary name and renamed."""
+    what reads their inputs). The checkpoint is written under a temporary name of this process's own and swapped in
+    under the folder's lock, each file atomically: two trainers saving the same run leave one whole run, the last
+    one's, never a mix or a crash."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp, ckpt = run.run_dir / ".checkpoint.tmp", run.run_dir / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
+    unique = f"{os.getpid()}-{os.urandom(4).hex()}"
+    tmp, old, ckpt = (run.run_dir / f".checkpoint.tmp-{unique}", run.run_dir / f".checkpoint.old-{unique}",
+                      run.run_dir / "checkpoint")
     tmp.mkdir()
-    model.save(tmp, run.best_state)
-    metrics["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in (".pt", ".safetensors"))
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    os.replace(tmp, ckpt)
-    caches = {t: {"cache": sources[t].cache, "fingerprint": sources[t].manifest["fingerprint"],
-                  "teacher": sources[t].manifest["fingerprint_inputs"]["teacher"]} for t in run.tasks}
-    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(
-        {"pipeline": pipeline.name, "student": run.student, "run": run.name, "train": C.to_dict(pipeline.train),
-         "student_config": C.to_dict(run.cfg), "loss": C.to_dict(run.loss)}, sort_keys=False))
-    (run.run_dir / "cache.json").write_text(json.dumps(caches if run.cross else next(iter(caches.values())), indent=1))
-    (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    try:
+        model.save(tmp, run.best_state)
+        metrics["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in (".pt", ".safetensors"))
+        caches = {t: {"cache": sources[t].cache, "fingerprint": sources[t].manifest["fingerprint"],
+                      "teacher": sources[t].manifest["fingerprint_inputs"]["teacher"]} for t in run.tasks}
+        with open(run.run_dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if ckpt.exists():
+                os.replace(ckpt, old)
+            os.replace(tmp, ckpt)
+            write_text_atomic(run.run_dir / "config.yaml", yaml.safe_dump(
+                {"pipeline": pipeline.name, "student": run.student, "run": run.name,
+                 "train": C.to_dict(pipeline.train), "student_config": C.to_dict(run.cfg),
+                 "loss": C.to_dict(run.loss)}, sort_keys=False))
+            write_text_atomic(run.run_dir / "cache.json",
+                              json.dumps(caches if run.cross else next(iter(caches.values())), indent=1))
+            write_text_atomic(run.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str], runs_dir: Path,
-        teacher: str = "cache", teachers_dir: Path = Path("data/teachers"),
+        teacher: str = "cache", teachers_dir: Path | None = None,
         on_step: Callable[[str, dict], None] | None = None, only: set[str] | None = None,
         transfer: tuple[str, ...] = (), split: str | None = None,
         teachers: dict[str, float] | None = None, labels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -326,14 +366,15 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
         sources[t] = open_source(pipeline, t, caches[t], accelerator, layers,
                                  pipeline.students[students[0]].languages or None, transfer, split,
                                  {k: (caches.get(k, k), w) for k, w in (teachers or {}).items()}, labels)
-    runs = make_runs(pipeline, students, sources, runs_dir, accelerator, only)
+    epochs = pass_epochs(pipeline, students, sources, accelerator.num_processes)
+    runs = make_runs(pipeline, students, sources, runs_dir, accelerator, only, epochs)
     if teacher == "live":
         from .live import live_targets
         for t, src in sources.items():
-            src.transform = live_targets(pipeline, t, teachers_dir, src.train.feature_layers)
+            src.transform = live_targets(pipeline, t, teachers_dir or layout.teachers_dir(), src.train.feature_layers)
     from accelerate.utils import gather_object
-    for epoch in range(train.epochs):
-        done = _epoch(runs, sources, epoch, train, accelerator, on_step)
+    for epoch in range(epochs):
+        done = _epoch(runs, sources, epoch, epochs, train, accelerator, on_step)
         per_process = gather_object([done["seen"]])
         rows_info = {"train_rows_per_process": [len(x) for x in per_process],
                      "train_rows_distinct": len(set().union(*map(set, per_process)))}
@@ -354,7 +395,7 @@ def fit(pipeline: C.PipelineConfig, students: list[str], caches: dict[str, str],
 
 
 def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str | Path | dict[str, str],
-                   runs_dir: Path, teacher: str = "cache", teachers_dir: Path = Path("data/teachers"),
+                   runs_dir: Path, teacher: str = "cache", teachers_dir: Path | None = None,
                    on_step: Callable[[str, dict], None] | None = None) -> list[dict[str, Any]]:
     """Stage two for any heads: one pass per task for its single-task students, one pass over the union of their
     tasks for the cross-task students; returns every run's metrics. `caches`: a folder or fsspec URL holding one
