@@ -727,10 +727,10 @@ def load_pipeline(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Pi
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     for o in overrides:
         key = o.split("=", 1)[0].strip().split(".")
-        named = raw.get(key[0]) if key[0] in ("tasks", "students") else None
-        if named is not None and len(key) > 2 and key[1] not in named:  # a typo, not a new task built key by key
-            raise ConfigError(f"--set {o.split('=', 1)[0]}: {path} has no {key[0][:-1]} {key[1]!r} ({key[0]}: "
-                              f"{', '.join(named) or 'none'})")
+        tasks = raw.get("tasks") if key[0] == "tasks" else None  # (a student may be added key by key; a task not)
+        if isinstance(tasks, dict) and len(key) > 2 and key[1] not in tasks:
+            raise ConfigError(f"--set {o.split('=', 1)[0]}: {path} has no task {key[1]!r} (tasks: "
+                              f"{', '.join(tasks) or 'none'})")
         apply_override(raw, o)
     return build(PipelineConfig, raw, "", str(path) + (" (with --set overrides)" if overrides else ""))
 
