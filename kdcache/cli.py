@@ -119,7 +119,9 @@ def cmd_cache(args) -> int:
     pipeline, tasks = _load(args)
     out = args.out or layout.cache_root(pipeline.name)
     for t in tasks:
-        m = build_teacher_cache(pipeline, t, out / t, args.teachers_dir, overwrite=args.overwrite, shared=args.shared)
+        m = build_teacher_cache(pipeline, t, out / t, args.teachers_dir, overwrite=args.overwrite, shared=args.shared,
+                                source=[args.pipeline, *(x for o in args.overrides for x in ("--set", o)),
+                                        *(["--limit", str(args.limit)] if args.limit else [])])
         print("\n".join(cache_summary(out / t, m)))
     return 0
 

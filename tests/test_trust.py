@@ -200,3 +200,36 @@ def test_a_table_hash_depends_on_content_only_never_on_layout():
         table = base.rename_columns(["id", "body", "label", "words"]) if cols is None else \
             pa.table({**rows, **cols})
         assert hash_table(table) != want, name
+
+
+def test_verify_prints_a_fix_that_runs_for_a_pipeline_given_as_a_path_with_overrides(tmp_path):
+    """A cache built from a YAML path with --set overrides and --limit, then damaged: the command verify prints
+    (rebuilt from the build record) runs as printed and leaves a cache that verifies."""
+    import json
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import FAST, REPO
+    yaml_path = tmp_path / "my pipelines" / "tiny.yaml"  # a space, so the command must quote
+    yaml_path.parent.mkdir()
+    shutil.copy(REPO / "pipelines" / "tiny" / "pipeline.yaml", yaml_path)
+    sets = [x for s in FAST if "limit" not in s for x in ("--set", s)]
+    out = tmp_path / "caches"
+    kdcache = [sys.executable, "-m", "kdcache.cli"]
+    done = subprocess.run([*kdcache, "cache", str(yaml_path), *sets, "--limit", "60", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shard = next((out / "topic" / "train").glob("shard-*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = json.loads(subprocess.run([*kdcache, "verify", str(out / "topic"), "--json"], capture_output=True,
+                                       text=True, cwd=tmp_path).stdout)[0]
+    assert not report["ok"]
+    fix = report["fix"].split("`")[1]
+    assert str(yaml_path) in shlex.split(fix) and "--limit" in fix
+    done = subprocess.run([*kdcache, *shlex.split(fix)[1:]], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, (fix, done.stderr[-2000:])
+    assert verify_cache(out / "topic").ok

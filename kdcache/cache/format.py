@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -233,11 +234,12 @@ def repair_command(root: Path) -> str:
     """The command that repairs the cache at `root` (recaptures damaged shards, rebuilds the manifest)."""
     try:
         build = json.loads((root / RECORDS_DIR / BUILD_STATE).read_text())
-        pipeline, task = build.get("pipeline") or "<pipeline>", build["fingerprint_inputs"]["task"]
+        args = build.get("command_args") or [build.get("pipeline") or "<pipeline>"]
+        pipeline, task = " ".join(shlex.quote(str(a)) for a in args), build["fingerprint_inputs"]["task"]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pipeline, task = "<pipeline>", root.name
     if task == root.name:
-        return f"kdcache cache {pipeline} --out {root.parent} --task {task}"
+        return f"kdcache cache {pipeline} --out {shlex.quote(str(root.parent))} --task {task}"
     return f"kdcache cache {pipeline} ... (the command that built {root}, same settings)"
 
 

@@ -158,9 +158,11 @@ class CacheWriter:
     """
 
     def __init__(self, root: str | Path, header: dict[str, Any], overwrite: bool = False,
-                 row_group_rows: int = 2048, role: str = "owner", files: dict[str, bytes] | None = None) -> None:
+                 row_group_rows: int = 2048, role: str = "owner", files: dict[str, bytes] | None = None,
+                 source: list[str] | None = None) -> None:
         self.root = Path(root)
         self.header = header
+        self.source = source  # `kdcache cache` arguments naming the pipeline and its settings, for repair commands
         self.files = files or {}  # side files at the cache root (e.g. an LM teacher's vocabulary); header["files"]
         self.overwrite = overwrite
         self.row_group_rows = row_group_rows
@@ -185,7 +187,8 @@ class CacheWriter:
             self._clean_temporaries()
             (self.root / RECORDS_DIR).mkdir(exist_ok=True)
             write_json_atomic(self.root / RECORDS_DIR / BUILD_STATE,
-                              {k: self.header.get(k) for k in ("pipeline", "fingerprint", "fingerprint_inputs")})
+                              {**{k: self.header.get(k) for k in ("pipeline", "fingerprint", "fingerprint_inputs")},
+                               "command_args": self.source or [self.header.get("pipeline")]})
         except BaseException:
             self._release()
             raise

@@ -63,14 +63,15 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
 
 def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Path, teachers_dir: Path,
                         overwrite: bool = False, shared: str | None = None,
-                        parent: dict[str, Any] | None = None) -> dict[str, Any]:
+                        parent: dict[str, Any] | None = None, source: list[str] | None = None) -> dict[str, Any]:
     """Cache one task: load data, load the teacher, write every shard not already written, commit.
 
     Under `accelerate launch` each process takes the shards dealt to it (the n-th missing shard goes to
     process n mod N); process 0 prepares the teacher and opens the cache first, and commits the manifest last.
     With `shared` (a URL), a cache with the same fingerprint already there is pulled instead of running the
     teacher over the data, and a cache built here is pushed there (cache/share.py). `parent`: the cache this one
-    refreshes (refresh.py), named in the manifest.
+    refreshes (refresh.py), named in the manifest. `source`: the `kdcache cache` arguments that name the pipeline and
+    its settings (a name or YAML path, then any --set and --limit), for the repair command `verify` prints.
     """
     task = pipeline.tasks[task_name]
     head = HEADS[task.teacher.head]
@@ -144,7 +145,7 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
         return table, head.shard_features(out), stats
 
     manifest = write_shards(out_dir, header, task, task_name, segments, inputs["data"]["splits"], produce,
-                            head.summarise, overwrite, files)
+                            head.summarise, overwrite, files, source or [pipeline.name])
     judged = next((s for s in ("validation", "test") if s in manifest["splits"]), None)
     if judged:
         check_teacher(task_name, task, head, manifest["splits"][judged].get("stats") or {},
@@ -204,7 +205,8 @@ def _concat(parts: list) -> Any:
 
 def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task_name: str,
                  segments: dict[str, list[tuple[str | None, int, int]]], dataset_sha: dict[str, str], produce,
-                 summarise, overwrite: bool = False, files: dict[str, bytes] | None = None) -> dict[str, Any]:
+                 summarise, overwrite: bool = False, files: dict[str, bytes] | None = None,
+                 source: list[str] | None = None) -> dict[str, Any]:
     """The shard loop: open the writer (process 0 first), write this process's missing shards with
     `produce(split, start, stop, progress_bar, language) -> (table, features, stats)`, then commit. `segments`:
     per split, its (language or None, start, stop) ranges; a shard never spans two languages.
@@ -215,7 +217,8 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
 
     def open_writer() -> CacheWriter:
         return CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows,
-                           role="owner" if dist.is_main_process else "worker", files=files).__enter__()
+                           role="owner" if dist.is_main_process else "worker", files=files,
+                           source=source).__enter__()
 
     writer = distributed.main_first(open_writer)
     try:
