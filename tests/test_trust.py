@@ -233,3 +233,42 @@ def test_verify_prints_a_fix_that_runs_for_a_pipeline_given_as_a_path_with_overr
     done = subprocess.run([*kdcache, *shlex.split(fix)[1:]], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, (fix, done.stderr[-2000:])
     assert verify_cache(out / "topic").ok
+
+
+def _read_only_mount_works() -> bool:
+    import subprocess
+    probe = subprocess.run(["unshare", "--mount", "bash", "-c", "mount --bind /tmp /tmp && "
+                            "mount -o remount,bind,ro /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_kdcache_cache_on_a_read_only_mount_says_complete_or_why_not(tiny_cache, teachers_dir, tmp_path, damaged):
+    """A finished cache on a read-only mount (unshare + a read-only bind mount, as root): `kdcache cache` says it is
+    complete and exits 0; a damaged one there is refused in one line, never a traceback at the lock."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import FAST, REPO
+    if not _read_only_mount_works():
+        pytest.skip("needs a private mount namespace with a read-only bind mount (unshare --mount as root)")
+    root = tmp_path / "caches"
+    shutil.copytree(tiny_cache, root / "topic")
+    if damaged:
+        shard = next((root / "topic" / "train").glob("shard-*.parquet"))
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    sets = " ".join(f"--set {shlex.quote(s)}" for s in FAST)
+    cmd = (f"mount --bind {root} {root} && mount -o remount,bind,ro {root} && "
+           f"{sys.executable} -m kdcache.cli cache {REPO / 'pipelines' / 'tiny' / 'pipeline.yaml'} {sets} "
+           f"--out {root} --teachers-dir {teachers_dir}")
+    done = subprocess.run(["unshare", "--mount", "bash", "-c", cmd], capture_output=True, text=True)
+    if damaged:
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "the folder cannot be written (Read-only file system)" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "read-only (Read-only file system); the cache in it is complete and intact" in done.stderr

@@ -10,6 +10,7 @@ background thread so the teacher's next forward pass overlaps them.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -178,7 +179,12 @@ class CacheWriter:
         if self.role == "worker":
             return self
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = acquire_lock(self.root)
+        try:
+            self._lock = acquire_lock(self.root)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            return self._read_only(e)
         try:
             self._check_existing()
             self._write_files()  # missing or changed side files are rewritten, a finished cache's included
@@ -214,6 +220,22 @@ class CacheWriter:
         for p in self.root.iterdir():
             if p.name != LOCK_FILE:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _read_only(self, e: OSError) -> "CacheWriter":
+        """A folder that cannot be written (a read-only mount): fine when it holds this cache, finished and intact
+        (nothing to write); otherwise refused, saying so."""
+        try:
+            m = read_manifest(self.root)
+        except (FileNotFoundError, CacheFormatError):
+            m = None
+        if m is not None and m["fingerprint"] == self.header["fingerprint"] and not self._damaged_shards(m):
+            log.info("%s: the folder is read-only (%s); the cache in it is complete and intact", self.root,
+                     e.strerror)
+            self.complete = True
+            return self
+        raise CacheConflictError(f"{self.root}: the folder cannot be written ({e.strerror}) and does not hold this "
+                                 "cache finished and intact; build it in a writable folder (--out) or make this one "
+                                 "writable") from None
 
     def _check_existing(self) -> None:
         """Decide what the folder holds: nothing (build), our cache intact (nothing to do), our cache damaged or
