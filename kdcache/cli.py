@@ -242,6 +242,8 @@ def cmd_verify(args) -> int:
             if r.ok:
                 print(f"OK  {r.root}: {d['bytes_checked'] / 1e6:.1f} MB checked in {d['seconds']:.2f} s"
                       + (f" ({d['mb_per_s']} MB/s)" if d["mb_per_s"] else ""))
+                for note in r.notes:
+                    print(f"  note: {note}")
             else:
                 print(f"BAD {r.root}: {len(r.problems)} problem(s)")
                 for p in r.problems[:20]:

@@ -110,6 +110,14 @@ def test_kill_9_during_the_append_leaves_the_old_cache_and_a_rerun_finishes(grow
     task = out / "topic"
     assert read_manifest(task)["fingerprint"] == read_manifest(before)["fingerprint"], "the old manifest still rules"
     assert rows(task, "train").keys() == rows(before, "train").keys(), "readers see the old cache, whole"
+    report = verify_cache(task)
+    assert report.ok, report.problems
+    assert any("append of new rows was started and not finished" in n for n in report.notes)
+    assert "kdcache cache" in report.notes[0], "the note says how to finish it"
+    sets = [x for s in [*FAST, *OLD, "train.epochs=1"] for x in ("--set", s)]
+    trained = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", TINY, *sets, "--students", "bow",
+                              "--cache", str(out), "--runs", str(tmp_path / "runs")], capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-2000:]
     rerun = cli_grow(out, tmp / "teachers")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert files(task) == files(cache), "the same bytes as an uninterrupted append"

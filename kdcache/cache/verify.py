@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import zarr
 
-from ..fingerprint import hash_file, hash_obj, hash_tree
+from ..fingerprint import hash_file, hash_obj, hash_tree, only_data_changed
 from .format import (LOCK_FILE, MANIFEST, RECORDS_DIR, SCHEMA_METADATA_KEY, CacheFormatError, read_manifest,
                      repair_command, safe_path, shard_fingerprint, shard_schema)
 
@@ -26,6 +26,7 @@ class VerifyReport:
     bytes_checked: int = 0
     seconds: float = 0.0
     stray: list[Path] = field(default_factory=list)  # files the manifest does not list
+    notes: list[str] = field(default_factory=list)  # what is not damage but worth saying (an unfinished append)
 
     @property
     def ok(self) -> bool:
@@ -43,7 +44,7 @@ class VerifyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"cache": str(self.root), "ok": self.ok, "problems": self.problems, "fix": self.fix,
-                "bytes_checked": self.bytes_checked, "seconds": round(self.seconds, 3),
+                "notes": self.notes, "bytes_checked": self.bytes_checked, "seconds": round(self.seconds, 3),
                 "mb_per_s": round(self.bytes_checked / 1e6 / self.seconds, 1) if self.seconds else None}
 
 
@@ -98,13 +99,21 @@ def _check_shard(root: Path, m: dict[str, Any], split: str, shard: dict[str, Any
                 report.problems.append(f"{fpath}/{name} (split {split}): missing or shape differs from {spec['shape']}")
 
 
-def _check_records(root: Path, m: dict[str, Any], report: VerifyReport) -> set[Path]:
-    """Every shard's commit record (what a repair rebuilds the manifest from) is there and agrees with it."""
-    listed = {root / RECORDS_DIR / "build.json"}
+def _check_records(root: Path, m: dict[str, Any], report: VerifyReport) -> tuple[set[Path], bool]:
+    """Every shard's commit record (what a repair rebuilds the manifest from) is there and agrees with it; also
+    whether an append of new rows (a grow, same teacher and settings) was started and not finished."""
+    listed, appending = {root / RECORDS_DIR / "build.json"}, False
     try:
         build = json.loads((root / RECORDS_DIR / "build.json").read_text())
         if build.get("fingerprint") != m["fingerprint"]:
-            report.problems.append(f"{root / RECORDS_DIR / 'build.json'}: fingerprint differs from the manifest's")
+            appending = build.get("fingerprint") == hash_obj(build.get("fingerprint_inputs")) and \
+                only_data_changed(m["fingerprint_inputs"], build.get("fingerprint_inputs") or {})
+            if appending:
+                report.notes.append(f"an append of new rows was started and not finished ({RECORDS_DIR}/build.json "
+                                    "names the grown data); the cache is whole as its manifest lists it; "
+                                    f"`{repair_command(root)}` finishes the append")
+            else:
+                report.problems.append(f"{root / RECORDS_DIR / 'build.json'}: fingerprint differs from the manifest's")
     except (OSError, ValueError, AttributeError):
         report.problems.append(f"{root / RECORDS_DIR / 'build.json'}: missing or unreadable")
     for split, s in m["splits"].items():
@@ -119,7 +128,7 @@ def _check_records(root: Path, m: dict[str, Any], report: VerifyReport) -> set[P
             if not same:
                 report.problems.append(f"{path}: the shard's commit record is missing, damaged or disagrees with the "
                                        "manifest (a repair could not use it)")
-    return listed
+    return listed, appending
 
 
 def verify_cache(root: str | Path) -> VerifyReport:
@@ -144,7 +153,8 @@ def verify_cache(root: str | Path) -> VerifyReport:
 def _verify(root: Path, m: dict[str, Any], report: VerifyReport) -> None:
     if hash_obj(m["fingerprint_inputs"]) != m["fingerprint"]:
         report.problems.append(f"{root / MANIFEST}: `fingerprint` is not the sha256 of `fingerprint_inputs`")
-    listed = {root / MANIFEST, root / LOCK_FILE} | _check_records(root, m, report)
+    records, appending = _check_records(root, m, report)
+    listed = {root / MANIFEST, root / LOCK_FILE} | records
     for rel, f in (m.get("files") or {}).items():
         try:
             path = safe_path(root, rel, "side file")
@@ -184,10 +194,24 @@ def _verify(root: Path, m: dict[str, Any], report: VerifyReport) -> None:
             if not path.is_file() or hash_file(path) != group["sha256"]:
                 report.problems.append(f"{path} (split {split}): the Zarr group's metadata is missing or changed")
     for p in sorted(root.rglob("*")):
+        if appending and p.is_file() and p not in listed and _appended(root, m, p):
+            continue  # a shard of the unfinished append, or its record: the manifest does not list it yet
         if p.is_file() and p not in listed:
             report.stray.append(p)
             report.problems.append(f"{p}: file not listed in the manifest (stray or left by an unfinished build); "
                                    "delete it, or rebuild the cache")
+
+
+def _appended(root: Path, m: dict[str, Any], p: Path) -> bool:
+    """Whether `p` is a file an append writes beside a finished cache: a new shard of a split (Parquet, Zarr group,
+    commit record) whose name the manifest does not hold, or a temporary file of the writer."""
+    rel = p.relative_to(root).parts
+    shard = next((x for x in rel if x.startswith("shard-")), None)
+    if rel[-1].startswith(".") and ".tmp-" in rel[-1]:
+        return True
+    split = rel[1] if rel[0] in (RECORDS_DIR, "features.zarr") and len(rel) > 2 else rel[0]
+    names = {sh["name"] for sh in m["splits"].get(split, {}).get("shards", [])}
+    return shard is not None and shard.split(".")[0] not in names
 
 
 def _summary(shards: list[dict[str, Any]], rows: int, stats: dict[str, Any]) -> dict[str, Any]:
