@@ -151,6 +151,11 @@ def test_a_cache_of_the_earlier_layout_still_reads_and_verifies(tmp_path, tiny_c
         s["features_group"]["path"] = f"{split}/features.zarr/zarr.json"
         for sh in s["shards"]:
             sh["features"]["path"] = f"{split}/features.zarr/{sh['name']}"
+            record = old / "_records" / split / f"{sh['name']}.json"  # as that layout wrote it: same path, no digest
+            rec = json.loads(record.read_text())
+            rec["features"]["path"] = sh["features"]["path"]
+            rec.pop("record_sha256")
+            record.write_text(json.dumps(rec))
     (old / "features.zarr").rmdir()
     m[DIGEST_KEY] = manifest_digest(m)
     (old / MANIFEST).write_text(json.dumps(m))

@@ -272,3 +272,52 @@ def test_kdcache_cache_on_a_read_only_mount_says_complete_or_why_not(tiny_cache,
     else:
         assert done.returncode == 0, done.stderr[-2000:]
         assert "read-only (Read-only file system); the cache in it is complete and intact" in done.stderr
+
+
+def _edit_record(path, edit) -> None:
+    import json
+    rec = json.loads(path.read_text())
+    edit(rec)
+    path.write_text(json.dumps(rec))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte in stats", "valid JSON, a statistic changed",
+                                    "other row groups", "build.json pipeline renamed"])
+def test_commit_records_are_checked_by_verify_and_never_trusted_by_a_repair(tiny_cache, tmp_path, teachers_dir,
+                                                                            damage):
+    """Records are what a repair rebuilds the manifest from: each kind of damage is named by verify, and the repair
+    it prints recaptures the shard instead of trusting the record; the rebuilt manifest equals the original."""
+    import json
+    import shutil
+
+    from conftest import build
+    from kdcache.cache.format import MANIFEST, read_manifest
+    cache = tmp_path / "topic"
+    shutil.copytree(tiny_cache, cache)
+    want = read_manifest(cache)
+    rec = next((cache / "_records" / "train").glob("shard-*.json"))
+    if damage == "flipped byte in stats":
+        text = rec.read_text()
+        i = text.index('"correct"') + 2  # a key's letter: still JSON, a key the rebuild needs is gone
+        rec.write_text(text[:i] + chr(ord(text[i]) ^ 0x01) + text[i + 1:])
+    elif damage == "valid JSON, a statistic changed":
+        _edit_record(rec, lambda r: r["stats"].update(correct=r["stats"]["correct"] - 1))
+    elif damage == "other row groups":
+        _edit_record(rec, lambda r: r.update(row_groups=[1] * r["rows"]))
+    else:
+        rec = cache / "_records" / "build.json"
+        _edit_record(rec, lambda r: r.update(pipeline="grow", command_args=["grow"]))
+    report = verify_cache(cache)
+    assert not report.ok and any(str(rec) in p for p in report.problems), report.problems
+    assert "grow" not in report.fix, "a fix never names what a damaged record says"
+    (cache / MANIFEST).unlink()  # the worst case: the manifest must be rebuilt from the records
+    build(tmp_path, teachers=teachers_dir, out=cache)
+    got = read_manifest(cache)
+    assert verify_cache(cache).ok
+    assert got["fingerprint"] == want["fingerprint"]
+
+    def content(m):  # what the shards hold (a recaptured shard's statistics differ in their timing)
+        return {s: {"rows": v["rows"], "shards": v["shards"],
+                    "stats": {k: x for k, x in v["stats"].items() if "second" not in k and "per_s" not in k}}
+                for s, v in m["splits"].items()}
+    assert content(got) == content(want)

@@ -31,6 +31,7 @@ FORMAT_NAME = "kdcache-cache"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DIGEST_KEY = "manifest_sha256"  # sha256 of the canonical JSON of every other manifest field
+RECORD_DIGEST_KEY = "record_sha256"  # the same self-check in each commit record and build.json
 RECORDS_DIR = "_records"
 BUILD_STATE = "build.json"
 LOCK_FILE = ".kdcache.lock"
@@ -230,10 +231,25 @@ def manifest_digest(m: dict[str, Any]) -> str:
     return hash_obj({k: v for k, v in m.items() if k != DIGEST_KEY})
 
 
+def with_record_digest(record: dict[str, Any]) -> dict[str, Any]:
+    """A commit record (or build.json) with its self-check: sha256 of the canonical JSON of its other fields."""
+    body = {k: v for k, v in record.items() if k != RECORD_DIGEST_KEY}
+    return {**body, RECORD_DIGEST_KEY: hash_obj(body)}
+
+
+def record_intact(record: Any) -> bool:
+    """A record whose digest matches its content; one written before records carried digests counts as intact
+    (verify still compares it with the manifest)."""
+    return isinstance(record, dict) and (RECORD_DIGEST_KEY not in record or
+                                         record[RECORD_DIGEST_KEY] == with_record_digest(record)[RECORD_DIGEST_KEY])
+
+
 def repair_command(root: Path) -> str:
     """The command that repairs the cache at `root` (recaptures damaged shards, rebuilds the manifest)."""
     try:
         build = json.loads((root / RECORDS_DIR / BUILD_STATE).read_text())
+        if not record_intact(build):
+            raise ValueError("build.json damaged")  # name nothing from it
         args = build.get("command_args") or [build.get("pipeline") or "<pipeline>"]
         pipeline, task = " ".join(shlex.quote(str(a)) for a in args), build["fingerprint_inputs"]["task"]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):

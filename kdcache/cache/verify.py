@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from ..fingerprint import hash_file, hash_obj, hash_tree, only_data_changed
-from .format import (LOCK_FILE, MANIFEST, RECORDS_DIR, SCHEMA_METADATA_KEY, CacheFormatError, read_manifest,
-                     repair_command, safe_path, shard_fingerprint, shard_schema)
+from .format import (LOCK_FILE, MANIFEST, RECORD_DIGEST_KEY, RECORDS_DIR, SCHEMA_METADATA_KEY, CacheFormatError,
+                     read_manifest, record_intact, repair_command, safe_path, shard_fingerprint, shard_schema)
 
 
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
@@ -105,7 +105,10 @@ def _check_records(root: Path, m: dict[str, Any], report: VerifyReport) -> tuple
     listed, appending = {root / RECORDS_DIR / "build.json"}, False
     try:
         build = json.loads((root / RECORDS_DIR / "build.json").read_text())
-        if build.get("fingerprint") != m["fingerprint"]:
+        if not record_intact(build):
+            report.problems.append(f"{root / RECORDS_DIR / 'build.json'}: its content does not match its digest "
+                                   f"({RECORD_DIGEST_KEY}): it was changed after it was written")
+        elif build.get("fingerprint") != m["fingerprint"]:
             appending = build.get("fingerprint") == hash_obj(build.get("fingerprint_inputs")) and \
                 only_data_changed(m["fingerprint_inputs"], build.get("fingerprint_inputs") or {})
             if appending:
@@ -122,7 +125,8 @@ def _check_records(root: Path, m: dict[str, Any], report: VerifyReport) -> tuple
             listed.add(path)
             try:
                 rec = json.loads(path.read_text())
-                same = rec["sha256"] == shard["sha256"] and rec["parquet"] == shard["parquet"]
+                # its own digest, and every field the manifest took from it (row groups, features, ...)
+                same = record_intact(rec) and all(rec.get(k) == v for k, v in shard.items())
             except (OSError, ValueError, KeyError, TypeError):
                 same = False
             if not same:

@@ -32,7 +32,8 @@ from ..failpoints import failpoint
 from ..fingerprint import diff_fields, hash_file, hash_tree, only_data_changed
 from .format import (BUILD_STATE, DIGEST_KEY, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, RECORDS_DIR,
                      CacheFormatError, features_group_relpath, features_relpath, fsync_dir, manifest_digest,
-                     parquet_relpath, parquet_write_options, read_manifest, safe_path, shard_name, write_json_atomic)
+                     parquet_relpath, parquet_write_options, read_manifest, record_intact, safe_path, shard_name,
+                     with_record_digest, write_json_atomic)
 
 
 log = logging.getLogger(__name__)
@@ -192,9 +193,9 @@ class CacheWriter:
                 return self
             self._clean_temporaries()
             (self.root / RECORDS_DIR).mkdir(exist_ok=True)
-            write_json_atomic(self.root / RECORDS_DIR / BUILD_STATE,
-                              {**{k: self.header.get(k) for k in ("pipeline", "fingerprint", "fingerprint_inputs")},
-                               "command_args": self.source or [self.header.get("pipeline")]})
+            write_json_atomic(self.root / RECORDS_DIR / BUILD_STATE, with_record_digest(
+                {**{k: self.header.get(k) for k in ("pipeline", "fingerprint", "fingerprint_inputs")},
+                 "command_args": self.source or [self.header.get("pipeline")]}))
         except BaseException:
             self._release()
             raise
@@ -316,7 +317,11 @@ class CacheWriter:
             rec = json.loads(self._record_path(split, index).read_text())
         except (OSError, ValueError):
             return None
-        return rec if isinstance(rec, dict) else None
+        if not record_intact(rec):  # never trust what verify would not: its shard is captured again
+            log.warning("%s: commit record damaged (its digest does not match); recapturing its shard",
+                        self._record_path(split, index))
+            return None
+        return rec
 
     def _files_match(self, rec: dict[str, Any]) -> bool:
         """The record's Parquet file and feature group are there with the recorded sizes and checksums."""
@@ -380,7 +385,7 @@ class CacheWriter:
         rec_path = self._record_path(split, index)
         rec_path.parent.mkdir(parents=True, exist_ok=True)
         failpoint("before-shard-record")
-        write_json_atomic(rec_path, record)
+        write_json_atomic(rec_path, with_record_digest(record))
 
     def flush(self) -> None:
         """Wait for queued shard writes; re-raise the first failure."""
