@@ -3,12 +3,12 @@ macro-F1, entity-level F1 (conlleval rules), and which metric ranks each head's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .cache.format import CAUSAL_LM, SEQUENCE, TOKEN
+from .heads import HEADS, HeadMetric, get
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -63,23 +63,18 @@ def entity_f1(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> d
             "entities": n_gold}
 
 
-@dataclass(frozen=True)
-class HeadMetric:
-    """How a head's students are ranked: their test/validation `key`, the teacher's statistic in the manifest."""
+class _Metrics(Mapping):
+    """head name -> its `HeadMetric`, read from the head registry (kdcache/heads.py) at each lookup."""
 
-    key: str
-    teacher_stat: str
-    words: str
-    higher_is_better: bool = True
+    def __getitem__(self, head: str) -> HeadMetric:
+        return get(head).metric
 
-    def score(self, metrics: dict[str, Any]) -> float:
-        """Higher is better, whatever the metric (a missing value ranks last)."""
-        v = metrics.get(self.key)
-        if v is None:
-            return float("-inf")
-        return float(v) if self.higher_is_better else -float(v)
+    def __iter__(self) -> Iterator[str]:
+        return iter(HEADS)
+
+    def __len__(self) -> int:
+        return len(HEADS)
 
 
-METRICS = {SEQUENCE: HeadMetric("accuracy", "teacher_accuracy", "test accuracy"),
-           TOKEN: HeadMetric("f1", "teacher_entity_f1", "test entity F1"),
-           CAUSAL_LM: HeadMetric("perplexity", "teacher_perplexity", "test perplexity", higher_is_better=False)}
+METRICS = _Metrics()
+__all__ = ["METRICS", "HeadMetric", "classification_metrics", "entity_f1", "entity_spans", "log_softmax"]

@@ -1,5 +1,5 @@
 """Frozen dataclasses from plain mappings: strict keys ("did you mean"), type coercion, range checks, and errors
-that name the key and the file. The pipeline schema lives in config.py; student params use `build` directly."""
+that name the key and the file. The pipeline schema lives in config/schema.py; student params use `build` directly."""
 
 from __future__ import annotations
 
@@ -62,6 +62,18 @@ def between(low: float, high: float) -> Check:
 
 def one_of(*choices: Any) -> Check:
     return _rule(f"one of {', '.join(map(str, choices))}", lambda v: v in choices)
+
+
+def in_registry(registry: typing.Mapping[str, Any]) -> Check:
+    """A name registered in `registry` when the value is checked (registries grow after import: a new head)."""
+    class InRegistry:
+        @property
+        def rule(self) -> str:
+            return f"one of {', '.join(registry)}"
+
+        def __call__(self, v: Any) -> str | None:
+            return None if v is None or v in registry else f"must be {self.rule}"
+    return InRegistry()
 
 
 def matches(pattern: str, rule: str) -> Check:

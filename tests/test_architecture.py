@@ -99,3 +99,21 @@ def test_a_test_needing_missing_shared_data_skips_and_ci_makes_it_fail(monkeypat
     monkeypatch.setenv("KDCACHE_REQUIRE_DATA", "1")
     with pytest.raises(pytest.fail.Exception, match="no-such-set"):
         require_shared_data("no-such-set")
+
+
+def test_no_module_holds_several_rooms():
+    """Modules stay small enough to hold one concept (cli.py, the one command-line surface, excepted)."""
+    big = {str(p.relative_to(REPO)): n for p in PKG.rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > 500 and p.name != "cli.py"}
+    assert not big, f"split these by concept: {big}"
+
+
+def test_the_config_reference_imports_no_torch():
+    """`kdcache config --reference` reads the schema and the registries' names only: no torch."""
+    import subprocess
+    import sys
+    code = ("import sys; from kdcache.cli import main; main(['config', '--reference']); "
+            "sys.stderr.write('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "## `PipelineConfig`" in out.stdout and out.stderr.endswith("NO-TORCH"), out.stderr[-500:]

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_pipeline
 from kdcache.cache.format import CacheFormatError
-from kdcache.cache import reader as reader_module
+from kdcache.cache.read import remote as reader_module
 from kdcache.cache.reader import CacheDataset
 from kdcache.train.loop import train_students
 
@@ -62,7 +62,7 @@ def test_reader_streams_the_same_rows_and_features_from_s3(s3, tiny_cache, hold,
     assert [r["id"] for r in some] == [r["id"] for r in CacheDataset(tiny_cache, "train", labels=("tech", "sports"))]
     assert len(some) == sum(r["label"] in (3, 4) for r in local) > 0
     ds = CacheDataset(s3, "train")
-    assert ds._hold is hold and len(pickle.loads(pickle.dumps(ds))) == len(local), "picklable for spawned workers"
+    assert ds.files.hold is hold and len(pickle.loads(pickle.dumps(ds))) == len(local), "picklable for spawned workers"
 
 
 def test_a_student_trains_from_s3_as_from_disk(s3, tiny_cache, tmp_path):

@@ -89,7 +89,7 @@ def test_plot_labels_never_overlap_and_baselines_are_drawn():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kdcache.report import _scatter
+    from kdcache.report.plots import scatter as _scatter
     runs = [{"run": name, "kd": not name.endswith("hard"), "parameters": 1000 + i, "test": {"accuracy": 0.70}}
             for i, name in enumerate(["bow", "bow-hard", "bilstm", "bilstm-hard"])]
     teacher = {"run": "teacher (x)", "parameters": 5000, "test": {"accuracy": 0.9},

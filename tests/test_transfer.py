@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, build, require_shared_data, tiny_pipeline
-from kdcache.augment import AugmentError, Sampler, augment_split, pos_lexicon, tokens, variant
+from kdcache.data.augment import AugmentError, Sampler, augment_split, pos_lexicon, tokens, variant
 from kdcache.capture.folds import fold_of
 from kdcache.config import AugmentConfig, ConfigError, load_pipeline
 from kdcache.data import DataError, load_task_data

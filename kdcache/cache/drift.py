@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import heads
 from ..fingerprint import diff_fields
 from ..metrics import log_softmax
-from .format import SEQUENCE, CacheFormatError
+from .format import CacheFormatError
 from .reader import open_manifest, read_columns
 
 
@@ -28,9 +29,9 @@ def compare_caches(old: str, new: str, top: int = 10) -> dict[str, Any]:
     """The drift from `old` to `new` (see module docstring); refuses other heads or another label set."""
     m_old, m_new = open_manifest(old)[2], open_manifest(new)[2]
     for m, where in ((m_old, old), (m_new, new)):
-        if m["head"] != SEQUENCE:
-            raise CacheFormatError(f"{where}: drift is measured between sequence-classification caches (this one is "
-                                   f"{m['head']})")
+        if not heads.has(m["head"], heads.DRIFT):
+            kinds = " or ".join(heads.with_capability(heads.DRIFT))
+            raise CacheFormatError(f"{where}: drift is measured between {kinds} caches (this one is {m['head']})")
     if m_old["label_names"] != m_new["label_names"]:
         raise CacheFormatError(f"{new}: label set {m_new['label_names']} differs from {old}'s "
                                f"{m_old['label_names']}: their targets do not compare")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..heads import HEADS
 from ..errors import KdcacheError
 from ..fingerprint import hash_obj
 
@@ -37,9 +38,6 @@ BUILD_STATE = "build.json"
 LOCK_FILE = ".kdcache.lock"
 FEATURES_DIR = "features.zarr"
 VOCAB_FILE = "vocab.parquet"  # an LM teacher's vocabulary as bytes (id, bytes, special), with offsets on
-# the teacher heads a cache can hold; each has a capture head (capture/) and a training head (train/)
-SEQUENCE, TOKEN, CAUSAL_LM = "sequence-classification", "token-classification", "causal-lm"
-HEADS = (SEQUENCE, TOKEN, CAUSAL_LM)
 SCHEMA_METADATA_KEY = b"kdcache"
 
 
@@ -156,18 +154,6 @@ def ner_parquet_schema(num_labels: int, meta: dict[str, Any]) -> pa.Schema:
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
-def _lm_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
-    lm = m["lm"]
-    return lm_parquet_schema(lm["seq_len"], lm["top_k"], len(lm["temperatures"]), lm["vocab_size"], lm["samples"] > 0,
-                             meta, bool(lm.get("offsets")))
-
-
-# head -> (manifest fields, shard metadata) -> the Parquet schema of its shards
-SCHEMAS = {SEQUENCE: lambda m, meta: parquet_schema(tuple(m["text_fields"]), len(m["label_names"]), meta),
-           TOKEN: lambda m, meta: ner_parquet_schema(len(m["label_names"]), meta),
-           CAUSAL_LM: _lm_schema}
-
-
 def build_columns(m: dict[str, Any]) -> list[pa.Field]:
     """Columns the build loop adds after any head's own: which fold's teacher (trained without the row) labelled
     it, -1 = the full teacher (out-of-fold targets); the id of the row an augmented row was derived from, null for
@@ -175,15 +161,6 @@ def build_columns(m: dict[str, Any]) -> list[pa.Field]:
     return ([pa.field("teacher_fold", pa.int8(), nullable=False)] if m.get("teacher_folds") else []) + \
         ([pa.field("parent", pa.string())] if m.get("augment") else []) + \
         ([pa.field("language", pa.string(), nullable=False)] if m.get("languages") else [])
-
-
-def shard_schema(m: dict[str, Any], meta: dict[str, Any] | None = None, head_only: bool = False) -> pa.Schema:
-    """The shard schema a manifest's (or a manifest header's) head and settings call for (`head_only`: without the
-    build loop's columns, i.e. what the head itself writes)."""
-    schema = SCHEMAS[m["head"]](m, meta or {})
-    for f in [] if head_only else build_columns(m):
-        schema = schema.append(f)
-    return schema
 
 
 def parquet_write_options(schema: pa.Schema, row_group_rows: int) -> dict[str, Any]:
@@ -288,7 +265,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         if key not in m:
             raise CacheFormatError(f"{path}: manifest field `{key}` is missing: {damaged}")
     if m["head"] not in HEADS:
-        raise CacheFormatError(f"{path}: unknown head {m['head']!r}; this kdcache knows {HEADS}")
+        raise CacheFormatError(f"{path}: unknown head {m['head']!r}; this kdcache knows {tuple(HEADS)}")
     for split, s in m["splits"].items():
         for shard in s.get("shards", []):
             safe_path(root, shard["parquet"], f"split {split} shard path")

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import zarr
 
 from ..fingerprint import hash_file, hash_obj, hash_tree, only_data_changed
+from .codecs import shard_schema
 from .format import (LOCK_FILE, MANIFEST, RECORD_DIGEST_KEY, RECORDS_DIR, SCHEMA_METADATA_KEY, CacheFormatError,
-                     read_manifest, record_intact, repair_command, safe_path, shard_fingerprint, shard_schema)
+                     read_manifest, record_intact, repair_command, safe_path, shard_fingerprint)
 
 
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from .. import config as C
-from .. import distributed
-from ..cache.format import FORMAT_VERSION, CacheFormatError, read_manifest, shard_schema
+from . import distributed
+from ..cache.codecs import shard_schema
+from ..cache.format import FORMAT_VERSION, CacheFormatError, read_manifest
 from ..cache.share import fetch_shared, push, shared_location
 from ..cache.writer import CacheWriter
 from ..data import TaskData, load_task_data, portable_origin

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..cache.format import SEQUENCE
+from ..heads import SEQUENCE
 from ..config import TaskConfig
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids

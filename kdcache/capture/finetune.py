@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import heads
 from ..config import TaskConfig
 from ..data import TaskData, of_classes, take_rows
 from ..fingerprint import hash_obj, hash_table
@@ -62,7 +63,7 @@ def finetune_key(task: TaskConfig, data: TaskData) -> dict[str, Any]:
                          (k != "train" or ft.train != "all")},
             **({"gguf_file": task.teacher.gguf_file} if task.teacher.gguf_file else {}),
             # (only for other heads, so existing sequence-classification teachers keep their key)
-            **({"head": task.teacher.head} if task.teacher.head != "sequence-classification" else {})}
+            **({"head": task.teacher.head} if task.teacher.head != heads.DEFAULT_HEAD else {})}
 
 
 def _epoch_steps(ft: Any, rows: int) -> int:

@@ -18,7 +18,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ..cache.format import MANIFEST, SEQUENCE, CacheFormatError, read_manifest
+from .. import heads
+from ..cache.format import MANIFEST, CacheFormatError, read_manifest
 from ..data import TaskData, take_rows
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,9 @@ def plan_growth(root: Path, data: TaskData, head: str, columns: list[str]) -> Gr
     a data set that changed or lost a cached row, naming the split, the row id and the column."""
     m = read_manifest(root)
     where = f"{root / MANIFEST}"
-    if head != SEQUENCE or data.languages:
-        raise GrowError(f"{where}: the data changed, and only sequence-classification caches without languages can "
-                        "grow by new rows so far; rebuild with --overwrite")
+    if not heads.has(head, heads.GROWTH) or data.languages:
+        raise GrowError(f"{where}: the data changed, and only {' or '.join(heads.with_capability(heads.GROWTH))} "
+                        "caches without languages can grow by new rows so far; rebuild with --overwrite")
     splits, cached = {}, {}
     for split, ds in data.splits.items():
         old = m["splits"].get(split)

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..cache.format import CAUSAL_LM, VOCAB_FILE, token_id_type
+from ..cache.format import VOCAB_FILE, token_id_type
+from ..heads import CAUSAL_LM
 from ..config import CacheConfig
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids, hash_tokenizer

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import config as C
+from .. import config as C, heads
 from ..cache.drift import compare_caches, write_drift
-from ..cache.format import MANIFEST, SEQUENCE, read_manifest
+from ..cache.format import MANIFEST, read_manifest
 from ..cache.writer import CacheConflictError
 from .build import build_teacher_cache
 
@@ -44,7 +44,7 @@ def refresh_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: P
     log.info("%s: the teacher or its settings changed; the old cache is kept at %s", out_dir, archive)
     manifest = build_teacher_cache(pipeline, task_name, out_dir, teachers_dir,
                                    parent={"fingerprint": old["fingerprint"], "cache": str(archive)})
-    if manifest["head"] != SEQUENCE or old["head"] != SEQUENCE:  # drift is measured on classification targets
+    if not (heads.has(manifest["head"], heads.DRIFT) and heads.has(old["head"], heads.DRIFT)):
         return manifest, None
     drift = compare_caches(str(archive), str(out_dir))
     write_drift(drift)

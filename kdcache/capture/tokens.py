@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..cache.format import TOKEN
+from ..heads import TOKEN
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids
 from ..metrics import entity_f1, entity_spans

@@ -12,18 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import config as C, layout
-from ..cache.format import CAUSAL_LM, SEQUENCE
+from .. import config as C, heads, layout
 from ..cache.reader import read_columns
 from ..capture.build import build_teacher_cache
 from ..data import load_task_data
 from ..metrics import METRICS
-from ..report import _fmt, _per_language_rows
+from ..report import fmt, per_language_rows
 from ..train.classification import language_mean_logits
 from ..train.loop import train_students
 from .docsections import write_section
 from .machine import machine
-
 
 OOF = "out-of-fold targets"
 CENTRED = "labels in one language, logits centred"
@@ -89,7 +87,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                     if got:  # (a twin is skipped where its rows have no gold labels)
                         rows[s]["kd" if kd else "hard"].append(float(np.mean(got)))
             if manifest.get("languages"):
-                for label, vals in _per_language_rows(runs, metric[0]).items():
+                for label, vals in per_language_rows(runs, metric[0]).items():
                     for code, v in vals.items():
                         by_language.setdefault(label, {}).setdefault(code, []).append(v)
         results["settings"][name] = {"teacher_test_accuracy": manifest["splits"]["test"]["stats"][metric[1]],
@@ -132,9 +130,9 @@ def _render_languages(s: dict[str, Any], words: str) -> list[str]:
     for label, vals in by.items():
         cells = [vals.get(c) or [] for c in codes]
         per_seed = [float(np.mean(x)) for x in zip(*cells)] if all(cells) else []
-        lines.append(f"| {label} | " + " | ".join(_mean_std(x) if len(x) > 1 else _fmt(x[0] if x else None)
+        lines.append(f"| {label} | " + " | ".join(_mean_std(x) if len(x) > 1 else fmt(x[0] if x else None)
                                                   for x in cells)
-                     + f" | {_mean_std(per_seed) if len(per_seed) > 1 else _fmt(per_seed[0] if per_seed else None)} |")
+                     + f" | {_mean_std(per_seed) if len(per_seed) > 1 else fmt(per_seed[0] if per_seed else None)} |")
     return lines + [""]
 
 
@@ -146,7 +144,7 @@ def _render_splits(s: dict[str, Any]) -> list[str]:
     parts = []
     for sp, v in splits.items():
         score, confidence = v.values()  # (the metric, the mean top probability)
-        parts.append(f"{sp} {_fmt(score)}" if score is not None or confidence is None
+        parts.append(f"{sp} {fmt(score)}" if score is not None or confidence is None
                      else f"{sp} unlabelled, confidence {confidence:.3f}")
     return ["Teacher per cached split: " + ", ".join(parts) + ".", ""]
 
@@ -195,7 +193,7 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
     zs_dirs = (out_dir / "teachers-zero-shot", out_dir / "cache-zero-shot" / task)
     settings = {"all labels": (per_language, teachers_dir, layout.cache_root(base.name, cache_root) / task),
                 f"labels in {labelled} only": (zero_shot, *zs_dirs)}
-    if base.tasks[task].teacher.head == SEQUENCE:  # the same cache, each language's logits centred on `labelled`
+    if heads.has(base.tasks[task].teacher.head, heads.CENTER_LANGUAGES):  # the same cache, logits centred on `labelled`
         settings[CENTRED] = ([*zero_shot, centred, f"students.{student}.twin=false"], *zs_dirs)
     results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name,
                                "labelled": labelled, "student": student, "seeds": seeds, "metric": metric,
@@ -243,10 +241,10 @@ def render_zero_shot(r: dict[str, Any]) -> str:
     for c in r["languages"]:
         kd, kd_c, gold = (r["runs"].get(setting, {}).get(f"{s}@{c}{suffix}", [])
                           for setting, suffix in ((zs, ""), (CENTRED, ""), (full, "-hard")))
-        lines.append(f"| {c}{' (labelled)' if c == lab else ''} | {_fmt(r['teacher'][zs].get(c))} | "
-                     f"{_mean_std(kd) if kd else '–'} | {_fmt(r['teacher'].get(CENTRED, {}).get(c))} | "
+        lines.append(f"| {c}{' (labelled)' if c == lab else ''} | {fmt(r['teacher'][zs].get(c))} | "
+                     f"{_mean_std(kd) if kd else '–'} | {fmt(r['teacher'].get(CENTRED, {}).get(c))} | "
                      f"{_mean_std(kd_c) if kd_c else '–'} | {_mean_std(gold) if gold else '–'} | "
-                     f"{_fmt(r['teacher'][full].get(c))} |")
+                     f"{fmt(r['teacher'][full].get(c))} |")
     return "\n".join(lines + ["", f"Centred: each language's cached logits shifted by `{lab}`'s mean training logits "
                                    "minus its own (`loss.center_languages`, docs/multilingual.md); the teacher's "
                                    "column is its test accuracy with the same shift.", ""])
@@ -274,9 +272,10 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
     head = base.tasks[task].teacher.head
-    if head == CAUSAL_LM:
-        raise C.ConfigError(f"pipeline {base.name!r}: the sweep covers classification and token-classification "
-                            "students; for causal-LM targets use `kdcache bench lm` (k, sampled, naive top-k)")
+    if not heads.has(head, heads.SWEEP):
+        raise C.ConfigError(f"pipeline {base.name!r}: the sweep covers {' and '.join(heads.with_capability(heads.SWEEP))} "
+                            f"students, not {head}; for causal-LM targets use `kdcache bench lm` (k, sampled, naive "
+                            "top-k)")
     metric = _metric(head)
     cache = layout.cache_root(base.name, cache_root) / task
     manifest = build_teacher_cache(base, task, cache, teachers_dir)
@@ -307,7 +306,7 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
 def render_sweep(r: dict[str, Any]) -> str:
     ref = next(iter(r["rows"].values()))
     sets = "".join(f" --set {o}" for o in r.get("overrides", []))
-    words = r.get("metric", _metric(SEQUENCE))[2]
+    words = r.get("metric", _metric(heads.DEFAULT_HEAD))[2]
     lines = [f"## Sweep: `{r['student']}` on `{r['pipeline']}`", "",
              f"`kdcache fidelity {r['pipeline']} --sweep {r['student']}{sets}` on {r['date']} ({r['machine']}); seeds "
              f"{r['seeds']}. Every variant trained in the same pass (same initial weights and batches); Δ is paired "
@@ -336,7 +335,7 @@ TANG_2019 = {"bilstm": 0.867, "bilstm (distilled)": 0.907}
 def render(r: dict[str, Any]) -> str:
     """One pipeline's section of docs/fidelity.md."""
     limit = f", at most {r['limit']} rows per split (the first ones)" if r.get("limit") else ""
-    words = (r.get("metric") or _metric(SEQUENCE))[2]
+    words = (r.get("metric") or _metric(heads.DEFAULT_HEAD))[2]
     oof = " --folds" in r.get("flags", "")
     lines = [f"## Pipeline `{r['pipeline']}` (data: {r.get('source', '?')}{limit})"
              + (f": {OOF} against in-sample targets" if oof else ""), "",

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .. import config as C
+from .. import config as C, layout
 from ..cache.reader import CacheDataset, collate, read_column
 from ..optim import adamw, warmup_linear
 from ..students import WordTokenizer, build_student
@@ -27,7 +27,9 @@ def _timed(totals: dict[str, float], key: str):
     totals[key] += time.perf_counter() - t
 
 
-def main(cache: str = "data/cache/default/sentiment", N: int = 150) -> None:
+def main(cache: str | None = None, N: int = 150) -> None:
+    """Profile N training steps of the default pipeline's BiLSTM on `cache` (default: its sentiment cache)."""
+    cache = cache or str(layout.cache_root("default") / "sentiment")
     torch.manual_seed(0)
     train = C.load_pipeline("default").train
     ds = CacheDataset(cache, "train", shuffle=True, seed=0, shuffle_buffer=train.shuffle_buffer)

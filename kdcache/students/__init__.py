@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..cache.format import CAUSAL_LM, SEQUENCE, TOKEN
+from ..heads import CAUSAL_LM, SEQUENCE, TOKEN
 from ..typedconfig import build as build_params
 from .base import Student
 from .bilstm import BiLSTM, BiLSTMParams

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import config as C
-from ..cache.format import SEQUENCE
+from ..heads import SEQUENCE
 from ..cache.reader import CacheDataset, read_columns
 from ..metrics import classification_metrics
 from ..students import HFTokenizer, WordTokenizer, build_student
@@ -87,7 +87,6 @@ def inference_speed(model: nn.Module, tokenizer: Any, texts: list[str], max_leng
 class SequenceClassification(TrainHead):
     name = SEQUENCE
     eval_batch_size = 256
-    supports_live = True
 
     def tokenizer(self, st, source, where):
         if st.tokenizer != "words":

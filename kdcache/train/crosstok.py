@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .. import config as C
-from ..cache.format import CAUSAL_LM
-from ..cache.reader import COLLATE
+from ..cache import codecs
 from ..fingerprint import hash_tokenizer
+from ..heads import CAUSAL_LM
 from ..vocab import byte_ends, vocab_bytes, whole_characters
 from .head import StudentModel
 from .losses import LOG_TINY, TopKTargets, kd_loss_per_row, token_ce_per_row
@@ -307,7 +307,7 @@ def evaluate_cross(model: CrossLMModel, ds: Any, targets_at, batch_size: int) ->
     model.eval()
     device = model.device()
     nll, tokens, nbytes, chars, aligned, positions, kl, kl_n = 0.0, 0, 0, 0, 0, 0, 0.0, 0
-    for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=getattr(ds, "collate", COLLATE[CAUSAL_LM])):
+    for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=getattr(ds, "collate", codecs.get(CAUSAL_LM).collate)):
         view = model.student_tokens(batch)
         logits = model.lm(input_ids=view.ids.to(device), attention_mask=view.mask.to(device)).logits.float()
         flat = logits.reshape(-1, logits.shape[-1])

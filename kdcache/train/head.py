@@ -84,7 +84,6 @@ class TrainHead:
 
     name: str = ""
     eval_batch_size: int = 128
-    supports_live: bool = False  # online KD with the live teacher (`--teacher live`)
 
     @property
     def metric(self) -> HeadMetric:

@@ -1,11 +1,24 @@
 """The training heads, by the name of the teacher head whose cache they read: the one place stage two dispatches on
-a head. Cross-task students combine them (multitask.py)."""
+a head. Cross-task students combine them (multitask.py). A new head registers its own (`register`) beside its
+`HeadSpec` (kdcache/heads.py)."""
 
 from __future__ import annotations
 
+from .. import heads
 from .classification import SequenceClassification
 from .head import TrainHead
 from .lm import CausalLM
 from .tokens import TokenClassification
 
-HEADS: dict[str, TrainHead] = {h.name: h for h in (SequenceClassification(), TokenClassification(), CausalLM())}
+HEADS: dict[str, TrainHead] = {}
+
+
+def register(head: TrainHead) -> TrainHead:
+    """Add (or replace) the training head of `head.name`, a registered `HeadSpec`."""
+    heads.get(head.name)
+    HEADS[head.name] = head
+    return head
+
+
+for _h in (SequenceClassification(), TokenClassification(), CausalLM()):
+    register(_h)

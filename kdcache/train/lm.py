@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from .. import config as C
-from ..cache.format import CAUSAL_LM
-from ..cache.reader import COLLATE, CacheMismatchError, read_vocab
+from ..cache import codecs
+from ..cache.reader import CacheMismatchError, read_vocab
 from ..fingerprint import hash_tokenizer
+from ..heads import CAUSAL_LM
 from ..hub import from_pretrained, quiet_transformers
 from ..students import build_student
 from .crosstok import (BPE_PREFIX, CrossLMModel, CrossTokenizer, bpe_tokenizer, cross_loss, cross_tokenizer,
@@ -120,7 +121,7 @@ def evaluate_lm(model: nn.Module, ds: Any, lm: dict[str, Any], batch_size: int,
     model.eval()
     nll, tokens, kl, positions, nbytes = 0.0, 0, 0.0, 0, 0
     at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
-    collate = getattr(ds, "collate", COLLATE[CAUSAL_LM])
+    collate = getattr(ds, "collate", codecs.get(CAUSAL_LM).collate)
     for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate):
         logits = model(input_ids=batch["input_ids"].to(device)).logits.float()
         flat = logits.reshape(-1, logits.shape[-1])

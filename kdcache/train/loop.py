@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch.distributed.algorithms.join import Join
 
-from .. import config as C, layout
+from .. import config as C, heads, layout
 from ..cache.format import write_text_atomic
 from ..cache.reader import CacheDataset
 from ..errors import KdcacheError
@@ -31,7 +31,6 @@ from ..progress import progress
 from ..students import REGISTRY
 from .continual import init_tokenizer, init_weights
 from .head import Source, StudentModel, at_chance
-from .heads import HEADS
 from .multitask import build_multitask, multitask_tokenizer
 from .sources import open_source
 
@@ -406,9 +405,10 @@ def train_students(pipeline: C.PipelineConfig, students: list[str], caches: str 
                 raise C.ConfigError(f"--teacher live (online KD) runs the task's one teacher on its training split; "
                                     f"student {s} has several `teachers` or `transfer` splits: train it from the cache")
             for t in pipeline.student_tasks(s):
-                if not HEADS[pipeline.tasks[t].teacher.head].supports_live:
-                    raise C.ConfigError(f"--teacher live (online KD) is for sequence-classification tasks only; "
-                                           f"task {t} has a {pipeline.tasks[t].teacher.head} teacher")
+                if not heads.has(pipeline.tasks[t].teacher.head, heads.LIVE_TEACHER):
+                    raise C.ConfigError(f"--teacher live (online KD) is for "
+                                        f"{' or '.join(heads.with_capability(heads.LIVE_TEACHER))} tasks only; "
+                                        f"task {t} has a {pipeline.tasks[t].teacher.head} teacher")
     # one pass per task, language selection, training split, transfer splits and teachers (a per-language student
     # reads its partition; a hard-label twin learns nothing from unlabelled transfer rows or other teachers' targets,
     # so it joins the pass of the training split alone; `train_labels` picks the rows of both)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import KD_KINDS as KINDS
+from .loss_names import KD_KINDS as KINDS
 
 _EPS = 1e-12
 

@@ -8,8 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .. import config as C
-from ..cache.format import TOKEN
+from .. import config as C, heads
 from ..students import WordTokenizer, build_student
 from ..students.tokenizers import WORD
 from .head import Source, StudentModel
@@ -48,7 +47,7 @@ def multitask_tokenizer(st: C.StudentConfig, sources: dict[str, Source]) -> Word
     for t in sorted(st.tasks):
         src = sources[t]
         split = src.train.split
-        if src.manifest["head"] == TOKEN:
+        if heads.has(src.manifest["head"], heads.WORD_ROWS):
             words += src.column(split, "words")
         else:
             cols = {f: src.column(split, f) for f in src.train.text_fields}
@@ -58,7 +57,8 @@ def multitask_tokenizer(st: C.StudentConfig, sources: dict[str, Source]) -> Word
 
 def build_multitask(st: C.StudentConfig, sources: dict[str, Source], tokenizer: WordTokenizer,
                     where: str) -> MultitaskModel:
-    heads = {t: (sources[t].manifest["head"], len(sources[t].manifest["label_names"])) for t in st.tasks}
-    fields = {t: None if sources[t].manifest["head"] == TOKEN else sources[t].train.text_fields for t in st.tasks}
-    return MultitaskModel(build_student(st.arch, st.params, tokenizer.vocab_size, heads, where=where), tokenizer,
+    task_heads = {t: (sources[t].manifest["head"], len(sources[t].manifest["label_names"])) for t in st.tasks}
+    fields = {t: None if heads.has(sources[t].manifest["head"], heads.WORD_ROWS) else sources[t].train.text_fields
+              for t in st.tasks}
+    return MultitaskModel(build_student(st.arch, st.params, tokenizer.vocab_size, task_heads, where=where), tokenizer,
                           fields)

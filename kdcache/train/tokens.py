@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import config as C
-from ..cache.format import TOKEN
+from ..heads import TOKEN
 from ..cache.reader import CacheDataset
 from ..metrics import entity_f1
 from ..students import WordTokenizer, build_student

@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import datasets
 
-from .errors import KdcacheError
+from ..errors import KdcacheError
 
 TOKEN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")  # words (with inner apostrophes) and single punctuation marks
 CONLL_MARKERS = ("-DOCSTART-",)

