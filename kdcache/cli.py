@@ -448,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fine-tuned on those; the cache covers the rest, which only KD can use). "
                                    "Works on any head (test accuracy, entity F1 or perplexity). Writes "
                                    "data/fidelity/fidelity-<pipeline>.json and the pipeline's section of "
-                                   "docs/fidelity.md (mean ± std).")
+                                   "docs/fidelity.md (mean ± std). A rerun of the same command resumes: each "
+                                   "(setting, seed) cell finished with the same settings and cache is read back "
+                                   "from data/fidelity/runs/<pipeline>/, not retrained.")
     _experiment_args(p, "fidelity", "fidelity")
     _seeds_arg(p)
     p.add_argument("--students", default="bow,bilstm",

@@ -215,6 +215,27 @@ def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
     assert "| bow |" in doc.read_text() and "KD gain" in doc.read_text()
 
 
+def test_a_rerun_of_fidelity_keeps_the_cells_it_finished_and_retrains_changed_ones(tmp_path, monkeypatch):
+    """A long `kdcache fidelity` resumes: a (setting, seed) cell finished with the same settings and cache is read
+    back, not retrained; a cell whose settings changed is trained again."""
+    from kdcache.experiments import fidelity
+    args = (TINY_PATH, [0, 1], ["bow"], 0, tmp_path / "fid", None)
+    kw = dict(teachers_dir=tmp_path / "teachers", cache_root=tmp_path / "caches", overrides=[*FAST, "train.epochs=1"])
+    first = fidelity.run_fidelity(*args, **kw)
+    trained = []
+    real = fidelity.train_students
+    monkeypatch.setattr(fidelity, "train_students", lambda *a, **k: trained.append(a[0].train.seed) or real(*a, **k))
+    again = fidelity.run_fidelity(*args, **kw)
+    assert trained == []
+    assert again["settings"]["all labels"]["students"] == first["settings"]["all labels"]["students"]
+    (tmp_path / "fid" / "runs" / "tiny" / "all-labels" / "1" / "bow-hard" / "metrics.json").unlink()  # a cell cut short
+    fidelity.run_fidelity(*args, **kw)
+    assert trained == [1]
+    kw["overrides"] = [*FAST, "train.epochs=2"]
+    fidelity.run_fidelity(*args, **kw)
+    assert trained == [1, 0, 1]
+
+
 def test_fidelity_doc_keeps_other_pipelines_sections():
     """Each pipeline owns one marked section of docs/fidelity.md; a rerun replaces it and leaves the others."""
     from kdcache.experiments.docsections import replace_section

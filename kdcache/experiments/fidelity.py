@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,19 @@ from typing import Any
 import numpy as np
 
 from .. import config as C, heads, layout
+from ..cache.format import write_json_atomic
 from ..cache.reader import read_columns
 from ..capture.build import build_teacher_cache
 from ..data import load_task_data
+from ..fingerprint import hash_obj
 from ..metrics import METRICS
 from ..report import fmt, per_language_rows
 from ..train.classification import language_mean_logits
 from ..train.loop import train_students
 from .docsections import write_section
 from .machine import machine
+
+log = logging.getLogger(__name__)
 
 OOF = "out-of-fold targets"
 CENTRED = "labels in one language, logits centred"
@@ -79,8 +84,8 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
                                      [f"students.{s}.twin=true" for s in students])
-            runs = train_students(seeded, names, cache.parent,
-                                  out_dir / "runs" / name.replace(" ", "-") / str(seed))
+            runs = _cell(seeded, names, cache, manifest,
+                         out_dir / "runs" / base.name / name.replace(" ", "-") / str(seed))
             for s in students:  # a per-language family counts once per seed: the mean of its languages
                 for kd in (True, False):
                     got = [r["test"][metric[0]] for r in runs if r["student"] in runs_of[s] and r["kd"] == kd]
@@ -116,6 +121,25 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     results["flags"] = (f" --students {','.join(students)} --scarce {scarce}" + (" --only-scarce" if not all_labels else "")
                         + (f" --folds {folds}" if folds else "") + "".join(f" --set {o}" for o in overrides))
     return _publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
+
+
+def _cell(pipeline: C.PipelineConfig, names: list[str], cache: Path, manifest: dict[str, Any],
+          folder: Path) -> list[dict[str, Any]]:
+    """One setting's runs for one seed, trained into `folder`, or read back from it when a run of the same command
+    finished them (the same pipeline settings, students and cache fingerprint: `cell.json`, written last), so that
+    rerunning a long `kdcache fidelity` resumes from the cells it had finished."""
+    key = hash_obj({"pipeline": C.to_dict(pipeline), "students": names, "cache": manifest["fingerprint"]})
+    done = folder / "cell.json"
+    if done.is_file():
+        cell = json.loads(done.read_text())
+        paths = [folder / run / "metrics.json" for run in cell.get("runs", [])]
+        if cell.get("key") == key and paths and all(p.is_file() for p in paths):
+            log.info("%s: finished earlier with these settings; its %d runs are kept (delete the folder to retrain)",
+                     folder, len(paths))
+            return [json.loads(p.read_text()) for p in paths]
+    runs = train_students(pipeline, names, cache.parent, folder)
+    write_json_atomic(done, {"key": key, "runs": [r["run"] for r in runs]})
+    return runs
 
 
 def _render_languages(s: dict[str, Any], words: str) -> list[str]:
