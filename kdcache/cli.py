@@ -242,6 +242,12 @@ def cmd_fidelity(args) -> int:
         run_sweep(args.pipeline, args.sweep, [int(x) for x in args.seeds.split(",")], args.out,
                   None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
         return 0
+    from .config import load_pipeline
+    if len(load_pipeline(args.pipeline, args.overrides).tasks) > 1:  # several tasks: multi-task students
+        from .experiments.crosstask import run_cross_task
+        run_cross_task(args.pipeline, [int(x) for x in args.seeds.split(",")], args.out,
+                       None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides)
+        return 0
     run_fidelity(args.pipeline, [int(x) for x in args.seeds.split(",")], args.students.split(","), args.scarce,
                  args.out, None if args.no_doc else args.doc, args.teachers_dir, overrides=args.overrides,
                  folds=args.folds, all_labels=not args.only_scarce)
@@ -450,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "data/fidelity/fidelity-<pipeline>.json and the pipeline's section of "
                                    "docs/fidelity.md (mean ± std). A rerun of the same command resumes: each "
                                    "(setting, seed) cell finished with the same settings and cache is read back "
-                                   "from data/fidelity/runs/<pipeline>/, not retrained.")
+                                   "from data/fidelity/runs/<pipeline>/, not retrained. On a pipeline of several "
+                                   "tasks (pipelines/cross): its multi-task students with their twins per seed, "
+                                   "each task's metric and the paired gain of sharing one encoder.")
     _experiment_args(p, "fidelity", "fidelity")
     _seeds_arg(p)
     p.add_argument("--students", default="bow,bilstm",

@@ -69,3 +69,43 @@ def test_a_pipeline_of_a_classification_and_a_token_task_caches_trains_and_repor
 def test_a_cross_task_student_must_name_known_tasks():
     with pytest.raises(ConfigError, match=r"students.both.*`tasks:` mapping each of the pipeline's tasks"):
         load_pipeline(NER_TINY, ['students.both={"arch": "bilstm-multitask", "tasks": {"conll": 1, "nope": 1}}'])
+
+
+def test_cross_task_fidelity_pairs_each_shared_student_with_the_task_alone_over_seeds_and_resumes(tmp_path,
+                                                                                                   monkeypatch):
+    """`kdcache fidelity` on a pipeline of several tasks: every multi-task student and its twin per seed, each task's
+    metric as the runs wrote it, the sharing gain paired by seed, and a rerun that retrains nothing."""
+    from kdcache.experiments import crosstask, seeded
+    require_shared_data("conll2003")
+    tiny = yaml.safe_load((REPO / "pipelines" / "tiny" / "pipeline.yaml").read_text())
+    ner = yaml.safe_load((REPO / "pipelines" / "ner-tiny" / "pipeline.yaml").read_text())
+    tiny["tasks"]["topic"]["data"]["limit"] = 60
+    tiny["tasks"]["topic"]["teacher"]["sanity"] = {"enabled": False}
+    small = {"arch": "bilstm-multitask", "params": {"embed_dim": 16, "hidden": 16}}
+    mixed = {"name": "mixed", "tasks": {**tiny["tasks"], **ner["tasks"]}, "train": {**tiny["train"], "epochs": 1},
+             "students": {"both": {**small, "tasks": {"topic": 1.0, "conll": 1.0}},
+                          "topic-only": {**small, "tasks": {"topic": 1.0}},
+                          "conll-only": {**small, "tasks": {"conll": 1.0}}}}
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(mixed))
+    doc = tmp_path / "fidelity.md"
+    args = (str(path), [0, 1], tmp_path / "fid", doc, tmp_path / "teachers", tmp_path / "caches")
+    r = crosstask.run_cross_task(*args)
+    runs = tmp_path / "fid" / "runs" / "mixed" / "cross-task"
+
+    def score(seed, run, task):
+        m = json.loads((runs / str(seed) / run / "metrics.json").read_text())
+        return m["test"][task]["accuracy" if task == "topic" else "f1"]
+    for task, alone in (("topic", "topic-only"), ("conll", "conll-only")):
+        for kind, suffix in (("kd", ""), ("hard", "-hard")):
+            both = [score(s, "both" + suffix, task) for s in (0, 1)]
+            assert r["students"]["both"][kind][task] == both
+            assert crosstask.sharing_gains(r)["both"][kind][task] == pytest.approx(
+                [b - score(s, alone + suffix, task) for s, b in zip((0, 1), both)])
+    assert "conll" not in r["students"]["topic-only"]["kd"]
+    text = doc.read_text()
+    assert "## Pipeline `mixed`: one student of several tasks" in text and f"| both ({', '.join(r['weights']['both'])}) |" in text
+    assert "Sharing one encoder, paired by seed" in text
+    trained = []
+    monkeypatch.setattr(seeded, "train_students", lambda *a, **k: trained.append(a) or [])
+    assert crosstask.run_cross_task(*args)["students"] == r["students"] and trained == []

@@ -218,13 +218,13 @@ def test_fidelity_runs_both_settings_and_pairs_kd_with_hard(tmp_path):
 def test_a_rerun_of_fidelity_keeps_the_cells_it_finished_and_retrains_changed_ones(tmp_path, monkeypatch):
     """A long `kdcache fidelity` resumes: a (setting, seed) cell finished with the same settings and cache is read
     back, not retrained; a cell whose settings changed is trained again."""
-    from kdcache.experiments import fidelity
+    from kdcache.experiments import fidelity, seeded
     args = (TINY_PATH, [0, 1], ["bow"], 0, tmp_path / "fid", None)
     kw = dict(teachers_dir=tmp_path / "teachers", cache_root=tmp_path / "caches", overrides=[*FAST, "train.epochs=1"])
     first = fidelity.run_fidelity(*args, **kw)
     trained = []
-    real = fidelity.train_students
-    monkeypatch.setattr(fidelity, "train_students", lambda *a, **k: trained.append(a[0].train.seed) or real(*a, **k))
+    real = seeded.train_students
+    monkeypatch.setattr(seeded, "train_students", lambda *a, **k: trained.append(a[0].train.seed) or real(*a, **k))
     again = fidelity.run_fidelity(*args, **kw)
     assert trained == []
     assert again["settings"]["all labels"]["students"] == first["settings"]["all labels"]["students"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,32 +13,17 @@ from typing import Any
 import numpy as np
 
 from .. import config as C, heads, layout
-from ..cache.format import write_json_atomic
 from ..cache.reader import read_columns
 from ..capture.build import build_teacher_cache
 from ..data import load_task_data
-from ..fingerprint import hash_obj
-from ..metrics import METRICS
 from ..report import fmt, per_language_rows
 from ..train.classification import language_mean_logits
 from ..train.loop import train_students
-from .docsections import write_section
 from .machine import machine
-
-log = logging.getLogger(__name__)
+from .seeded import cell, mean_std, metric_of, publish
 
 OOF = "out-of-fold targets"
 CENTRED = "labels in one language, logits centred"
-
-
-def _metric(head: str) -> list[str]:
-    """(student test metric, teacher statistic in the manifest, words for the doc) of a head."""
-    m = METRICS[head]
-    return [m.key, m.teacher_stat, m.words]
-
-
-def _mean_std(xs: list[float]) -> str:
-    return f"{np.mean(xs):.4f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0.0:.4f}"
 
 
 def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scarce: int, out_dir: Path,
@@ -51,7 +35,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     teachers_dir = teachers_dir or layout.teachers_dir()
     base = C.load_pipeline(pipeline_name, list(overrides))
     task = next(iter(base.tasks))
-    metric = _metric(base.tasks[task].teacher.head)
+    metric = metric_of(base.tasks[task].teacher.head)
     runs_of = C.student_families(base, students)
     names = [n for s in students for n in runs_of[s]]
     settings = {}
@@ -84,7 +68,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
                                      [f"students.{s}.twin=true" for s in students])
-            runs = _cell(seeded, names, cache, manifest,
+            runs = cell(seeded, names, cache.parent, manifest["fingerprint"],
                          out_dir / "runs" / base.name / name.replace(" ", "-") / str(seed))
             for s in students:  # a per-language family counts once per seed: the mean of its languages
                 for kd in (True, False):
@@ -120,26 +104,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     name = base.name + ("-oof" if folds else "")
     results["flags"] = (f" --students {','.join(students)} --scarce {scarce}" + (" --only-scarce" if not all_labels else "")
                         + (f" --folds {folds}" if folds else "") + "".join(f" --set {o}" for o in overrides))
-    return _publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
-
-
-def _cell(pipeline: C.PipelineConfig, names: list[str], cache: Path, manifest: dict[str, Any],
-          folder: Path) -> list[dict[str, Any]]:
-    """One setting's runs for one seed, trained into `folder`, or read back from it when a run of the same command
-    finished them (the same pipeline settings, students and cache fingerprint: `cell.json`, written last), so that
-    rerunning a long `kdcache fidelity` resumes from the cells it had finished."""
-    key = hash_obj({"pipeline": C.to_dict(pipeline), "students": names, "cache": manifest["fingerprint"]})
-    done = folder / "cell.json"
-    if done.is_file():
-        cell = json.loads(done.read_text())
-        paths = [folder / run / "metrics.json" for run in cell.get("runs", [])]
-        if cell.get("key") == key and paths and all(p.is_file() for p in paths):
-            log.info("%s: finished earlier with these settings; its %d runs are kept (delete the folder to retrain)",
-                     folder, len(paths))
-            return [json.loads(p.read_text()) for p in paths]
-    runs = train_students(pipeline, names, cache.parent, folder)
-    write_json_atomic(done, {"key": key, "runs": [r["run"] for r in runs]})
-    return runs
+    return publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
 
 
 def _render_languages(s: dict[str, Any], words: str) -> list[str]:
@@ -154,9 +119,9 @@ def _render_languages(s: dict[str, Any], words: str) -> list[str]:
     for label, vals in by.items():
         cells = [vals.get(c) or [] for c in codes]
         per_seed = [float(np.mean(x)) for x in zip(*cells)] if all(cells) else []
-        lines.append(f"| {label} | " + " | ".join(_mean_std(x) if len(x) > 1 else fmt(x[0] if x else None)
+        lines.append(f"| {label} | " + " | ".join(mean_std(x) if len(x) > 1 else fmt(x[0] if x else None)
                                                   for x in cells)
-                     + f" | {_mean_std(per_seed) if len(per_seed) > 1 else fmt(per_seed[0] if per_seed else None)} |")
+                     + f" | {mean_std(per_seed) if len(per_seed) > 1 else fmt(per_seed[0] if per_seed else None)} |")
     return lines + [""]
 
 
@@ -185,16 +150,6 @@ def _transfer(pipeline: C.PipelineConfig, students: list[str], manifest: dict[st
                                     if st.get("teacher_rows_per_s"))}
 
 
-def _publish(results: dict[str, Any], path: Path, text: str, doc: Path | None, section: str) -> dict[str, Any]:
-    """Keep the raw results as JSON, print the table, and (when asked) write it into its doc section."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
-    print(text)
-    if doc is not None:
-        write_section(doc, section, text, header=HEADER)
-    return results
-
-
 def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[int], out_dir: Path,
                   doc: Path | None, teachers_dir: Path | None = None, cache_root: Path | None = None,
                   overrides: list[str] = ()) -> dict[str, Any]:
@@ -209,7 +164,7 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
     if labelled not in codes:
         raise C.ConfigError(f"pipeline {base.name!r}: --zero-shot {labelled!r} is not one of its languages "
                             f"({', '.join(codes) or 'none: set data.languages'})")
-    metric = _metric(base.tasks[task].teacher.head)
+    metric = metric_of(base.tasks[task].teacher.head)
     per_language = [*overrides, f"students.{student}.per_language=true", f"students.{student}.twin=true"]
     zero_shot = [*per_language] + [f"tasks.{task}.data.languages.{c}.labelled_limit=0" for c in codes if c != labelled]
     st = base.students.get(student) or base.students.get(f"{student}@{labelled}")  # (per_language: expanded)
@@ -235,7 +190,7 @@ def run_zero_shot(pipeline_name: str, labelled: str, student: str, seeds: list[i
             for r in train_students(seeded, [f"{student}@{c}" for c in codes], cache.parent,
                                     out_dir / "runs" / "zero-shot" / name.replace(" ", "-") / str(seed)):
                 results["runs"].setdefault(name, {}).setdefault(r["run"], []).append(r["test"][metric[0]])
-    return _publish(results, out_dir / f"zero-shot-{base.name}.json", render_zero_shot(results), doc,
+    return publish(results, out_dir / f"zero-shot-{base.name}.json", render_zero_shot(results), doc,
                     f"fidelity:{base.name}-zero-shot")
 
 
@@ -266,8 +221,8 @@ def render_zero_shot(r: dict[str, Any]) -> str:
         kd, kd_c, gold = (r["runs"].get(setting, {}).get(f"{s}@{c}{suffix}", [])
                           for setting, suffix in ((zs, ""), (CENTRED, ""), (full, "-hard")))
         lines.append(f"| {c}{' (labelled)' if c == lab else ''} | {fmt(r['teacher'][zs].get(c))} | "
-                     f"{_mean_std(kd) if kd else '–'} | {fmt(r['teacher'].get(CENTRED, {}).get(c))} | "
-                     f"{_mean_std(kd_c) if kd_c else '–'} | {_mean_std(gold) if gold else '–'} | "
+                     f"{mean_std(kd) if kd else '–'} | {fmt(r['teacher'].get(CENTRED, {}).get(c))} | "
+                     f"{mean_std(kd_c) if kd_c else '–'} | {mean_std(gold) if gold else '–'} | "
                      f"{fmt(r['teacher'][full].get(c))} |")
     return "\n".join(lines + ["", f"Centred: each language's cached logits shifted by `{lab}`'s mean training logits "
                                    "minus its own (`loss.center_languages`, docs/multilingual.md); the teacher's "
@@ -300,7 +255,7 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
         raise C.ConfigError(f"pipeline {base.name!r}: the sweep covers {' and '.join(heads.with_capability(heads.SWEEP))} "
                             f"students, not {head}; for causal-LM targets use `kdcache bench lm` (k, sampled, naive "
                             "top-k)")
-    metric = _metric(head)
+    metric = metric_of(head)
     cache = layout.cache_root(base.name, cache_root) / task
     manifest = build_teacher_cache(base, task, cache, teachers_dir)
     layers = (manifest.get("features") or {}).get("layers") or []
@@ -323,34 +278,22 @@ def run_sweep(pipeline_name: str, student: str, seeds: list[int], out_dir: Path,
             rows.setdefault(variants[r["run"]][0], []).append(r["test"][metric[0]])
     results = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name, "student": student,
                "seeds": seeds, "overrides": list(overrides), "metric": metric, "rows": rows}
-    return _publish(results, out_dir / f"sweep-{base.name}-{student}.json", render_sweep(results), doc,
+    return publish(results, out_dir / f"sweep-{base.name}-{student}.json", render_sweep(results), doc,
                     f"fidelity:{base.name}-sweep-{student}")
 
 
 def render_sweep(r: dict[str, Any]) -> str:
     ref = next(iter(r["rows"].values()))
     sets = "".join(f" --set {o}" for o in r.get("overrides", []))
-    words = r.get("metric", _metric(heads.DEFAULT_HEAD))[2]
+    words = r.get("metric", metric_of(heads.DEFAULT_HEAD))[2]
     lines = [f"## Sweep: `{r['student']}` on `{r['pipeline']}`", "",
              f"`kdcache fidelity {r['pipeline']} --sweep {r['student']}{sets}` on {r['date']} ({r['machine']}); seeds "
              f"{r['seeds']}. Every variant trained in the same pass (same initial weights and batches); Δ is paired "
              "against the first row.", "", f"| variant | {words} | Δ vs reference |", "|---|---:|---:|"]
     for name, accs in r["rows"].items():
-        lines.append(f"| {name} | {_mean_std(accs)} | {_mean_std([a - b for a, b in zip(accs, ref)])} |")
+        lines.append(f"| {name} | {mean_std(accs)} | {mean_std([a - b for a, b in zip(accs, ref)])} |")
     return "\n".join(lines + [""])
 
-
-HEADER = """# Fidelity: does distilling from the cache help?
-
-Each section below is generated by `kdcache fidelity <pipeline>` (`make fidelity PIPELINE=<pipeline>`) and
-replaced by the next run of that pipeline. Test accuracy, mean ± standard deviation over seeds; the gain is paired
-(same seed, same initial weights, same batches; only the loss differs). A setting where KD does not help is
-reported as it is.
-
-That the cache itself loses nothing is tested directly: a student trained from exact cached logits and the same
-student trained with the live teacher give the same losses and weights
-(`tests/test_trainer.py::test_cached_targets_give_the_same_losses_and_weights_as_online_kd`).
-"""
 
 # Tang et al. (2019), "Distilling task-specific knowledge from BERT into simple neural networks", Table 1, SST-2
 TANG_2019 = {"bilstm": 0.867, "bilstm (distilled)": 0.907}
@@ -359,7 +302,7 @@ TANG_2019 = {"bilstm": 0.867, "bilstm (distilled)": 0.907}
 def render(r: dict[str, Any]) -> str:
     """One pipeline's section of docs/fidelity.md."""
     limit = f", at most {r['limit']} rows per split (the first ones)" if r.get("limit") else ""
-    words = (r.get("metric") or _metric(heads.DEFAULT_HEAD))[2]
+    words = (r.get("metric") or metric_of(heads.DEFAULT_HEAD))[2]
     oof = " --folds" in r.get("flags", "")
     lines = [f"## Pipeline `{r['pipeline']}` (data: {r.get('source', '?')}{limit})"
              + (f": {OOF} against in-sample targets" if oof else ""), "",
@@ -379,7 +322,7 @@ def render(r: dict[str, Any]) -> str:
                   *_render_splits(s), "| student | KD | hard labels | KD gain |", "|---|---:|---:|---:|"]
         for student, v in s["students"].items():
             gain = [a - b for a, b in zip(v["kd"], v["hard"])]
-            lines.append(f"| {student} | {_mean_std(v['kd'])} | {_mean_std(v['hard'])} | {_mean_std(gain)} |")
+            lines.append(f"| {student} | {mean_std(v['kd'])} | {mean_std(v['hard'])} | {mean_std(gain)} |")
         lines.append("")
         lines += _render_languages(s, words)
     lines += _render_oof(r)
@@ -422,6 +365,6 @@ def _render_oof(r: dict[str, Any]) -> list[str]:
         for student, v in oof["students"].items():
             base = ins["students"][student]["kd"]
             gain = [a - b for a, b in zip(v["kd"], base)]
-            lines.append(f"| {name} | {student} | {_mean_std(base)} | {_mean_std(v['kd'])} | "
-                         f"{_mean_std(gain)} | {ins.get('build_seconds', 0):.0f} / {oof.get('build_seconds', 0):.0f} |")
+            lines.append(f"| {name} | {student} | {mean_std(base)} | {mean_std(v['kd'])} | "
+                         f"{mean_std(gain)} | {ins.get('build_seconds', 0):.0f} / {oof.get('build_seconds', 0):.0f} |")
     return lines + ([""] + stats if stats else []) + [""]

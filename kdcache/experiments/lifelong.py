@@ -26,7 +26,7 @@ from ..cache.reader import read_columns
 from ..capture.build import build_teacher_cache
 from ..capture.refresh import refresh_teacher_cache
 from ..train.loop import train_students
-from .fidelity import _mean_std, _publish
+from .seeded import mean_std, publish
 from .machine import machine
 
 STRATEGIES = ("scratch", "continual", "memory")
@@ -136,7 +136,7 @@ def run_lifelong(pipeline_name: str, seeds: list[int], out_dir: Path, doc: Path 
                 entry["best_epoch"][strategy].append(done[name]["best_epoch"])
                 previous[strategy, seed] = runs / name
         results["rounds"].append(entry)
-    return _publish(results, out_dir / f"lifelong-{base.name}.json", render(results), doc, f"lifelong:{base.name}")
+    return publish(results, out_dir / f"lifelong-{base.name}.json", render(results), doc, f"lifelong:{base.name}")
 
 
 def _memory_pipeline(pipeline_name: str, over: list[str], task: str, run: Path) -> C.PipelineConfig:
@@ -167,7 +167,7 @@ def render(r: dict[str, Any]) -> str:
     for e in r["rounds"]:
         for k in STRATEGIES if e["round"] else ("scratch",):
             acc = e["students"][k]
-            cells = [_mean_std(acc[g]) if acc[g] and None not in acc[g] else "–" for g in ("seen", "old", "new")]
+            cells = [mean_std(acc[g]) if acc[g] and None not in acc[g] else "–" for g in ("seen", "old", "new")]
             out.append(f"| {e['round']} | {k if e['round'] else 'all three (first round)'} | {' | '.join(cells)} | "
                        f"{np.mean(e['seconds'][k]):.1f} | {', '.join(map(str, e['best_epoch'][k]))} |")
     out += ["", "*scratch*: retrained on every row so far; *continual*: the previous round's run trained on the new "
