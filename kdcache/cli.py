@@ -218,6 +218,10 @@ def cmd_bench(args) -> int:
         from .experiments.bench import run_lifecycle
         run_lifecycle(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.out / "teachers")
         return 0
+    if args.capture_memory:
+        from .experiments.lm_memory import run_capture_memory
+        run_capture_memory(args.out, None if args.no_doc else args.doc)
+        return 0
     if args.columns:
         from .experiments.lm_bench import column_costs
         column_costs(str(args.columns), None if args.no_doc else args.doc, args.out)
@@ -445,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=Path, default=None, metavar="CACHE",
                    help="instead: what each column of a causal-LM cache costs in bytes per token, per language, "
                         "from its shards' footers (the byte offsets of cross-tokenizer students included)")
+    p.add_argument("--capture-memory", action="store_true",
+                   help="instead: peak memory of causal-LM capture at a 262,144-id vocabulary, 512 / 2,048 / 8,192 "
+                        "positions, chunked (cache.logit_chunk) against the full logits reduced in one piece")
     _teachers_arg(p)
     p.set_defaults(func=cmd_bench)
 

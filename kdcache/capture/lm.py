@@ -5,6 +5,7 @@ random-sampling targets. Temperature is applied at training time (train/losses.p
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,11 @@ from ..failpoints import failpoint
 from ..fingerprint import hash_ids, hash_tokenizer
 from ..vocab import byte_ends, vocab_bytes
 from .head import CaptureHead
+from .logits import OutputHead, chunk_positions, chunked_targets, draw, next_ids, pack_draws, reduce, shaped
 from .models import TeacherError
 from .runner import BatchRunner, refuse_non_finite
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,17 +107,19 @@ def vocab_table(tokenizer: Any) -> pa.Table:
 
 
 class LMRunner(BatchRunner):
-    """Runs a causal LM over packed sequences and reduces its [B, L, V] logits on the device to the cached
-    targets, so only O(k) values per position ever leave the device."""
+    """Runs a causal LM over packed sequences and reduces its logits on the device to the cached targets, a chunk
+    of positions at a time (capture/logits.py): only O(k) values per position leave the device, and no [B, L, V]
+    tensor is ever held."""
 
     def __init__(self, model: torch.nn.Module, cache: CacheConfig, precision: str = "auto",
                  device: str = "auto") -> None:
         super().__init__(model, cache.batch_size, 1, precision, device)
         self.cache = cache
+        self.head: OutputHead | None = None  # decided on the first batch: split off, or the full forward
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full teacher logits [B, L, V] (float32) for token ids [B, L], refusing NaN/inf."""
+        """Full teacher logits [B, L, V] (float32) for token ids [B, L], refusing NaN/inf: the unchunked reference."""
         with self.autocast():
             z = self.model(input_ids=x.to(self.device)).logits.float()
         refuse_non_finite(z, list(range(len(x))))
@@ -121,21 +127,45 @@ class LMRunner(BatchRunner):
 
     @torch.inference_mode()
     def targets(self, z: torch.Tensor, x: torch.Tensor, k: int, temperatures) -> dict[str, torch.Tensor]:
-        """On the device: top-k ids and raw logits (before any softmax or temperature), and per temperature the
-        full log-sum-exp and the exact log-mass outside the top-k; plus the teacher's next-token loss and hits."""
-        x = x.to(z.device)
-        vals, ids = z.topk(min(k, z.shape[-1]), dim=-1)
-        lse, tail = [], []
-        for T in temperatures:
-            zt = z / T
-            lse_t = torch.logsumexp(zt, -1)
-            lse.append(lse_t)
-            tail.append(torch.logsumexp(zt.scatter_(-1, ids, float("-inf")), -1) - lse_t)
-        lse1 = lse[list(temperatures).index(1.0)] if 1.0 in temperatures else torch.logsumexp(z, -1)
-        nll = lse1[:, :-1] - z[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
-        return {"topk_ids": ids, "topk_logits": vals.half(), "lse": torch.stack(lse, -1),
-                "tail": torch.stack(tail, -1), "nll": nll, "top1": ids[:, :-1, 0] == x[:, 1:]}
+        """Targets [B, L, ...] of full logits z [B, L, V] for ids x [B, L] (see logits.reduce), in one piece."""
+        B, L, V = z.shape
+        return shaped({key: [v] for key, v in reduce(z.reshape(B * L, V), next_ids(x.to(z.device)), k,
+                                                      temperatures).items()}, B, L)
 
+    @torch.inference_mode()
+    def chunked(self, x: torch.Tensor, gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+        """Targets [B, L, ...] of ids x [B, L] and sorted draws [B·L, samples] (or None), computed `logit_chunk`
+        positions at a time from one run of the model's body."""
+        c, x = self.cache, x.to(self.device)
+        B, L = x.shape
+        if self.head is None:
+            head = OutputHead(self.model)
+            with self.autocast():
+                ok = head.check(self.model, x[:1, :min(L, 16)])
+            if not ok:
+                log.warning("%s: its output layer could not be split off the body exactly; capturing from the full "
+                            "forward (memory grows with batch_size × max_length × vocabulary)",
+                            type(self.model).__name__)
+            self.head = head if ok else False
+        V = int(self.model.get_output_embeddings().weight.shape[0])
+        size = chunk_positions(c.logit_chunk, V, self.device)
+        if self.head:
+            with self.autocast():
+                h = self.head.hidden(x).reshape(B * L, -1)
+
+            def logits_of(sl: slice) -> torch.Tensor:
+                with self.autocast():
+                    return self.head.logits(h[sl]).float()
+        else:
+            with self.autocast():
+                full = self.model(input_ids=x).logits.reshape(B * L, -1)
+
+            def logits_of(sl: slice) -> torch.Tensor:
+                return full[sl].float()
+        return chunked_targets(logits_of, x, B * L, size, c.top_k, c.temperatures, c.samples, c.sample_temperature,
+                               gen)
+
+    @torch.inference_mode()
     def run(self, seqs: np.ndarray, seed: int = 0, on_batch=None) -> dict[str, np.ndarray]:
         """Targets for sequences [n, L]; arrays are [n, L, ...] (samples: flat ids/counts plus lengths [n, L])."""
         c = self.cache
@@ -143,11 +173,11 @@ class LMRunner(BatchRunner):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for b in range(0, len(seqs), c.batch_size):
             x = torch.as_tensor(seqs[b:b + c.batch_size])
-            z = self.forward(x)
-            for key, v in self.targets(z, x, c.top_k, c.temperatures).items():
+            t, draws = self.chunked(x, gen)
+            for key, v in t.items():
                 out.setdefault(key, []).append(v.cpu().numpy())
-            if c.samples:
-                self.sample(z, c.samples, c.sample_temperature, gen, out)
+            if draws is not None:
+                pack_draws(draws.cpu().numpy(), *x.shape, out)
             failpoint("teacher-batch")
             if on_batch:
                 on_batch(len(x))
@@ -156,20 +186,9 @@ class LMRunner(BatchRunner):
     @staticmethod
     @torch.inference_mode()
     def sample(z: torch.Tensor, n: int, T: float, gen: torch.Generator, out: dict[str, list]) -> None:
-        """n draws per position from softmax(z / T), kept as distinct ids with counts (ascending id order)."""
+        """n draws per position from softmax(z / T) of full logits z [B, L, V], kept as distinct ids with counts."""
         B, L, V = z.shape
-        draws = torch.multinomial(torch.softmax(z.view(-1, V) / T, -1), n, replacement=True, generator=gen)
-        draws = draws.sort(-1).values.cpu().numpy()                              # [B*L, n]
-        new = np.ones_like(draws, dtype=bool)
-        new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        starts = np.flatnonzero(new.ravel())                                      # runs never cross rows
-        counts = np.diff(np.append(starts, draws.size))
-        lengths = new.sum(-1).reshape(B, L)
-        ids = draws.ravel()[starts]
-        bounds = np.concatenate([[0], np.cumsum(lengths.sum(-1))])
-        out.setdefault("sample_ids", []).extend(ids[bounds[i]:bounds[i + 1]] for i in range(B))
-        out.setdefault("sample_counts", []).extend(counts[bounds[i]:bounds[i + 1]] for i in range(B))
-        out.setdefault("sample_lengths", []).append(lengths)
+        pack_draws(draw(z.view(-1, V), n, T, gen).cpu().numpy(), B, L, out)
 
 
 def lm_shard_table(rows: Packed, t: dict[str, Any], row_start: int, split: str, schema: pa.Schema) -> pa.Table:

@@ -265,6 +265,11 @@ class CacheConfig:
                                                              "and exact tail mass are stored; a student's loss "
                                                              "temperature must be one of them.",
                                                             check=nonempty(each(above(0))))
+    logit_chunk: int = setting(0, help="Causal-LM caches: positions whose logits are reduced at a time (the output "
+                                       "layer runs per chunk after one pass of the body), which bounds capture "
+                                       "memory by chunk × vocabulary instead of batch × length × vocabulary. 0 = "
+                                       "auto: 128 MiB of float32 logits per chunk on CPU, 1 GiB on GPU. The cached "
+                                       "values do not depend on it.", check=at_least(0))
     samples: int = setting(0, help="Causal-LM caches: draws per position for random-sampling KD targets (0 = none).",
                            check=between(0, 65535))
     sample_temperature: float = setting(1.0, help="Causal-LM caches: temperature the samples are drawn at.",

@@ -1,0 +1,137 @@
+"""Causal-LM targets reduced from the teacher's logits a chunk of positions at a time, so that capture memory is
+bounded by the chunk, not by the batch: the model's body runs once per batch, its output layer (and whatever the
+model applies after it, e.g. Gemma's final logit soft-capping) runs on `chunk` positions at a time, and each
+float32 chunk [chunk, V] is reduced to the cached targets and dropped. The unchunked reference is
+`reduce(model(x).logits)`; both give the same values (tested for Llama and Gemma 3 configs)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .runner import refuse_non_finite
+
+log = logging.getLogger(__name__)
+
+# Bytes of float32 logits per chunk when `cache.logit_chunk` is 0 (auto); about 3 such tensors are live at once
+# (the logits, one tempered copy, and the softmax when sampling).
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+
+
+def chunk_positions(setting: int, vocab: int, device: torch.device) -> int:
+    """Positions per chunk: `setting` when > 0, else what fits the device's CHUNK_BYTES of float32 logits."""
+    if setting > 0:
+        return setting
+    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * vocab))
+
+
+class OutputHead:
+    """The model's own way from its last hidden state to its logits, split off the body so it can run on a chunk:
+    the output embedding, then the final soft-capping where the config has one. `check` compares it with the
+    model's full forward on a probe; a model whose head does something else is run unchunked (with a warning)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.body = model.base_model
+        self.linear = model.get_output_embeddings()
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(text, "final_logit_softcapping", None)
+        self.usable = self.body is not model and self.linear is not None
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Last hidden state [B, L, H] for token ids [B, L]."""
+        return self.body(input_ids=x).last_hidden_state
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] (the autocast dtype) for hidden states [..., H]."""
+        z = self.linear(h)
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def check(self, model: torch.nn.Module, x: torch.Tensor) -> bool:
+        """Whether the split head gives the model's own logits on the probe ids x [1, l] (to float32 rounding)."""
+        if not self.usable:
+            return False
+        try:
+            want = model(input_ids=x).logits.float()
+            got = self.logits(self.hidden(x)).float()
+        except Exception as e:  # noqa: BLE001 - any failure means: not splittable, use the full forward
+            log.warning("the teacher's output layer could not be run on its own (%s)", e)
+            return False
+        return want.shape == got.shape and torch.allclose(want, got, rtol=1e-5, atol=1e-5)
+
+
+def reduce(z: torch.Tensor, nxt: torch.Tensor, k: int, temperatures: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Targets of logits z [N, V] (float32) whose next tokens are nxt [N] (any id where there is none): top-k ids
+    and raw logits, log-sum-exp and exact log-mass outside the top-k per temperature [N, T], the next-token loss
+    (nats) and whether the top-1 is the next token."""
+    vals, ids = z.topk(min(k, z.shape[-1]), dim=-1)
+    lse, tail = [], []
+    for T in temperatures:
+        zt = z / T
+        lse_t = torch.logsumexp(zt, -1)
+        lse.append(lse_t)
+        tail.append(torch.logsumexp(zt.scatter_(-1, ids, float("-inf")), -1) - lse_t)
+    lse1 = lse[list(temperatures).index(1.0)] if 1.0 in temperatures else torch.logsumexp(z, -1)
+    nll = lse1 - z.gather(-1, nxt[:, None])[:, 0]
+    return {"topk_ids": ids, "topk_logits": vals.half(), "lse": torch.stack(lse, -1), "tail": torch.stack(tail, -1),
+            "nll": nll, "top1": ids[:, 0] == nxt}
+
+
+def next_ids(x: torch.Tensor) -> torch.Tensor:
+    """Next token per position of x [B, L], flattened [B·L]; the last position of a row gets 0 (dropped later)."""
+    return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1).reshape(-1)
+
+
+def shaped(parts: dict[str, list[torch.Tensor]], B: int, L: int) -> dict[str, torch.Tensor]:
+    """Per-chunk targets [n, ...] joined and reshaped to [B, L, ...]; next-token loss and hit to [B, L - 1]."""
+    out = {key: torch.cat(v).reshape(B, L, *v[0].shape[1:]) for key, v in parts.items()}
+    out["nll"], out["top1"] = out["nll"][:, :-1], out["top1"][:, :-1]
+    return out
+
+
+def draw(z: torch.Tensor, n: int, T: float, gen: torch.Generator) -> torch.Tensor:
+    """n draws per row from softmax(z / T) for logits z [N, V], sorted per row: [N, n]."""
+    return torch.multinomial(torch.softmax(z / T, -1), n, replacement=True, generator=gen).sort(-1).values
+
+
+def pack_draws(draws: np.ndarray, B: int, L: int, out: dict[str, list]) -> None:
+    """Sorted draws [B·L, n] kept as distinct ids with counts (ascending id order) per row, and lengths [B, L]."""
+    new = np.ones_like(draws, dtype=bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    starts = np.flatnonzero(new.ravel())                                      # runs never cross rows
+    counts = np.diff(np.append(starts, draws.size))
+    lengths = new.sum(-1).reshape(B, L)
+    ids = draws.ravel()[starts]
+    bounds = np.concatenate([[0], np.cumsum(lengths.sum(-1))])
+    out.setdefault("sample_ids", []).extend(ids[bounds[i]:bounds[i + 1]] for i in range(B))
+    out.setdefault("sample_counts", []).extend(counts[bounds[i]:bounds[i + 1]] for i in range(B))
+    out.setdefault("sample_lengths", []).append(lengths)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+def chunked_targets(logits_of: Any, x: torch.Tensor, n: int, size: int, k: int, temperatures: Sequence[float],
+                    samples: int = 0, sample_temperature: float = 1.0,
+                    gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Targets [B, L, ...] of the B·L = n positions of x, whose float32 logits [c, V] for a slice of flattened
+    positions come from `logits_of(slice)`, `size` positions at a time; plus the sorted draws [n, samples]."""
+    B, L = x.shape
+    nxt = next_ids(x)
+    parts: dict[str, list[torch.Tensor]] = {}
+    draws = []
+    for sl in chunks(n, size):
+        z = logits_of(sl)
+        refuse_non_finite(z, [p // L for p in range(sl.start, sl.stop)])
+        for key, v in reduce(z, nxt[sl], k, temperatures).items():
+            parts.setdefault(key, []).append(v)
+        if samples:
+            draws.append(draw(z, samples, sample_temperature, gen))
+        del z
+    return shaped(parts, B, L), (torch.cat(draws) if draws else None)
