@@ -232,7 +232,7 @@ def test_fidelity_breaks_every_student_down_by_language(tmp_path):
     m = read_manifest(tmp_path / "caches" / "multilingual-topic-tiny" / "topic")
     assert by["teacher"] == {c: [m["splits"]["test"]["languages"][c]["stats"]["teacher_accuracy"]] for c in CODES}
     for seed in (0, 1):
-        runs = tmp_path / "fid" / "runs" / "all-labels" / str(seed)
+        runs = tmp_path / "fid" / "runs" / "multilingual-topic-tiny" / "all-labels" / str(seed)
         own = {c: json.loads((runs / f"bow-lang@{c}" / "metrics.json").read_text())["test"]["accuracy"]
                for c in CODES}
         assert [by["bow-lang (one per language, KD)"][c][seed] for c in CODES] == [own[c] for c in CODES]
