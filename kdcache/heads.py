@@ -37,10 +37,11 @@ CAPABILITIES = {
                  "representation for feature terms)",
     "majority_baseline": "a majority-class baseline (the report's per-language row)",
     "sweep": "the `kdcache fidelity --sweep` grid of temperature and alpha",
+    "device_map": "a teacher placed over several devices, CPU memory and disk (`teacher.device_map`)",
 }
 (FINETUNE, HEAD_ONLY_FINETUNE, FOLDS, EXTRA_SPLITS, AUGMENT, CLASS_FILTER, STUDENT_TEACHER, LIVE_TEACHER,
  SEVERAL_TEACHERS, CONTINUAL, CENTER_LANGUAGES, GROWTH, DRIFT, LIFELONG, TOPK_TARGETS, CROSS_TOKENIZER, WORD_ROWS,
- MAJORITY_BASELINE, SWEEP) = CAPABILITIES
+ MAJORITY_BASELINE, SWEEP, DEVICE_MAP) = CAPABILITIES
 
 
 class HeadError(ValueError):
@@ -125,4 +126,4 @@ register(HeadSpec(
 register(HeadSpec(
     CAUSAL_LM, HeadMetric("perplexity", "teacher_perplexity", "test perplexity", higher_is_better=False),
     "one row per packed sequence, top-k next-token targets per position",
-    capabilities=frozenset({TOPK_TARGETS, CROSS_TOKENIZER})))
+    capabilities=frozenset({TOPK_TARGETS, CROSS_TOKENIZER, DEVICE_MAP})))

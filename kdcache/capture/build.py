@@ -59,7 +59,18 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
             "data_origin": portable_origin(data.origin),
             "features": dict(features, hidden_size=getattr(model.config, "hidden_size", None)) if features else None,
             "config": C.to_dict(task), "device": str(runner.device), "processes": processes,
-            **head.manifest_extras(inputs)}
+            **_placement(model), **head.manifest_extras(inputs)}
+
+
+def _placement(model: Any) -> dict[str, Any]:
+    """Where a teacher placed by `teacher.device_map` sat: {device: modules placed there} (GPUs, cpu, disk)."""
+    where = getattr(model, "hf_device_map", None)
+    if not where:
+        return {}
+    counts: dict[str, int] = {}
+    for device in where.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return {"placement": counts}
 
 
 def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Path, teachers_dir: Path,

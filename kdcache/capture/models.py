@@ -15,6 +15,7 @@ from ..config import TeacherConfig
 from ..errors import KdcacheError
 from ..fingerprint import FingerprintError, hash_state_dict, hash_weight_files
 from ..hub import from_pretrained, resolve_model_name
+from .devices import pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,17 @@ def build_model(cfg: TeacherConfig, cls_name: str, label_names: Sequence[str] | 
     if not cfg.model:
         raise TeacherError("teacher.model or teacher.from_config is required")
     model, info = from_pretrained(cls, cfg.model, revision=cfg.revision, output_loading_info=True,
-                                  dtype=torch.float32, **labels)
+                                  **(placement(cfg) if cfg.device_map else {"dtype": torch.float32}), **labels)
     return model, not info["missing_keys"]
+
+
+def placement(cfg: TeacherConfig) -> dict[str, Any]:
+    """from_pretrained arguments of a teacher placed by accelerate (`teacher.device_map`): the map, each device's
+    cap, the offload folder, and weights in the compute dtype (a 70B teacher in float32 would not fit)."""
+    caps = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
+    return {"device_map": cfg.device_map, "dtype": pick_dtype(cfg.precision, pick_device(cfg.device)),
+            **({"max_memory": caps} if caps else {}),
+            **({"offload_folder": cfg.offload_folder} if cfg.offload_folder else {})}
 
 
 def convert_gguf(cfg: TeacherConfig, cls_name: str, out: Path) -> None:
@@ -124,6 +134,10 @@ def _package_assembler(model: str | None) -> Any:
 def model_identity(model: torch.nn.Module, name: str, revision: str | None) -> dict[str, Any]:
     """What identifies the teacher's weights for the fingerprint: a hash of its weight files, else of its tensors."""
     folder = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if folder and not Path(folder).is_dir() and getattr(model, "hf_device_map", None):
+        # offloaded weights are not in memory to hash: hash the files of the hub snapshot they were loaded from
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(folder, revision=revision, local_files_only=True)
     try:
         weights = hash_weight_files(folder) if folder and Path(folder).is_dir() else hash_state_dict(model.state_dict())
     except FingerprintError:

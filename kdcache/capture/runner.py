@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .devices import pick_device, pick_dtype
 from .models import TeacherError
 
 
@@ -26,21 +27,6 @@ def probe_batches(fn: Callable[["BatchRunner", torch.Tensor, torch.Tensor], None
         _probes.remove(fn)
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU unless asked otherwise (bf16 is ~5x slower on CPUs without AVX-512); bf16/fp16 autocast on GPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
 class BatchRunner:
     """A loaded teacher on its device, in eval mode, with the batching every head's runner uses."""
 
@@ -48,7 +34,8 @@ class BatchRunner:
                  device: str = "auto") -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(precision, self.device)
-        self.model = model.to(self.device).eval()
+        # a model placed by accelerate (`teacher.device_map`) stays where it is: its hooks move inputs and outputs
+        self.model = (model if getattr(model, "hf_device_map", None) else model.to(self.device)).eval()
         self.batch_size = batch_size
         self.window = batch_size * max(1, sort_window)
 

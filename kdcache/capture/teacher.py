@@ -14,7 +14,7 @@ from ..fingerprint import hash_obj
 from ..hub import quiet_transformers
 from .finetune import finetune_key, finetune_teacher
 from .heads import HEADS
-from .models import TeacherError, auto_class, build_model, convert_gguf, load_tokenizer, model_identity
+from .models import TeacherError, auto_class, build_model, convert_gguf, load_tokenizer, model_identity, placement
 
 
 def prepare_teacher(pipeline: str, task_name: str, task: C.TaskConfig, data: TaskData,
@@ -33,7 +33,8 @@ def prepare_teacher(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
             convert_gguf(cfg, head.auto_class, folder)
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = auto_class(head.auto_class).from_pretrained(folder, dtype=torch.float32)
+        model = auto_class(head.auto_class).from_pretrained(
+            folder, **(placement(cfg) if cfg.device_map else {"dtype": torch.float32}))
         identity = model_identity(model, cfg.model or "from_config", cfg.revision)
         if cfg.finetune is not None:
             identity["finetune_sha256"] = hash_obj(finetune_key(task, data))

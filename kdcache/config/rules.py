@@ -64,6 +64,14 @@ def check_task(name: str, task: TaskConfig) -> None:
         unknown = [x for x in labels if names and x not in names]
         if unknown:
             raise ConfigError(f"`{where}.{key}`: unknown label(s) {unknown}; the task's labels are {list(names)}")
+    t = task.teacher
+    if (t.max_memory or t.offload_folder) and not t.device_map:
+        raise ConfigError(f"`{where}.teacher.max_memory` / `.offload_folder` place a teacher over devices: set "
+                          f"`{where}.teacher.device_map` (e.g. auto) as well")
+    if t.device_map and (not can(heads.DEVICE_MAP) or not t.model or t.from_config or t.finetune is not None):
+        raise ConfigError(f"`{where}.teacher.device_map` = {t.device_map!r}: a teacher over several devices is for "
+                          f"{_which(heads.DEVICE_MAP)} teachers loaded from `model` and used as they are (no "
+                          "`from_config`, no `finetune`)")
     if task.teacher.run and (not can(heads.STUDENT_TEACHER) or task.teacher.finetune is not None or feats.layers
                              or task.teacher.model or task.teacher.from_config or task.teacher.gguf_file):
         raise ConfigError(f"`{where}.teacher.run`: a student run as the teacher is a sequence classifier used as it "

@@ -9,151 +9,15 @@ from typing import Any
 
 from .. import heads
 from ..train.loss_names import KD_KINDS, LM_TARGETS
-from ..typedconfig import (ConfigError, above, at_least, between, build, each, in_registry, matches, nonempty, one_of,
-                           setting, to_dict)
+from ..typedconfig import (ConfigError, above, at_least, between, each, in_registry, matches, nonempty, one_of,
+                           setting)
+from .data import EXTRA_INHERITS, AugmentConfig, DataConfig  # noqa: F401 (re-exported)
 from .rules import check_lifelong, check_split_names, check_student, check_task, per_language_students
 
 # Students' step floor (train.min_steps): chosen by measurement on SIB-200 French (701 training rows), docs/fidelity.md.
 MIN_STEPS = 600
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 POOLINGS = ("cls", "mean", "tokens", "words")
-EXTRA_INHERITS = ("text_fields", "label_field", "label_names", "limit")  # what `data.extra` splits take from the task
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """A transfer set derived from a split (Tang et al., 2019): unlabelled variants of its rows, labelled once by the
-    teacher and kept as their own cached split with each variant's parent id (kdcache/data/augment.py)."""
-
-    split: str = setting("train", help="Split whose rows are augmented (their gold labels are not copied).")
-    into: str = setting("transfer", help="Name of the cached split that holds the variants (students read it with "
-                                         "`transfer: [<name>]`).")
-    n_iter: int = setting(20, help="Variants tried per row; duplicates (of the row or an earlier variant) are dropped.",
-                          check=at_least(1))
-    p_mask: float = setting(0.1, help="Per word: probability of replacing it by `mask_token`.", check=between(0, 1))
-    p_pos: float = setting(0.1, help="Per word: probability of replacing it by a word of the same part of speech, "
-                                     "drawn from that tag's unigram distribution in the split.", check=between(0, 1))
-    p_ng: float = setting(0.25, help="Per variant: probability of cutting it to one n-gram, n uniform in "
-                                     "1..max_ngram.", check=between(0, 1))
-    max_ngram: int = setting(5, help="Longest n-gram kept by n-gram sampling.", check=at_least(1))
-    mask_token: str = setting("[MASK]", help="What a masked word becomes (the teacher tokenizer's mask token, e.g. "
-                                             "`[MASK]` for BERT-style teachers, `<mask>` for RoBERTa).")
-    pos_lexicon: str | None = setting(None, help="CoNLL-style file (`WORD POS ...` per line) whose POS column gives "
-                                                "each word's most frequent tag. Default: "
-                                                "`${KDCACHE_DATA:-../shared/data}/conll2003/train.txt.gz`.")
-    seed: int = setting(0, help="Seed of the draws (each row's draws are seeded by it and the row's id).")
-
-    def __post_init__(self) -> None:
-        if self.p_mask + self.p_pos > 1:
-            raise ConfigError(f"`data.augment`: p_mask + p_pos = {self.p_mask + self.p_pos} exceeds 1 (one draw per "
-                              "word picks mask, swap or keep)")
-        if self.into == self.split:
-            raise ConfigError(f"`data.augment.into` = {self.into!r} is the split it augments; name a new split, "
-                              "e.g. `transfer`")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where a task's rows come from and which columns hold text, label and id."""
-
-    source: str = setting(help="Row source: `rotten_tomatoes`, `bbc_news`, `sst2`, `conll2003`, `conll2002` (subset "
-                               "`esp`/`ned`; word-level NER rows) (built in, offline), `files` "
-                               "(local csv/json/jsonl/parquet per split) or `hub` (a Hugging Face `datasets` name).")
-    name: str | None = setting(None, help="Data set name on the hub (source `hub`), e.g. `stanfordnlp/imdb`.")
-    subset: str | None = setting(None, help="Hub configuration name (source `hub`), e.g. `sst2` of `glue`.")
-    revision: str | None = setting(None, help="Hub data set revision to pin (source `hub`).")
-    path: str | None = setting(None, help="Folder of a built-in source that reads shared data files (`sst2`); "
-                                          "`${VAR:-default}` is expanded. Defaults to `${KDCACHE_DATA:-../shared/data}/<source>`.")
-    files: dict[str, str] = setting({}, help="Source `files`: split name -> file path: csv, tsv, json (a list of "
-                                             "objects), jsonl or parquet, text formats optionally compressed "
-                                             "(`.gz`, `.bz2`, `.xz`, `.zst`). Split names `dev`, `valid`, `val` "
-                                             "mean `validation`.")
-    delimiter: str | None = setting(None, help="Field separator of csv/tsv files; default `,` for .csv, tab for .tsv.")
-    quoting: str = setting("minimal", help="Quote handling of csv/tsv files: `minimal` (a field may be wrapped in "
-                                           "`\"`) or `none` (every character is text; for data whose texts start "
-                                           "with `\"`, e.g. SIB-200).", check=one_of("minimal", "none"))
-    splits: dict[str, str] = setting({}, help="Split to cache -> split of the source (hub slicing such as "
-                                             "`train[:90%]` allowed). Empty: every split the source has.")
-    text_fields: tuple[str, ...] = setting(("text",), help="Column(s) fed to the teacher; two columns make a text pair.")
-    label_field: str | None = setting("label", help="Gold label column (int or string); null for unlabelled data.")
-    id_field: str | None = setting(None, help="Stable example id column; default `<split>-<row index>`.")
-    label_names: tuple[str, ...] = setting((), help="Label names in id order; taken from the source when it has them, "
-                                                     "else inferred from the `train` split (the distinct names "
-                                                     "sorted, or integer ids 0..max named \"0\", \"1\", ...).")
-    limit: int | None = setting(None, help="Keep at most this many rows per split (first rows), for quick runs.",
-                                check=at_least(1))
-    validation_fraction: float = setting(0.1, help="When the source has a `train` split but no `validation`, carve "
-                                                   "this fraction of train (a seeded hash of the id or `group_field`, "
-                                                   "so reruns agree) into `validation`; 0 turns it off.",
-                                         check=between(0, 0.5))
-    group_field: str | None = setting(None, help="Column whose rows must stay together when a validation split is "
-                                                 "carved from train (e.g. a movie or an author: no leakage).")
-    labelled_limit: int | None = setting(None, help="Keep gold labels for only the first N training rows; the rest "
-                                                   "become unlabelled (label-scarce experiments: only KD learns from them). "
-                                                   "0 in a language's settings: that language has no training labels.",
-                                                  check=at_least(0))
-    languages: dict[str, dict[str, Any]] = setting({}, help="Multilingual data: language code -> that language's own "
-                                                            "settings of this section (e.g. its `files`, `subset` or "
-                                                            "`labelled_limit: 0`), over the shared ones. Every row gets "
-                                                            "a `language` and an id `<code>/<id>`; the cache stores each "
-                                                            "split as `language=<code>/` partitions. Empty: one "
-                                                            "unnamed language.")
-    extra: dict[str, dict[str, Any]] = setting({}, help="More cached splits from other sources: split name -> that "
-                                                        "source's data settings over this section's text_fields, "
-                                                        "label_field, label_names and limit (e.g. `{source: "
-                                                        "rotten_tomatoes, split: train, label_field: null}`), `split` "
-                                                        "picking the source's split (default `train`). For unlabelled "
-                                                        "or other-domain text the teacher labels once (students read "
-                                                        "it with `transfer:`), or another domain's labelled rows to "
-                                                        "fine-tune the teacher on (`teacher.finetune.train_split`). "
-                                                        "Ids become `<name>/<id>`; labels must use the task's names.")
-    augment: AugmentConfig | None = setting(None, help="Derive a transfer set of augmented, unlabelled variants "
-                                                       "from a split (see below; sequence classification, one text "
-                                                       "field).")
-    label_map: dict[str, str | None] = setting({}, help="Rename the source's label strings before they are read "
-                                                       "as `label_names` (e.g. another domain's `{science/technology: "
-                                                       "tech}`); a label mapped to null drops its rows (topics the "
-                                                       "task does not have). Unmapped labels are read as they are.")
-    labels: tuple[str, ...] = setting((), help="Keep only the rows whose gold label is one of these names, in every "
-                                               "split (the classes that have arrived so far, in class-incremental "
-                                               "rounds: `kdcache lifelong`); the label set stays whole, so a later "
-                                               "round's cache has the same classes. Rows without a label are kept. "
-                                               "Empty: every row. Sequence classification.")
-
-    def __post_init__(self) -> None:
-        if self.augment is not None and len(self.text_fields) != 1:
-            raise ConfigError(f"`data.augment`: augmentation works on one text field; this data has "
-                              f"{list(self.text_fields)} (data.text_fields)")
-        for name in self.extra:
-            self.extra_source(name)  # each extra split's settings are checked at load
-        for code in self.languages:
-            if not code or "/" in code or "=" in code or code != code.strip():
-                raise ConfigError(f"`data.languages`: language code {code!r} must be a plain name such as `de` "
-                                  "(it names a folder `language=<code>/`)")
-            self.language(code)  # each language's settings are checked at load
-
-    def extra_source(self, name: str) -> tuple["DataConfig", str]:
-        """(the data settings, the source's split) of extra split `name`: its own settings over this section's
-        `EXTRA_INHERITS` (another source's folder, files or ids are its own)."""
-        own = self.extra[name]
-        where = f"data.extra.{name}"
-        if not name or "/" in name or "=" in name or name != name.strip():
-            raise ConfigError(f"`data.extra`: split name {name!r} must be a plain name such as `unlabelled`")
-        if not isinstance(own, dict) or {"extra", "languages", "augment"} & set(own):
-            raise ConfigError(f"`{where}` must be a mapping of data settings with a `split` (not `extra`, `languages` "
-                              "or `augment`)")
-        own = dict(own)
-        split = own.pop("split", "train")
-        shared = {k: v for k, v in to_dict(self).items() if k in EXTRA_INHERITS}
-        return build(DataConfig, {**shared, **own}, where), str(split)
-
-    def language(self, code: str) -> "DataConfig":
-        """The settings of one language: the shared ones with the language's own on top."""
-        own = self.languages[code]
-        if not isinstance(own, dict) or "languages" in own:
-            raise ConfigError(f"`data.languages.{code}` must be a mapping of data settings (not `languages`)")
-        shared = {k: v for k, v in to_dict(self).items() if k != "languages"}
-        return build(DataConfig, {**shared, **own}, f"data.languages.{code}")
 
 
 @dataclass(frozen=True)
@@ -231,6 +95,18 @@ class TeacherConfig:
     precision: str = setting("auto", help="`auto` (fp32 on CPU, bf16/fp16 autocast on GPU), `fp32`, `fp16`, `bf16`.",
                              check=one_of(*PRECISIONS))
     device: str = setting("auto", help="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ...")
+    device_map: str | None = setting(None, help="A teacher larger than one device: accelerate's big-model inference "
+                                                "places its layers over the GPUs, then CPU memory, then disk "
+                                                "(`auto`, `balanced`, `balanced_low_0` or `sequential`; "
+                                                "causal-LM teachers loaded from `model`). Weights load in the "
+                                                "`precision` dtype (bf16 on GPU by default). One process per "
+                                                "teacher replica.",
+                                     check=one_of(None, "auto", "balanced", "balanced_low_0", "sequential"))
+    max_memory: dict[str, str] = setting({}, help="With `device_map`: the most each device may hold, e.g. "
+                                                  "`{0: 70GiB, 1: 70GiB, cpu: 200GiB}`; the rest is offloaded to "
+                                                  "`offload_folder`.")
+    offload_folder: str | None = setting(None, help="With `device_map`: folder for the weights that fit no device "
+                                                    "(read from disk layer by layer: slow, but it runs).")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ result, and the stage-one overhead measured on the device, in one prepared run f
 
 Checks: (1) a sequence classifier under autocast (bf16/fp16) on the device gives the CPU fp32 logits and pooled
 features within stated tolerances, and the same prediction on every row whose CPU margin exceeds the tolerance;
-(2) the causal-LM targets taken on the device (top-k ids, raw logits, log-sum-exp, exact tail) equal the CPU
-ones, top-k ids exactly except at ties within tolerance; (3) with two or more GPUs, a two-process capture equals a
+(2) the causal-LM targets taken on the device, reduced a chunk of positions at a time (`cache.logit_chunk`; top-k
+ids, raw logits, log-sum-exp, exact tail), equal the CPU ones, top-k ids exactly except at ties within tolerance; (3) with two or more GPUs, a two-process capture equals a
 one-process capture; (4) capture ÷ raw teacher forward on the device. Without a GPU it says so, runs checks 1-2
 between two CPU runs (fp32 and bf16 autocast against fp32, so the comparison logic itself is exercised), and
 exits 0. Writes data/bench/gpu-check.json and, on a GPU, a section of docs/benchmarks.md."""
