@@ -99,6 +99,17 @@ def get(name: str) -> HeadSpec:
         raise HeadError(f"unknown teacher head {name!r}; registered: {', '.join(HEADS)}") from None
 
 
+class Registry(dict):
+    """One stage's implementation per head name (capture heads, training heads): `register` refuses a name no
+    `HeadSpec` declares, so no stage can know a head the rest of kdcache does not."""
+
+    def register(self, item: Any) -> Any:
+        """Add (or replace) the implementation of `item.name`, a registered `HeadSpec`."""
+        get(item.name)
+        self[item.name] = item
+        return item
+
+
 def has(head: str, capability: str) -> bool:
     """Whether `head` (a name) has `capability` (one of CAPABILITIES; a typo is a bug, so it raises)."""
     if capability not in CAPABILITIES:

@@ -9,15 +9,8 @@ from .head import CaptureHead
 from .lm import CausalLM
 from .tokens import TokenClassification
 
-HEADS: dict[str, CaptureHead] = {}
-
-
-def register(head: CaptureHead) -> CaptureHead:
-    """Add (or replace) the capture head of `head.name`, a registered `HeadSpec`."""
-    heads.get(head.name)
-    HEADS[head.name] = head
-    return head
-
+HEADS: dict[str, CaptureHead] = heads.Registry()
+register = HEADS.register  # a new head: register(MyHead()) beside its HeadSpec
 
 for _h in (SequenceClassification(), TokenClassification(), CausalLM()):
     register(_h)

@@ -10,15 +10,8 @@ from .head import TrainHead
 from .lm import CausalLM
 from .tokens import TokenClassification
 
-HEADS: dict[str, TrainHead] = {}
-
-
-def register(head: TrainHead) -> TrainHead:
-    """Add (or replace) the training head of `head.name`, a registered `HeadSpec`."""
-    heads.get(head.name)
-    HEADS[head.name] = head
-    return head
-
+HEADS: dict[str, TrainHead] = heads.Registry()
+register = HEADS.register  # a new head: register(MyHead()) beside its HeadSpec
 
 for _h in (SequenceClassification(), TokenClassification(), CausalLM()):
     register(_h)
