@@ -3,13 +3,17 @@ its weights out to an offload folder, the cache it writes holds the same targets
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
 from kdcache.cache.format import read_manifest
 from kdcache.capture.build import build_teacher_cache
-from kdcache.capture.models import build_model
+from kdcache.capture.models import TeacherError, build_model, replica_gpus
 from kdcache.config import ConfigError, load_pipeline
 
 LM_TINY = str(REPO / "pipelines" / "lm-tiny" / "pipeline.yaml")
@@ -20,20 +24,26 @@ def table(cache, split="train"):
     return pq.read_table([str(cache / s["parquet"]) for s in m["splits"][split]["shards"]]), m
 
 
-def test_a_teacher_offloaded_to_disk_caches_the_targets_of_the_plain_run(tmp_path):
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A saved tiny Llama teacher and its plain (one device, one process) cache of 4 BBC articles in 6 shards."""
+    tmp = tmp_path_factory.mktemp("placement")
     base = load_pipeline(LM_TINY, ["tasks.news.data.limit=4"])
     model, _ = build_model(base.tasks["news"].teacher, "AutoModelForCausalLM", None)
-    model.save_pretrained(tmp_path / "teacher")
-    plain = load_pipeline(LM_TINY, ["tasks.news.data.limit=4", "tasks.news.teacher.from_config={}",
-                                    f"tasks.news.teacher.model={tmp_path / 'teacher'}"])
-    placed = load_pipeline(LM_TINY, ["tasks.news.data.limit=4", "tasks.news.teacher.from_config={}",
-                                     f"tasks.news.teacher.model={tmp_path / 'teacher'}",
-                                     "tasks.news.teacher.device_map=auto",
+    model.save_pretrained(tmp / "teacher")
+    sets = ["tasks.news.data.limit=4", "tasks.news.teacher.from_config={}", f"tasks.news.teacher.model={tmp / 'teacher'}",
+            "tasks.news.cache.shard_rows=4", "tasks.news.cache.row_group_rows=4"]
+    build_teacher_cache(load_pipeline(LM_TINY, sets), "news", tmp / "plain", tmp / "teachers")
+    return tmp, sets
+
+
+def test_a_teacher_offloaded_to_disk_caches_the_targets_of_the_plain_run(plain, tmp_path):
+    tmp, sets = plain
+    placed = load_pipeline(LM_TINY, [*sets, "tasks.news.teacher.device_map=auto",
                                      "tasks.news.teacher.max_memory={cpu: 200KB}",
                                      f"tasks.news.teacher.offload_folder={tmp_path / 'offload'}"])
-    build_teacher_cache(plain, "news", tmp_path / "plain", tmp_path / "teachers")
     build_teacher_cache(placed, "news", tmp_path / "placed", tmp_path / "teachers")
-    (want, m1), (got, m2) = table(tmp_path / "plain"), table(tmp_path / "placed")
+    (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "placed")
     assert "disk" in m2["placement"] and "placement" not in m1, "max_memory sent weights to disk"
     assert m1["fingerprint"] == m2["fingerprint"], "where the weights sit does not change what the cache is"
     assert got.num_rows == want.num_rows > 0 and got.column_names == want.column_names
@@ -49,3 +59,32 @@ def test_a_teacher_offloaded_to_disk_caches_the_targets_of_the_plain_run(tmp_pat
 def test_placement_settings_that_cannot_work_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_pipeline(LM_TINY, overrides)
+
+
+def test_two_processes_each_with_a_placed_teacher_write_the_plain_cache(plain, tmp_path):
+    """Data parallelism composes with placement: `accelerate launch --num_processes 2` with a disk-offloaded
+    teacher per process deals the shards between two real processes and writes the one-process plain cache."""
+    tmp, sets = plain
+    over = [*sets, "tasks.news.teacher.device_map=sequential", "tasks.news.teacher.max_memory={cpu: 200KB}",
+            f"tasks.news.teacher.offload_folder={tmp_path / 'offload'}"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "kdcache.cli", "cache", LM_TINY, "--out", str(tmp_path / "mp"), "--teachers-dir",
+           str(tmp_path / "teachers"), *[a for o in over for a in ("--set", o)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "mp" / "news")
+    assert m2["processes"] == 2 and len(m2["splits"]["train"]["shards"]) > 1 and "disk" in m2["placement"]
+    for name in want.column_names:
+        assert got.column(name).equals(want.column(name)), name
+
+
+@pytest.mark.parametrize("n,rank,local,want", [(8, 0, 2, [0, 1, 2, 3]), (8, 1, 2, [4, 5, 6, 7]), (4, 3, 4, [3]),
+                                               (3, 1, 2, [1]), (0, 0, 2, [])])
+def test_each_replica_gets_its_own_contiguous_gpus(n, rank, local, want):
+    assert replica_gpus(n, rank, local) == want
+
+
+def test_more_replicas_than_gpus_is_refused():
+    with pytest.raises(TeacherError, match="2 processes per node share 1 GPU"):
+        replica_gpus(1, 0, 2)

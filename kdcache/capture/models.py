@@ -59,10 +59,28 @@ def build_model(cfg: TeacherConfig, cls_name: str, label_names: Sequence[str] | 
     return model, not info["missing_keys"]
 
 
+def replica_gpus(n_gpus: int, local_rank: int, local_processes: int) -> list[int]:
+    """The GPUs of this process's teacher replica when `local_processes` replicas share a node's `n_gpus`: an
+    equal, contiguous group each (2 processes on 8 GPUs: 0-3 and 4-7)."""
+    per = n_gpus // max(1, local_processes)
+    if n_gpus and not per:
+        raise TeacherError(f"teacher.device_map: {local_processes} processes per node share {n_gpus} GPU(s); each "
+                           "teacher replica needs at least one: start at most as many processes as GPUs")
+    return list(range(local_rank * per, (local_rank + 1) * per))
+
+
 def placement(cfg: TeacherConfig) -> dict[str, Any]:
     """from_pretrained arguments of a teacher placed by accelerate (`teacher.device_map`): the map, each device's
-    cap, the offload folder, and weights in the compute dtype (a 70B teacher in float32 would not fit)."""
+    cap (under data parallelism, only this process's GPU group), the offload folder, and weights in the compute
+    dtype (a 70B teacher in float32 would not fit)."""
     caps = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
+    n_gpus = torch.cuda.device_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if n_gpus and local > 1:  # several replicas per node: each sees its own GPUs only
+        mine = replica_gpus(n_gpus, int(os.environ.get("LOCAL_RANK", "0")), local)
+        caps = {**{g: caps.get(g, f"{torch.cuda.get_device_properties(g).total_memory // 2**20}MiB") for g in mine},
+                **{k: v for k, v in caps.items() if not isinstance(k, int)}}
+        log.info("teacher replica %s of %d on this node: GPUs %s", os.environ.get("LOCAL_RANK", "0"), local, mine)
     return {"device_map": cfg.device_map, "dtype": pick_dtype(cfg.precision, pick_device(cfg.device)),
             **({"max_memory": caps} if caps else {}),
             **({"offload_folder": cfg.offload_folder} if cfg.offload_folder else {})}

@@ -99,8 +99,10 @@ class TeacherConfig:
                                                 "places its layers over the GPUs, then CPU memory, then disk "
                                                 "(`auto`, `balanced`, `balanced_low_0` or `sequential`; "
                                                 "causal-LM teachers loaded from `model`). Weights load in the "
-                                                "`precision` dtype (bf16 on GPU by default). One process per "
-                                                "teacher replica.",
+                                                "`precision` dtype (bf16 on GPU by default). Under `accelerate "
+                                                "launch` each process places its own replica on an equal, "
+                                                "contiguous share of its node's GPUs (2 processes, 8 GPUs: 0-3, "
+                                                "4-7) and the shards are dealt between them.",
                                      check=one_of(None, "auto", "balanced", "balanced_low_0", "sequential"))
     max_memory: dict[str, str] = setting({}, help="With `device_map`: the most each device may hold, e.g. "
                                                   "`{0: 70GiB, 1: 70GiB, cpu: 200GiB}`; the rest is offloaded to "
