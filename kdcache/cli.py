@@ -587,6 +587,16 @@ def main(argv: list[str] | None = None) -> int:
     except KdcacheError as e:
         print(f"kdcache: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before exit (under `accelerate launch`): a group left to the interpreter's
+    exit can abort a process whose collectives still hold threads (seen with tensor-parallel teachers)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # (no barrier: after a failure the others may never come)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ CAPABILITIES = {
                  "representation for feature terms)",
     "majority_baseline": "a majority-class baseline (the report's per-language row)",
     "sweep": "the `kdcache fidelity --sweep` grid of temperature and alpha",
-    "device_map": "a teacher placed over several devices, CPU memory and disk (`teacher.device_map`)",
+    "device_map": "a teacher over several devices: placed by layer over GPUs, CPU memory and disk "
+                  "(`teacher.device_map`), or split within each layer (`teacher.tp_plan`)",
 }
 (FINETUNE, HEAD_ONLY_FINETUNE, FOLDS, EXTRA_SPLITS, AUGMENT, CLASS_FILTER, STUDENT_TEACHER, LIVE_TEACHER,
  SEVERAL_TEACHERS, CONTINUAL, CENTER_LANGUAGES, GROWTH, DRIFT, LIFELONG, TOPK_TARGETS, CROSS_TOKENIZER, WORD_ROWS,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -88,3 +89,36 @@ def test_each_replica_gets_its_own_contiguous_gpus(n, rank, local, want):
 def test_more_replicas_than_gpus_is_refused():
     with pytest.raises(TeacherError, match="2 processes per node share 1 GPU"):
         replica_gpus(1, 0, 2)
+
+
+def test_a_tensor_parallel_teacher_over_two_processes_writes_the_plain_cache(plain, tmp_path):
+    """`teacher.tp_plan: auto` under `accelerate launch --num_processes 2` (gloo on CPU): each process holds half of
+    every layer, both run every shard, process 0 writes; the cache holds the plain run's targets (ids and hits
+    exactly, values to float32 rounding: the split matmuls sum in another order)."""
+    tmp, sets = plain
+    over = [*sets, "tasks.news.teacher.tp_plan=auto"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "kdcache.cli", "cache", LM_TINY, "--out", str(tmp_path / "tp"), "--teachers-dir",
+           str(tmp_path / "teachers"), *[a for o in over for a in ("--set", o)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "tp" / "news")
+    assert m2["placement"] == {"tensor_parallel": 2} and m2["fingerprint"] == m1["fingerprint"]
+    assert got.num_rows == want.num_rows and got.column_names == want.column_names
+    for name in want.column_names:
+        a, b = want.column(name), got.column(name)
+        if name in ("sample_ids", "sample_counts", "sample_lengths"):
+            continue  # below: draws from distributions equal to float32 rounding
+        if name in ("topk_logits", "lse", "tail", "nll"):
+            x, y = (np.concatenate(c.to_numpy(zero_copy_only=False)).astype(np.float64) for c in (a, b))
+            np.testing.assert_allclose(np.nan_to_num(y, neginf=-1e9), np.nan_to_num(x, neginf=-1e9),
+                                       rtol=1e-3, atol=1e-4, err_msg=name)
+        else:
+            assert a.equals(b), name
+    draws = [[np.repeat(i, c) for i, c in zip(np.concatenate(t.column("sample_ids").to_numpy(zero_copy_only=False)),
+                                              np.concatenate(t.column("sample_counts").to_numpy(zero_copy_only=False)))]
+             for t in (want, got)]
+    a, b = (np.concatenate(d) for d in draws)
+    # a draw within float32 rounding of a bucket edge of the cumulative distribution may land in the neighbour
+    assert a.shape == b.shape and (a == b).mean() > 0.99, (a == b).mean()

@@ -63,7 +63,10 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
 
 
 def _placement(model: Any) -> dict[str, Any]:
-    """Where a teacher placed by `teacher.device_map` sat: {device: modules placed there} (GPUs, cpu, disk)."""
+    """Where a teacher over several devices sat: {device: modules placed there} (GPUs, cpu, disk) for
+    `teacher.device_map`, {tensor_parallel: N} for `teacher.tp_plan`."""
+    if getattr(model, "tp_size", None):
+        return {"placement": {"tensor_parallel": int(model.tp_size)}}
     where = getattr(model, "hf_device_map", None)
     if not where:
         return {}
@@ -89,8 +92,9 @@ def build_teacher_cache(pipeline: C.PipelineConfig, task_name: str, out_dir: Pat
     head = HEADS[task.teacher.head]
     dist = distributed.state()
     data = load_task_data(task.data)
-    model, tokenizer, identity = distributed.main_first(
-        lambda: prepare_teacher(pipeline.name, task_name, task, data, teachers_dir))
+    load = lambda: prepare_teacher(pipeline.name, task_name, task, data, teachers_dir)  # noqa: E731
+    # a tensor-parallel teacher is loaded by every process at once (its shards are exchanged while loading)
+    model, tokenizer, identity = load() if task.teacher.tp_plan else distributed.main_first(load)
     device = task.teacher.device if task.teacher.device != "auto" or dist.num_processes == 1 else str(dist.device)
     runner = head.runner(model, tokenizer, task, device)
     ft = task.teacher.finetune
@@ -226,6 +230,8 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
     Under `accelerate launch` the n-th missing shard goes to process n mod N; process 0 commits the manifest.
     """
     dist = distributed.state()
+    # tensor parallelism: every process runs every shard (one teacher split over all of them); process 0 writes
+    replica = distributed.OneReplica(dist) if task.teacher.tp_plan else dist
 
     def open_writer() -> CacheWriter:
         return CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows,
@@ -235,7 +241,7 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
     writer = distributed.main_first(open_writer)
     try:
         manifest = _shard_loop(writer, segments, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
-                               dist, out_dir)
+                               replica, out_dir)
     except BaseException:
         writer.__exit__(*sys.exc_info())
         raise
@@ -262,7 +268,8 @@ def _shard_loop(writer: CacheWriter, segments: dict[str, list], dataset_sha: dic
                   disable=not dist.is_local_main_process) as bar:
         for split, index, start, stop, code in mine:
             table, features, stats = produce(split, start, stop, bar, code)
-            writer.submit(split, index, start, table, features, stats, code)
+            if getattr(dist, "writes", True):
+                writer.submit(split, index, start, table, features, stats, code)
     writer.flush()
     # this run's wall clock for everything (tokenise, forward, pooling, Parquet + Zarr writes), per process
     rows_now = sum(b - a for _, _, a, b, _ in mine)

@@ -55,7 +55,8 @@ def build_model(cfg: TeacherConfig, cls_name: str, label_names: Sequence[str] | 
     if not cfg.model:
         raise TeacherError("teacher.model or teacher.from_config is required")
     model, info = from_pretrained(cls, cfg.model, revision=cfg.revision, output_loading_info=True,
-                                  **(placement(cfg) if cfg.device_map else {"dtype": torch.float32}), **labels)
+                                  **(placement(cfg) if cfg.device_map or cfg.tp_plan else {"dtype": torch.float32}),
+                                  **labels)
     return model, not info["missing_keys"]
 
 
@@ -70,9 +71,14 @@ def replica_gpus(n_gpus: int, local_rank: int, local_processes: int) -> list[int
 
 
 def placement(cfg: TeacherConfig) -> dict[str, Any]:
-    """from_pretrained arguments of a teacher placed by accelerate (`teacher.device_map`): the map, each device's
-    cap (under data parallelism, only this process's GPU group), the offload folder, and weights in the compute
-    dtype (a 70B teacher in float32 would not fit)."""
+    """from_pretrained arguments of a teacher over several devices: split within each layer over the processes
+    (`teacher.tp_plan`), or placed by accelerate (`teacher.device_map`: the map, each device's cap — under data
+    parallelism, only this process's GPU group — and the offload folder); weights in the compute dtype (a 70B
+    teacher in float32 would not fit)."""
+    dtype = pick_dtype(cfg.precision, pick_device(cfg.device))
+    if cfg.tp_plan:
+        from transformers.distributed.configuration_utils import DistributedConfig
+        return {"distributed_config": DistributedConfig(tp_plan=cfg.tp_plan), "dtype": dtype}
     caps = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
     n_gpus = torch.cuda.device_count()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -81,7 +87,7 @@ def placement(cfg: TeacherConfig) -> dict[str, Any]:
         caps = {**{g: caps.get(g, f"{torch.cuda.get_device_properties(g).total_memory // 2**20}MiB") for g in mine},
                 **{k: v for k, v in caps.items() if not isinstance(k, int)}}
         log.info("teacher replica %s of %d on this node: GPUs %s", os.environ.get("LOCAL_RANK", "0"), local, mine)
-    return {"device_map": cfg.device_map, "dtype": pick_dtype(cfg.precision, pick_device(cfg.device)),
+    return {"device_map": cfg.device_map, "dtype": dtype,
             **({"max_memory": caps} if caps else {}),
             **({"offload_folder": cfg.offload_folder} if cfg.offload_folder else {})}
 
@@ -152,7 +158,7 @@ def _package_assembler(model: str | None) -> Any:
 def model_identity(model: torch.nn.Module, name: str, revision: str | None) -> dict[str, Any]:
     """What identifies the teacher's weights for the fingerprint: a hash of its weight files, else of its tensors."""
     folder = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    if folder and not Path(folder).is_dir() and getattr(model, "hf_device_map", None):
+    if folder and not Path(folder).is_dir() and (getattr(model, "hf_device_map", None) or getattr(model, "tp_size", None)):
         # offloaded weights are not in memory to hash: hash the files of the hub snapshot they were loaded from
         from huggingface_hub import snapshot_download
         folder = snapshot_download(folder, revision=revision, local_files_only=True)

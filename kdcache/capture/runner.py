@@ -34,8 +34,10 @@ class BatchRunner:
                  device: str = "auto") -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(precision, self.device)
-        # a model placed by accelerate (`teacher.device_map`) stays where it is: its hooks move inputs and outputs
-        self.model = (model if getattr(model, "hf_device_map", None) else model.to(self.device)).eval()
+        # a model placed by accelerate (`teacher.device_map`) or split by transformers (`teacher.tp_plan`) stays
+        # where it is: hooks or the device mesh move inputs and outputs
+        placed = getattr(model, "hf_device_map", None) or getattr(model, "tp_size", None)
+        self.model = (model if placed else model.to(self.device)).eval()
         self.batch_size = batch_size
         self.window = batch_size * max(1, sort_window)
 

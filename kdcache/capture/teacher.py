@@ -34,7 +34,7 @@ def prepare_teacher(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = auto_class(head.auto_class).from_pretrained(
-            folder, **(placement(cfg) if cfg.device_map else {"dtype": torch.float32}))
+            folder, **(placement(cfg) if cfg.device_map or cfg.tp_plan else {"dtype": torch.float32}))
         identity = model_identity(model, cfg.model or "from_config", cfg.revision)
         if cfg.finetune is not None:
             identity["finetune_sha256"] = hash_obj(finetune_key(task, data))

@@ -68,10 +68,17 @@ def check_task(name: str, task: TaskConfig) -> None:
     if (t.max_memory or t.offload_folder) and not t.device_map:
         raise ConfigError(f"`{where}.teacher.max_memory` / `.offload_folder` place a teacher over devices: set "
                           f"`{where}.teacher.device_map` (e.g. auto) as well")
-    if t.device_map and (not can(heads.DEVICE_MAP) or not t.model or t.from_config or t.finetune is not None):
-        raise ConfigError(f"`{where}.teacher.device_map` = {t.device_map!r}: a teacher over several devices is for "
-                          f"{_which(heads.DEVICE_MAP)} teachers loaded from `model` and used as they are (no "
-                          "`from_config`, no `finetune`)")
+    for key, value in (("device_map", t.device_map), ("tp_plan", t.tp_plan)):
+        if value and (not can(heads.DEVICE_MAP) or not t.model or t.from_config or t.finetune is not None):
+            raise ConfigError(f"`{where}.teacher.{key}` = {value!r}: a teacher over several devices is for "
+                              f"{_which(heads.DEVICE_MAP)} teachers loaded from `model` and used as they are (no "
+                              "`from_config`, no `finetune`)")
+    if t.tp_plan and t.gguf_file:
+        raise ConfigError(f"`{where}.teacher.tp_plan` with `gguf_file`: convert the GGUF teacher once without "
+                          "`tp_plan` (it is saved under the teachers folder), then name that folder as `model`")
+    if t.device_map and t.tp_plan:
+        raise ConfigError(f"`{where}.teacher`: `device_map` places whole layers, `tp_plan` splits each layer over the "
+                          "processes: choose one")
     if task.teacher.run and (not can(heads.STUDENT_TEACHER) or task.teacher.finetune is not None or feats.layers
                              or task.teacher.model or task.teacher.from_config or task.teacher.gguf_file):
         raise ConfigError(f"`{where}.teacher.run`: a student run as the teacher is a sequence classifier used as it "

@@ -104,6 +104,11 @@ class TeacherConfig:
                                                 "contiguous share of its node's GPUs (2 processes, 8 GPUs: 0-3, "
                                                 "4-7) and the shards are dealt between them.",
                                      check=one_of(None, "auto", "balanced", "balanced_low_0", "sequential"))
+    tp_plan: str | None = setting(None, help="`auto`: tensor parallelism as transformers provides it for the "
+                                             "architecture, over every process of `torchrun` / `accelerate launch` "
+                                             "(each holds 1/N of every layer; all run each batch together and "
+                                             "process 0 writes the cache). Causal-LM teachers loaded from `model`; "
+                                             "not with `device_map`.", check=one_of(None, "auto"))
     max_memory: dict[str, str] = setting({}, help="With `device_map`: the most each device may hold, e.g. "
                                                   "`{0: 70GiB, 1: 70GiB, cpu: 200GiB}`; the rest is offloaded to "
                                                   "`offload_folder`.")
