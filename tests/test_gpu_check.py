@@ -17,6 +17,9 @@ def test_without_a_gpu_two_cpu_runs_pass_and_it_says_so(tmp_path, capsys):
     assert fp32["logits"]["max_abs_diff"] == 0.0, "the same CPU run twice is exact"
     bf16 = res["checks"]["lm targets cpu bf16 vs cpu fp32"]
     assert 0.0 < bf16["lse"]["max_abs_diff"] and bf16["ok"], "bf16 autocast differs, within its tolerance"
+    for name in ("lm targets cpu fp32, chunks of 37 positions, vs cpu fp32",
+                 "lm targets cpu fp32, teacher offloaded to disk, vs cpu fp32"):  # the chunked and placed paths
+        assert res["checks"][name]["ok"] and res["checks"][name]["topk_sets_equal"] == 1.0, name
     assert (tmp_path / "gpu-check.json").is_file()
 
 

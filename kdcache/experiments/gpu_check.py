@@ -3,15 +3,17 @@ result, and the stage-one overhead measured on the device, in one prepared run f
 
 Checks: (1) a sequence classifier under autocast (bf16/fp16) on the device gives the CPU fp32 logits and pooled
 features within stated tolerances, and the same prediction on every row whose CPU margin exceeds the tolerance;
-(2) the causal-LM targets taken on the device, reduced a chunk of positions at a time (`cache.logit_chunk`; top-k
-ids, raw logits, log-sum-exp, exact tail), equal the CPU ones, top-k ids exactly except at ties within tolerance; (3) with two or more GPUs, a two-process capture equals a
-one-process capture; (4) capture ÷ raw teacher forward on the device. Without a GPU it says so, runs checks 1-2
-between two CPU runs (fp32 and bf16 autocast against fp32, so the comparison logic itself is exercised), and
-exits 0. Writes data/bench/gpu-check.json and, on a GPU, a section of docs/benchmarks.md."""
+(2) the causal-LM targets taken on the device (top-k ids, raw logits, log-sum-exp, exact tail) equal the CPU ones,
+top-k ids exactly except at ties within tolerance — reduced in one chunk, in chunks of 37 positions, and with the
+teacher placed by `device_map` (balanced over every GPU; without a GPU, offloaded to disk); (3) with two or more
+GPUs, a two-process capture equals a one-process capture; (4) capture ÷ raw teacher forward on the device. Without
+a GPU it says so, runs checks 1-2 between two CPU runs (fp32 and bf16 autocast against fp32, so the comparison
+logic itself is exercised), and exits 0. Writes data/bench/gpu-check.json and, on a GPU, a section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import subprocess
@@ -102,14 +104,24 @@ def classifier_check(device: str, precision: str, rows: int = 256) -> dict[str, 
     return compare_classifier(ref, got, TOLERANCE[precision])
 
 
-def lm_check(device: str, precision: str) -> dict[str, Any]:
-    """The lm-tiny teacher (a seeded 2-layer Llama) over packed BBC text: targets on CPU fp32 against `device`."""
+def lm_check(device: str, precision: str, chunk: int = 0, placed: Path | None = None) -> dict[str, Any]:
+    """The lm-tiny teacher (a seeded 2-layer Llama) over packed BBC text: targets on CPU fp32 (one chunk) against
+    `device`, reduced `chunk` positions at a time (0: auto); with `placed` (a scratch folder), the teacher saved
+    there and reloaded by `teacher.device_map` — balanced over every GPU, or on a CPU machine offloaded to disk."""
     task = _tiny("lm-tiny", []).tasks["news"]
     model, _ = build_model(task.teacher, "AutoModelForCausalLM", None, seed=0)
     tok = load_tokenizer(task.teacher)
     seqs = pack(tok, load_task_data(task.data).splits["train"]["text"][:], task.cache.max_length).ids[:16]
     ref = LMRunner(copy.deepcopy(model), task.cache, "fp32", "cpu").run(seqs)
-    got = LMRunner(model, task.cache, precision, device).run(seqs)
+    if placed is not None:
+        model.save_pretrained(placed / "teacher")
+        gpu = device != "cpu"
+        cfg = dataclasses.replace(task.teacher, from_config={}, model=str(placed / "teacher"), precision=precision,
+                                  device_map="balanced" if gpu else "auto",
+                                  max_memory={} if gpu else {"cpu": "200KB"},
+                                  offload_folder=None if gpu else str(placed / "offload"))
+        model, _ = build_model(cfg, "AutoModelForCausalLM", None, seed=0)
+    got = LMRunner(model, dataclasses.replace(task.cache, logit_chunk=chunk), precision, device).run(seqs)
     return compare_lm(ref, got, TOLERANCE[precision])
 
 
@@ -155,6 +167,11 @@ def run_gpu_check(out_dir: Path | None = None, doc: Path | None = Path("docs/ben
     for p in precisions:
         res["checks"][f"classifier {device} {p} vs cpu fp32"] = classifier_check(device, p)
         res["checks"][f"lm targets {device} {p} vs cpu fp32"] = lm_check(device, p)
+        res["checks"][f"lm targets {device} {p}, chunks of 37 positions, vs cpu fp32"] = lm_check(device, p, 37)
+        with tempfile.TemporaryDirectory() as tmp:
+            where = "balanced over every GPU" if gpu else "offloaded to disk"
+            res["checks"][f"lm targets {device} {p}, teacher {where}, vs cpu fp32"] = lm_check(device, p, 0,
+                                                                                               Path(tmp))
     if gpu and torch.cuda.device_count() >= 2:
         with tempfile.TemporaryDirectory() as tmp:
             res["checks"]["two-GPU capture vs one"] = multi_gpu_check(Path(tmp))
