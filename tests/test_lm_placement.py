@@ -25,6 +25,16 @@ def table(cache, split="train"):
     return pq.read_table([str(cache / s["parquet"]) for s in m["splits"][split]["shards"]]), m
 
 
+def launch_two(over: list[str], out, teachers) -> None:
+    """`accelerate launch --num_processes 2 kdcache cache lm-tiny --set ...` as real processes (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "kdcache.cli", "cache", LM_TINY, "--out", str(out), "--teachers-dir", str(teachers),
+           *[a for o in over for a in ("--set", o)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """A saved tiny Llama teacher and its plain (one device, one process) cache of 4 BBC articles in 6 shards."""
@@ -68,12 +78,7 @@ def test_two_processes_each_with_a_placed_teacher_write_the_plain_cache(plain, t
     tmp, sets = plain
     over = [*sets, "tasks.news.teacher.device_map=sequential", "tasks.news.teacher.max_memory={cpu: 200KB}",
             f"tasks.news.teacher.offload_folder={tmp_path / 'offload'}"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "kdcache.cli", "cache", LM_TINY, "--out", str(tmp_path / "mp"), "--teachers-dir",
-           str(tmp_path / "teachers"), *[a for o in over for a in ("--set", o)]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two(over, tmp_path / "mp", tmp_path / "teachers")
     (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "mp" / "news")
     assert m2["processes"] == 2 and len(m2["splits"]["train"]["shards"]) > 1 and "disk" in m2["placement"]
     for name in want.column_names:
@@ -97,12 +102,7 @@ def test_a_tensor_parallel_teacher_over_two_processes_writes_the_plain_cache(pla
     exactly, values to float32 rounding: the split matmuls sum in another order)."""
     tmp, sets = plain
     over = [*sets, "tasks.news.teacher.tp_plan=auto"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "kdcache.cli", "cache", LM_TINY, "--out", str(tmp_path / "tp"), "--teachers-dir",
-           str(tmp_path / "teachers"), *[a for o in over for a in ("--set", o)]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two(over, tmp_path / "tp", tmp_path / "teachers")
     (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "tp" / "news")
     assert m2["placement"] == {"tensor_parallel": 2} and m2["fingerprint"] == m1["fingerprint"]
     assert got.num_rows == want.num_rows and got.column_names == want.column_names
