@@ -23,6 +23,7 @@ from ..cache.writer import CacheWriter
 from ..data import TaskData, load_task_data, portable_origin
 from ..fingerprint import hash_obj, hash_table, hash_tokenizer, only_data_changed
 from ..progress import progress
+from .devices import placed
 from .head import CaptureHead
 from .folds import prepare_fold_teachers, run_out_of_fold
 from .grow import Growth, growth_segments, plan_growth
@@ -65,11 +66,11 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
 def _placement(model: Any) -> dict[str, Any]:
     """Where a teacher over several devices sat: {device: modules placed there} (GPUs, cpu, disk) for
     `teacher.device_map`, {tensor_parallel: N} for `teacher.tp_plan`."""
+    if not placed(model):
+        return {}
     if getattr(model, "tp_size", None):
         return {"placement": {"tensor_parallel": int(model.tp_size)}}
-    where = getattr(model, "hf_device_map", None)
-    if not where:
-        return {}
+    where = model.hf_device_map
     counts: dict[str, int] = {}
     for device in where.values():
         counts[str(device)] = counts.get(str(device), 0) + 1
@@ -241,7 +242,7 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
     writer = distributed.main_first(open_writer)
     try:
         manifest = _shard_loop(writer, segments, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
-                               replica, out_dir)
+                               replica, out_dir, writes=dist.is_main_process or not task.teacher.tp_plan)
     except BaseException:
         writer.__exit__(*sys.exc_info())
         raise
@@ -250,8 +251,9 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
 
 
 def _shard_loop(writer: CacheWriter, segments: dict[str, list], dataset_sha: dict[str, str], shard_rows: int,
-                produce, summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
-    """This process's missing shards, then the commit."""
+                produce, summarise, task_name: str, dist: Any, out_dir: Path, writes: bool = True) -> dict[str, Any]:
+    """This process's missing shards (computed by every process of a tensor-parallel teacher, submitted only
+    where `writes`), then the commit."""
     if distributed.share(writer.complete):
         log.info("%s: already complete with this fingerprint; nothing to do", out_dir)
         return read_manifest(out_dir)
@@ -268,7 +270,7 @@ def _shard_loop(writer: CacheWriter, segments: dict[str, list], dataset_sha: dic
                   disable=not dist.is_local_main_process) as bar:
         for split, index, start, stop, code in mine:
             table, features, stats = produce(split, start, stop, bar, code)
-            if getattr(dist, "writes", True):
+            if writes:
                 writer.submit(split, index, start, table, features, stats, code)
     writer.flush()
     # this run's wall clock for everything (tokenise, forward, pooling, Parquet + Zarr writes), per process

@@ -18,3 +18,9 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def placed(model: torch.nn.Module) -> bool:
+    """Whether the model sits where accelerate (`teacher.device_map`) or transformers' tensor parallelism
+    (`teacher.tp_plan`) put it, so that nothing may move it as a whole."""
+    return bool(getattr(model, "hf_device_map", None) or getattr(model, "tp_size", None))

@@ -26,12 +26,11 @@ def state():
 
 class OneReplica:
     """The process group seen as one data-parallel replica (tensor parallelism: every process runs every shard):
-    one process to deal shards to, and only process 0 `writes`."""
+    one process to deal shards to."""
 
     def __init__(self, st: Any) -> None:
-        self.st, self.process_index, self.num_processes = st, 0, 1
+        self.process_index, self.num_processes = 0, 1
         self.is_main_process, self.is_local_main_process = st.is_main_process, st.is_local_main_process
-        self.writes = st.is_main_process
 
 
 def _broadcast(obj: Any) -> Any:

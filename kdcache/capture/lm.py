@@ -115,7 +115,7 @@ class LMRunner(BatchRunner):
                  device: str = "auto") -> None:
         super().__init__(model, cache.batch_size, 1, precision, device)
         self.cache = cache
-        self.head: OutputHead | None = None  # decided on the first batch: split off, or the full forward
+        self.head: OutputHead | bool | None = None  # first batch decides: the split head, or False (full forward)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

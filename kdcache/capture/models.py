@@ -15,7 +15,7 @@ from ..config import TeacherConfig
 from ..errors import KdcacheError
 from ..fingerprint import FingerprintError, hash_state_dict, hash_weight_files
 from ..hub import from_pretrained, resolve_model_name
-from .devices import pick_device, pick_dtype
+from .devices import pick_device, pick_dtype, placed
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _package_assembler(model: str | None) -> Any:
 def model_identity(model: torch.nn.Module, name: str, revision: str | None) -> dict[str, Any]:
     """What identifies the teacher's weights for the fingerprint: a hash of its weight files, else of its tensors."""
     folder = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    if folder and not Path(folder).is_dir() and (getattr(model, "hf_device_map", None) or getattr(model, "tp_size", None)):
+    if folder and not Path(folder).is_dir() and placed(model):
         # offloaded weights are not in memory to hash: hash the files of the hub snapshot they were loaded from
         from huggingface_hub import snapshot_download
         folder = snapshot_download(folder, revision=revision, local_files_only=True)

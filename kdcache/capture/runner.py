@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .devices import pick_device, pick_dtype
+from .devices import pick_device, pick_dtype, placed
 from .models import TeacherError
 
 
@@ -36,8 +36,7 @@ class BatchRunner:
         self.dtype = pick_dtype(precision, self.device)
         # a model placed by accelerate (`teacher.device_map`) or split by transformers (`teacher.tp_plan`) stays
         # where it is: hooks or the device mesh move inputs and outputs
-        placed = getattr(model, "hf_device_map", None) or getattr(model, "tp_size", None)
-        self.model = (model if placed else model.to(self.device)).eval()
+        self.model = (model if placed(model) else model.to(self.device)).eval()
         self.batch_size = batch_size
         self.window = batch_size * max(1, sort_window)
 
