@@ -8,7 +8,7 @@ chunk's matmul may round its last bit apart from the whole batch's; tested for L
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -114,11 +114,6 @@ def pack_draws(draws: np.ndarray, B: int, L: int, out: dict[str, list]) -> None:
     out.setdefault("sample_lengths", []).append(lengths)
 
 
-def chunks(n: int, size: int) -> Iterator[slice]:
-    for s in range(0, n, size):
-        yield slice(s, min(s + size, n))
-
-
 def chunked_targets(logits_of: Any, x: torch.Tensor, n: int, size: int, k: int, temperatures: Sequence[float],
                     samples: int = 0, sample_temperature: float = 1.0,
                     gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -128,7 +123,8 @@ def chunked_targets(logits_of: Any, x: torch.Tensor, n: int, size: int, k: int, 
     nxt = next_ids(x)
     parts: dict[str, list[torch.Tensor]] = {}
     draws = []
-    for sl in chunks(n, size):
+    for start in range(0, n, size):
+        sl = slice(start, min(start + size, n))
         z = logits_of(sl)
         refuse_non_finite(z, [p // L for p in range(sl.start, sl.stop)])
         for key, v in reduce(z, nxt[sl], k, temperatures).items():
