@@ -54,8 +54,9 @@ train-student: install  ## stage two: train the pipeline's students (STUDENTS=a,
 report: install  ## rebuild data/runs/$(PIPELINE)/report.md and report.png
 	$(KDCACHE) report $(PIPELINE) $(ARGS)
 
-bench: install  ## measure overheads, speed-up and storage (QUICK=1 for a smoke check); updates docs/benchmarks.md
+bench: install  ## measure overheads, speed-up, storage and LM capture memory (QUICK=1: a smoke check); updates docs/benchmarks.md
 	$(KDCACHE) bench $(PIPELINE) $(if $(QUICK),--quick)
+	$(if $(QUICK),,$(KDCACHE) bench --capture-memory)
 
 gpu-check: install  ## on a GPU: autocast, on-device top-k and multi-GPU capture against the CPU; overhead there
 	$(BIN)/python -m kdcache.experiments.gpu_check

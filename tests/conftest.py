@@ -90,7 +90,8 @@ def undocumented(manifest: dict) -> set[str]:
             if isinstance(v, list) and v and isinstance(v[0], dict):
                 for item in v:
                     walk(item, skip)
-    walk(manifest, {"config", "splits", "arrays", "text", "files"})  # keyed by split names (and language codes) below
+    # keyed by split names (and language codes) below, or by device names (`placement`)
+    walk(manifest, {"config", "splits", "arrays", "text", "files", "placement"})
     for s in manifest["splits"].values():
         walk(s, {"arrays", "languages"})
         for lang in (s.get("languages") or {}).values():

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, undocumented
 from kdcache.cache.format import read_manifest
 from kdcache.capture.build import build_teacher_cache
 from kdcache.capture.models import TeacherError, build_model, replica_gpus
@@ -56,6 +56,7 @@ def test_a_teacher_offloaded_to_disk_caches_the_targets_of_the_plain_run(plain, 
     build_teacher_cache(placed, "news", tmp_path / "placed", tmp_path / "teachers")
     (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "placed")
     assert "disk" in m2["placement"] and "placement" not in m1, "max_memory sent weights to disk"
+    assert not undocumented(m2), "every manifest field of a placed teacher's cache is in docs/cache-format.md"
     assert m1["fingerprint"] == m2["fingerprint"], "where the weights sit does not change what the cache is"
     assert got.num_rows == want.num_rows > 0 and got.column_names == want.column_names
     for name in want.column_names:
