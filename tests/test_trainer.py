@@ -307,3 +307,22 @@ def test_train_takes_the_limit_its_cache_was_built_with(tmp_path, tiny_cache, ca
     assert (tmp_path / "runs" / "bow" / "metrics.json").is_file()
     assert main(args) == 2
     assert "data.limit: cache has " + limit in capsys.readouterr().err
+
+
+def test_fidelity_trains_a_transfer_students_twin_once(tmp_path):
+    """`x-transfer`'s hard-label twin reads no transfer rows, so it is `x`'s twin: fidelity trains it once and pairs
+    both KD students with it (a student differing in more than `transfer` keeps its own twin)."""
+    from kdcache.config import load_pipeline
+    from kdcache.experiments import fidelity
+    over = [*FAST, "train.epochs=1", "tasks.topic.data.augment.n_iter=2",
+            "students.bow-transfer={arch: bow, vocab_size: 5000, transfer: [transfer], twin: false}",
+            "students.bow-wide={arch: bow, vocab_size: 5000, params: {embed_dim: 48}, transfer: [transfer]}"]
+    assert fidelity.shared_twins(load_pipeline(TINY_PATH, over), ["bow", "bow-transfer", "bow-wide"]) == \
+        {"bow-transfer": "bow"}
+    res = fidelity.run_fidelity(TINY_PATH, [0], ["bow", "bow-transfer"], 0, tmp_path / "fid", None,
+                                teachers_dir=tmp_path / "teachers", cache_root=tmp_path / "caches", overrides=over)
+    runs = sorted(p.parent.name for p in (tmp_path / "fid" / "runs").rglob("metrics.json"))
+    assert runs == ["bow", "bow-hard", "bow-transfer"], runs
+    got = res["settings"]["all labels"]["students"]
+    assert got["bow-transfer"]["hard"] == got["bow"]["hard"] and len(got["bow"]["hard"]) == 1
+    assert "bow-transfer's hard labels are bow's twin" in fidelity.render(res)

@@ -4,6 +4,7 @@ small labelled part; the cache also covers the unlabelled rest, which only KD ca
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import time
@@ -38,6 +39,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     metric = metric_of(base.tasks[task].teacher.head)
     runs_of = C.student_families(base, students)
     names = [n for s in students for n in runs_of[s]]
+    shared = shared_twins(base, students)
     settings = {}
     if all_labels:
         settings["all labels"] = (list(overrides), teachers_dir, layout.cache_root(base.name, cache_root) / task)
@@ -52,7 +54,8 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                                                       teachers, cache.parent.parent / f"{cache.parent.name}-oof" / task)
     results: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "pipeline": base.name,
                                "source": base.tasks[task].data.source, "limit": base.tasks[task].data.limit,
-                               "seeds": seeds, "students": students, "metric": metric, "settings": {}}
+                               "seeds": seeds, "students": students, "metric": metric, "settings": {},
+                               "shared_twins": shared}
     ft = base.tasks[task].teacher.finetune
     train_rows = len(load_task_data(base.tasks[task].data).splits["train"]) if ft is not None and scarce else 0
     for name, (over, teachers, cache) in settings.items():
@@ -67,7 +70,7 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
         by_language: dict[str, dict[str, list[float]]] = {}
         for seed in seeds:
             seeded = C.load_pipeline(pipeline_name, [*over, f"train.seed={seed}"] +
-                                     [f"students.{s}.twin=true" for s in students])
+                                     [f"students.{s}.twin=true" for s in students if s not in shared])
             runs = cell(seeded, names, cache.parent, manifest["fingerprint"],
                          out_dir / "runs" / base.name / name.replace(" ", "-") / str(seed))
             for s in students:  # a per-language family counts once per seed: the mean of its languages
@@ -75,6 +78,8 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
                     got = [r["test"][metric[0]] for r in runs if r["student"] in runs_of[s] and r["kd"] == kd]
                     if got:  # (a twin is skipped where its rows have no gold labels)
                         rows[s]["kd" if kd else "hard"].append(float(np.mean(got)))
+            for s, other in shared.items():  # the same hard-label run: its twin's value, trained once
+                rows[s]["hard"] = list(rows[other]["hard"])
             if manifest.get("languages"):
                 for label, vals in per_language_rows(runs, metric[0]).items():
                     for code, v in vals.items():
@@ -105,6 +110,18 @@ def run_fidelity(pipeline_name: str, seeds: list[int], students: list[str], scar
     results["flags"] = (f" --students {','.join(students)} --scarce {scarce}" + (" --only-scarce" if not all_labels else "")
                         + (f" --folds {folds}" if folds else "") + "".join(f" --set {o}" for o in overrides))
     return publish(results, out_dir / f"fidelity-{name}.json", render(results), doc, f"fidelity:{name}")
+
+
+def shared_twins(p: C.PipelineConfig, students: list[str]) -> dict[str, str]:
+    """Students whose hard-label twin would repeat another listed student's twin, mapped to that student: a twin
+    reads no transfer split, so `x-transfer`'s twin is `x`'s twin again when the two differ only in `transfer`."""
+    plain = {s: dataclasses.replace(p.students[s], twin=False) for s in students if s in p.students}
+    out = {}
+    for s, st in plain.items():
+        same = [o for o, c in plain.items() if o != s and st.transfer and c == dataclasses.replace(st, transfer=())]
+        if same:
+            out[s] = same[0]
+    return out
 
 
 def _render_languages(s: dict[str, Any], words: str) -> list[str]:
@@ -324,6 +341,10 @@ def render(r: dict[str, Any]) -> str:
             gain = [a - b for a, b in zip(v["kd"], v["hard"])]
             lines.append(f"| {student} | {mean_std(v['kd'])} | {mean_std(v['hard'])} | {mean_std(gain)} |")
         lines.append("")
+        shared = r.get("shared_twins") or {}
+        if shared:
+            lines += ["(" + "; ".join(f"{s}'s hard labels are {o}'s twin" for s, o in shared.items())
+                      + ": a twin reads no transfer rows, so it is trained once.)", ""]
         lines += _render_languages(s, words)
     lines += _render_oof(r)
     other_domain = any(set(s.get("teacher_splits") or {}) - {"train", "validation", "test", "transfer"}
