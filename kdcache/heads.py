@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SEQUENCE, TOKEN, CAUSAL_LM = "sequence-classification", "token-classification", "causal-lm"
+SEQUENCE, TOKEN, CAUSAL_LM, CHAT_LM = "sequence-classification", "token-classification", "causal-lm", "chat-lm"
 DEFAULT_HEAD = SEQUENCE  # a pipeline's `teacher.head` when it names none
 
 # -- capabilities: what a head's caches and students support beyond the common path (one line each, for the docs)
@@ -39,10 +39,12 @@ CAPABILITIES = {
     "sweep": "the `kdcache fidelity --sweep` grid of temperature and alpha",
     "device_map": "a teacher over several devices: placed by layer over GPUs, CPU memory and disk "
                   "(`teacher.device_map`), or split within each layer (`teacher.tp_plan`)",
+    "chat_rows": "one conversation per row, rendered with the teacher's chat template (`data.chat`); targets only "
+                 "where a student learns (the response turns)",
 }
 (FINETUNE, HEAD_ONLY_FINETUNE, FOLDS, EXTRA_SPLITS, AUGMENT, CLASS_FILTER, STUDENT_TEACHER, LIVE_TEACHER,
  SEVERAL_TEACHERS, CONTINUAL, CENTER_LANGUAGES, GROWTH, DRIFT, LIFELONG, TOPK_TARGETS, CROSS_TOKENIZER, WORD_ROWS,
- MAJORITY_BASELINE, SWEEP, DEVICE_MAP) = CAPABILITIES
+ MAJORITY_BASELINE, SWEEP, DEVICE_MAP, CHAT_ROWS) = CAPABILITIES
 
 
 class HeadError(ValueError):
@@ -139,3 +141,8 @@ register(HeadSpec(
     CAUSAL_LM, HeadMetric("perplexity", "teacher_perplexity", "test perplexity", higher_is_better=False),
     "one row per packed sequence, top-k next-token targets per position",
     capabilities=frozenset({TOPK_TARGETS, CROSS_TOKENIZER, DEVICE_MAP})))
+register(HeadSpec(
+    CHAT_LM, HeadMetric("perplexity", "teacher_perplexity", "test perplexity on response tokens",
+                        higher_is_better=False),
+    "one row per conversation, top-k next-token targets at its response positions only",
+    capabilities=frozenset({TOPK_TARGETS, DEVICE_MAP, CHAT_ROWS})))

@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from ..heads import CAUSAL_LM, DEFAULT_HEAD, SEQUENCE, TOKEN
-from .format import CacheFormatError, build_columns, lm_parquet_schema, ner_parquet_schema, parquet_schema
-from .read import columns as cols
+from ..heads import CAUSAL_LM, CHAT_LM, DEFAULT_HEAD, SEQUENCE, TOKEN
+from .format import (CacheFormatError, build_columns, chat_parquet_schema, lm_parquet_schema, ner_parquet_schema,
+                     parquet_schema)
+from .read import chat, columns as cols
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,13 @@ def _lm_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
                              meta, bool(lm.get("offsets")))
 
 
+def _chat_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
+    lm = m["lm"]
+    return chat_parquet_schema(lm["top_k"], len(lm["temperatures"]), lm["vocab_size"], lm["samples"] > 0, meta)
+
+
 register(SEQUENCE, Codec(_sequence_schema, cols.sequence_columns, cols.collate_sequence))
 register(TOKEN, Codec(_token_schema, cols.token_columns, cols.collate_tokens, marker="words"))
+# (chat rows have input_ids too: their marker is looked for first)
+register(CHAT_LM, Codec(_chat_schema, chat.chat_row_group, chat.collate_chat, marker="positions"))
 register(CAUSAL_LM, Codec(_lm_schema, cols.lm_row_group, cols.collate_lm, marker="input_ids"))

@@ -136,6 +136,32 @@ def lm_parquet_schema(seq_len: int, k: int, num_temperatures: int, vocab_size: i
     return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
+def chat_parquet_schema(k: int, num_temperatures: int, vocab_size: int, samples: bool,
+                        meta: dict[str, Any]) -> pa.Schema:
+    """Columns of a chat-LM shard: one row per conversation, ragged. `input_ids` is the whole rendered conversation
+    (prompt included: a student reads it); targets exist only at `positions`, the positions whose next token belongs
+    to a learned turn (data.chat.roles), and are flattened position-major over those alone (the j-th listed position's
+    top-k ids are topk_ids[j*k:(j+1)*k]), so prompt tokens cost no target bytes."""
+    ids = token_id_type(vocab_size)
+    fields = [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(ids), nullable=False),
+        pa.field("positions", pa.list_(pa.int32()), nullable=False),                # ascending
+        pa.field("topk_ids", pa.list_(ids), nullable=False),                        # descending logit order
+        pa.field("topk_logits", pa.list_(pa.float16()), nullable=False),            # raw logits, no temperature
+        pa.field("lse", pa.list_(pa.float32()), nullable=False),                    # logsumexp(z/T), per position
+        pa.field("tail", pa.list_(pa.float32()), nullable=False),                   # log mass outside the top-k
+        pa.field("truncated", pa.bool_(), nullable=False),                          # cut at cache.max_length
+        pa.field("input_hash", pa.int64(), nullable=False),
+    ]
+    if samples:
+        fields += [pa.field("sample_ids", pa.list_(ids), nullable=False),
+                   pa.field("sample_counts", pa.list_(pa.uint16()), nullable=False),
+                   pa.field("sample_lengths", pa.list_(pa.uint16()), nullable=False)]  # per listed position
+    return pa.schema(fields, metadata={SCHEMA_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
 def ner_parquet_schema(num_labels: int, meta: dict[str, Any]) -> pa.Schema:
     """Columns of a token-classification shard: one row per sentence, ragged by its number of words. The teacher's
     tag logits are PER WORD (its first sub-token), exact float32, flattened word-major, for the first

@@ -227,6 +227,8 @@ def _summary(shards: list[dict[str, Any]], rows: int, stats: dict[str, Any]) -> 
            "bytes_per_example": round((pq_bytes + feat_bytes) / max(rows, 1), 1), **stats}
     if "tokens" in stats:
         out["bytes_per_token"] = round(pq_bytes / max(stats["tokens"], 1), 1)
+    if "response_tokens" in stats:  # chat caches: targets are stored at response tokens only
+        out["bytes_per_response_token"] = round(pq_bytes / max(stats["response_tokens"], 1), 1)
     return out
 
 

@@ -4,6 +4,7 @@ A new head registers its own (`register`) beside its `HeadSpec` (kdcache/heads.p
 from __future__ import annotations
 
 from .. import heads
+from .chat import ChatLM
 from .classification import SequenceClassification
 from .head import CaptureHead
 from .lm import CausalLM
@@ -12,5 +13,5 @@ from .tokens import TokenClassification
 HEADS: dict[str, CaptureHead] = heads.Registry()
 register = HEADS.register  # a new head: register(MyHead()) beside its HeadSpec
 
-for _h in (SequenceClassification(), TokenClassification(), CausalLM()):
+for _h in (SequenceClassification(), TokenClassification(), CausalLM(), ChatLM()):
     register(_h)

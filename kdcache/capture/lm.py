@@ -106,6 +106,13 @@ def vocab_table(tokenizer: Any) -> pa.Table:
                      "special": pa.array(special, pa.bool_())})
 
 
+def vocab_file(tokenizer: Any) -> bytes:
+    """`vocab.parquet` (zstd) of `vocab_table`."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(vocab_table(tokenizer), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
 class LMRunner(BatchRunner):
     """Runs a causal LM over packed sequences and reduces its logits on the device to the cached targets, a chunk
     of positions at a time (capture/logits.py): only O(k) values per position leave the device, and no [B, L, V]
@@ -136,6 +143,16 @@ class LMRunner(BatchRunner):
     def chunked(self, x: torch.Tensor, gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], Any]:
         """Targets [B, L, ...] of ids x [B, L] and sorted draws [B·L, samples] (or None), computed `logit_chunk`
         positions at a time from one run of the model's body."""
+        B, L = x.shape
+        t, draws = self.at_positions(x, None, gen)
+        return shaped({key: [v] for key, v in t.items()}, B, L), draws
+
+    @torch.inference_mode()
+    def at_positions(self, x: torch.Tensor, positions: torch.Tensor | None,
+                     gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+        """Flat targets [n, ...] and draws [n, samples] (or None) at `positions` [n] of the flattened B·L positions
+        of ids x [B, L] (None: all of them), from one run of the model's body and its output layer on `logit_chunk`
+        of them at a time (a right-padded batch is exact here: a causal position sees no padding after it)."""
         c, x = self.cache, x.to(self.device)
         B, L = x.shape
         if self.head is None:
@@ -149,9 +166,12 @@ class LMRunner(BatchRunner):
             self.head = head if ok else False
         V = int(self.model.get_output_embeddings().weight.shape[0])
         size = chunk_positions(c.logit_chunk, V, self.device)
+        nxt = next_ids(x)
+        where = torch.arange(B * L, device=x.device) if positions is None else positions.to(x.device)
         if self.head:
             with self.autocast():
                 h = self.head.hidden(x).reshape(B * L, -1)
+            h = h if positions is None else h[where]
 
             def logits_of(sl: slice) -> torch.Tensor:
                 with self.autocast():
@@ -161,9 +181,9 @@ class LMRunner(BatchRunner):
                 full = self.model(input_ids=x).logits.reshape(B * L, -1)
 
             def logits_of(sl: slice) -> torch.Tensor:
-                return full[sl].float()
-        return chunked_targets(logits_of, x, B * L, size, c.top_k, c.temperatures, c.samples, c.sample_temperature,
-                               gen)
+                return full[where[sl]].float()
+        return chunked_targets(logits_of, nxt[where], where // L, size, c.top_k, c.temperatures, c.samples,
+                               c.sample_temperature, gen)
 
     @torch.inference_mode()
     def run(self, seqs: np.ndarray, seed: int = 0, on_batch=None) -> dict[str, np.ndarray]:
@@ -262,11 +282,7 @@ class CausalLM(CaptureHead):
                           if c.offsets else {})}}
 
     def files(self, task, tokenizer):
-        if not task.cache.offsets:
-            return {}
-        sink = pa.BufferOutputStream()
-        pq.write_table(vocab_table(tokenizer), sink, compression="zstd")
-        return {VOCAB_FILE: sink.getvalue().to_pybytes()}
+        return {VOCAB_FILE: vocab_file(tokenizer)} if task.cache.offsets else {}
 
     def features(self, task, runner):
         return None

@@ -114,22 +114,22 @@ def pack_draws(draws: np.ndarray, B: int, L: int, out: dict[str, list]) -> None:
     out.setdefault("sample_lengths", []).append(lengths)
 
 
-def chunked_targets(logits_of: Any, x: torch.Tensor, n: int, size: int, k: int, temperatures: Sequence[float],
-                    samples: int = 0, sample_temperature: float = 1.0,
+def chunked_targets(logits_of: Any, nxt: torch.Tensor, rows: torch.Tensor, size: int, k: int,
+                    temperatures: Sequence[float], samples: int = 0, sample_temperature: float = 1.0,
                     gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Targets [B, L, ...] of the B·L = n positions of x, whose float32 logits [c, V] for a slice of flattened
-    positions come from `logits_of(slice)`, `size` positions at a time; plus the sorted draws [n, samples]."""
-    B, L = x.shape
-    nxt = next_ids(x)
+    """Targets [n, ...] of n positions whose next tokens are nxt [n] (from batch rows `rows` [n], named when a
+    logit is not finite), their float32 logits [c, V] for a slice of them coming from `logits_of(slice)`, `size`
+    positions at a time; plus the sorted draws [n, samples] (or None)."""
+    n = len(nxt)
     parts: dict[str, list[torch.Tensor]] = {}
     draws = []
     for start in range(0, n, size):
         sl = slice(start, min(start + size, n))
         z = logits_of(sl)
-        refuse_non_finite(z, [p // L for p in range(sl.start, sl.stop)])
+        refuse_non_finite(z, rows[sl].tolist())
         for key, v in reduce(z, nxt[sl], k, temperatures).items():
             parts.setdefault(key, []).append(v)
         if samples:
             draws.append(draw(z, samples, sample_temperature, gen))
         del z
-    return shaped(parts, B, L), (torch.cat(draws) if draws else None)
+    return {key: torch.cat(v) for key, v in parts.items()}, (torch.cat(draws) if draws else None)

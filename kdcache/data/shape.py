@@ -20,7 +20,9 @@ def _normalise(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names: t
     if len(ds) == 0:
         raise DataError(f"{where}: no rows; check the file or the split mapping (data.splits)")
     cols = set(ds.column_names)
-    for c in list(cfg.text_fields) + ([cfg.label_field] if cfg.label_field else []) + \
+    chat = cfg.chat  # chat rows: their conversation columns are kept, and text fields only where present
+    text_fields = [c for c in cfg.text_fields if c in cols] if chat is not None else list(cfg.text_fields)
+    for c in text_fields + ([cfg.label_field] if cfg.label_field else []) + \
             ([id_field] if id_field else []):
         if c not in cols:
             raise DataError(f"{where}: column `{c}` not found (columns: {', '.join(sorted(cols))}); "
@@ -29,7 +31,11 @@ def _normalise(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names: t
     if len(set(ids)) != len(ids):
         raise DataError(f"{where}: example ids in column `{id_field}` are not unique (data.id_field)")
     out = {"id": ids}
-    for c in cfg.text_fields:
+    if chat is not None:
+        for c in dict.fromkeys((chat.messages, chat.prompt, chat.response, chat.system)):
+            if c and c in cols and c not in text_fields:
+                out[c] = ds[c][:]
+    for c in text_fields:
         texts = ds[c][:]
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():

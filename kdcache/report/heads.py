@@ -104,3 +104,16 @@ register(heads.CAUSAL_LM, Presenter(
                            + (f"  bits/byte {t['bits_per_byte']:.4f}" if t.get("bits_per_byte") is not None else "")
                            + (f"  aligned {t['aligned_share']:.2f}" if t.get("aligned_share") is not None else "")),
     log_scale=True))
+register(heads.CHAT_LM, Presenter(
+    teacher_row_lm, lm_lines, "perplexity", "test perplexity on response tokens (log)",
+    split_summary=lambda s: (f", {s['tokens']} tokens, {s['response_tokens']} in responses, teacher perplexity "
+                             f"{s['teacher_perplexity']:.2f}, {s['teacher_bits_per_byte']:.3f} bits/byte, "
+                             f"{s['truncated_rows']} rows cut at max_length"),
+    split_info=lambda s: (f"{s['bytes_per_response_token']:>8} B/response token  teacher ppl "
+                          f"{s['teacher_perplexity']:.2f}  top-1 {s['teacher_top1_accuracy']:.3f}  tail mass "
+                          f"{s['mean_tail_mass']:.4f}  {s['teacher_bits_per_byte']:.3f} bits/byte  truncated "
+                          f"{s['truncated_rows']}"),
+    run_summary=lambda t: (f"test perplexity {fmt(t.get('perplexity'), '.2f')}  bits/byte "
+                           f"{fmt(t.get('bits_per_byte'))}  top-1 agreement {fmt(t.get('top1_agreement'))}  KL to "
+                           f"teacher {fmt(t.get('kl_to_teacher'))}"),
+    log_scale=True))

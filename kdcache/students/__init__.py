@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..heads import CAUSAL_LM, SEQUENCE, TOKEN
+from ..heads import CAUSAL_LM, CHAT_LM, SEQUENCE, TOKEN
 from ..typedconfig import build as build_params
 from .base import Student
 from .bilstm import BiLSTM, BiLSTMParams
@@ -41,7 +41,7 @@ REGISTRY: dict[str, Arch] = {
     "bilstm-tagger": Arch(BiLSTMTagger, BiLSTMTaggerParams, (TOKEN,)),
     "transformer-tagger": Arch(TransformerTagger, TransformerTaggerParams, (TOKEN,)),
     "bilstm-multitask": Arch(MultiTaskBiLSTM, BiLSTMTaggerParams, (SEQUENCE, TOKEN), multitask=True),
-    "llama": Arch(llama_student, LlamaParams, (CAUSAL_LM,)),
+    "llama": Arch(llama_student, LlamaParams, (CAUSAL_LM, CHAT_LM)),
 }
 
 

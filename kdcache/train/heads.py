@@ -5,6 +5,7 @@ a head. Cross-task students combine them (multitask.py). A new head registers it
 from __future__ import annotations
 
 from .. import heads
+from .chat import ChatLM
 from .classification import SequenceClassification
 from .head import TrainHead
 from .lm import CausalLM
@@ -13,5 +14,5 @@ from .tokens import TokenClassification
 HEADS: dict[str, TrainHead] = heads.Registry()
 register = HEADS.register  # a new head: register(MyHead()) beside its HeadSpec
 
-for _h in (SequenceClassification(), TokenClassification(), CausalLM()):
+for _h in (SequenceClassification(), TokenClassification(), CausalLM(), ChatLM()):
     register(_h)

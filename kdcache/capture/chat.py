@@ -1,0 +1,218 @@
+"""Chat LM in stage one (`teacher.head: chat-lm`): each row is one conversation rendered with the teacher's own chat
+template (data/chat.py), run alone — rows of a batch are length-sorted and right-padded, which a causal model
+cannot see — and reduced to the cached targets (capture/logits.py) only at the positions whose next token belongs
+to a learned turn (`data.chat.roles`, assistant by default): the prompt costs forward time but no target bytes.
+Conversations longer than `cache.max_length` are cut there, flagged per row and counted."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..cache.format import VOCAB_FILE, token_id_type
+from ..config import ChatConfig, TaskConfig
+from ..data.chat import ChatError, render, to_messages
+from ..failpoints import failpoint
+from ..fingerprint import hash_ids, hash_tokenizer
+from ..heads import CHAT_LM
+from ..vocab import vocab_bytes
+from .lm import CausalLM, LMRunner, bos_id, eos_id, vocab_file
+from .logits import pack_draws
+
+
+@dataclass
+class ChatRows:
+    """Rendered conversations of one split: token ids [L_i] and response masks [L_i] (bool) per row, whether each
+    was cut at max_length [n], and per row the UTF-8 bytes of the tokens a student predicts (for bits per byte)."""
+
+    ids: list[np.ndarray]
+    masks: list[np.ndarray]
+    truncated: np.ndarray
+    target_bytes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: slice) -> "ChatRows":
+        return ChatRows(self.ids[rows], self.masks[rows], self.truncated[rows], self.target_bytes[rows])
+
+    def positions(self, i: int) -> np.ndarray:
+        """Row i's target positions: t where token t + 1 belongs to a learned turn (ascending)."""
+        return np.flatnonzero(self.masks[i][1:])
+
+
+def conversation(row: Mapping[str, Any], chat: ChatConfig, label_names, label_field: str | None,
+                 where: str) -> list[dict[str, str]]:
+    """The row's turns, its prompt and response built from `chat.prompt_template` / `response_template` when set
+    (over the row's columns; `{label}` = the gold label's name)."""
+    if chat.prompt_template is None and chat.response_template is None:
+        return to_messages(row, where, chat.messages, chat.prompt, chat.response, chat.system)
+    fields = dict(row)
+    label = row.get(label_field) if label_field else None
+    if label is not None and label_names:
+        fields["label"] = label_names[int(label)] if isinstance(label, (int, np.integer)) else str(label)
+    built = dict(row)
+    for key, template in ((chat.prompt, chat.prompt_template), (chat.response, chat.response_template)):
+        if template is not None:
+            try:
+                built[key] = template.format(**fields)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ChatError(f"{where}: `data.chat.{'prompt' if key == chat.prompt else 'response'}_template` "
+                                f"{template!r} cannot be filled from this row ({type(e).__name__}: {e}); its fields "
+                                f"are {', '.join(fields)}") from None
+    return to_messages({k: v for k, v in built.items() if k != chat.messages}, where, chat.messages, chat.prompt,
+                       chat.response, chat.system)
+
+
+def chat_rows(ds: Any, split: str, tokenizer: Any, task: TaskConfig, label_names) -> ChatRows:
+    """Every row of a split rendered (`ds`: a datasets.Dataset); a row that cannot be is refused by split, row and id."""
+    chat = task.data.chat
+    nbytes = np.fromiter((len(b) for b in vocab_bytes(tokenizer)[0]), dtype=np.int64)
+    ids, masks, cut, target_bytes = [], [], [], []
+    for i, row in enumerate(ds):
+        where = f"split {split!r}, row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
+        r = render(tokenizer, conversation(row, chat, label_names, task.data.label_field, where), where, chat.roles,
+                   task.cache.max_length)
+        if not r.mask[1:].any():
+            raise ChatError(f"{where}: the first {task.cache.max_length} tokens hold no response token to learn "
+                            "(cache.max_length cuts the conversation before its first learned turn): raise "
+                            "cache.max_length or shorten the prompt")
+        ids.append(r.ids)
+        masks.append(r.mask)
+        cut.append(r.truncated)
+        target_bytes.append(int(nbytes[r.ids[1:][r.mask[1:]]].sum()))
+    return ChatRows(ids, masks, np.asarray(cut, bool), np.asarray(target_bytes, np.int64))
+
+
+class ChatRunner(LMRunner):
+    """An LMRunner over conversations: length-sorted, right-padded batches of `cache.batch_size` rows, targets at
+    each row's target positions only."""
+
+    @torch.inference_mode()
+    def run_rows(self, rows: ChatRows, seed: int = 0, on_batch=None) -> list[dict[str, np.ndarray]]:
+        """Per row (in row order): targets [n_i, ...] at its n_i target positions; with samples, the distinct
+        sampled ids and counts (flat) and sample_lengths [n_i]."""
+        c = self.cache
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows.ids[i]))
+        out: list[dict[str, np.ndarray]] = [{} for _ in range(len(rows))]
+        for b in range(0, len(order), c.batch_size):
+            members = order[b:b + c.batch_size]
+            L = max(len(rows.ids[i]) for i in members)
+            x = np.zeros((len(members), L), np.int64)
+            pos = []
+            for j, i in enumerate(members):
+                x[j, :len(rows.ids[i])] = rows.ids[i]
+                pos.append(j * L + rows.positions(i))
+            counts = [len(p) for p in pos]
+            t, draws = self.at_positions(torch.as_tensor(x), torch.as_tensor(np.concatenate(pos)), gen)
+            t = {key: v.cpu().numpy() for key, v in t.items()}
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            for j, i in enumerate(members):
+                sl = slice(bounds[j], bounds[j + 1])
+                out[i] = {key: v[sl] for key, v in t.items()}
+                if draws is not None:
+                    packed: dict[str, list] = {}
+                    pack_draws(draws[sl].cpu().numpy(), 1, counts[j], packed)
+                    out[i].update(sample_ids=packed["sample_ids"][0], sample_counts=packed["sample_counts"][0],
+                                  sample_lengths=packed["sample_lengths"][0][0])
+            failpoint("teacher-batch")
+            if on_batch:
+                on_batch(len(members))
+        return out
+
+
+def chat_shard_table(rows: ChatRows, out: list[dict[str, np.ndarray]], row_start: int, split: str,
+                     schema: pa.Schema) -> pa.Table:
+    """One shard of conversations and their targets (see format.chat_parquet_schema)."""
+    n = len(rows)
+    id_type = schema.field("topk_ids").type.value_type
+
+    def ragged(parts: list[np.ndarray], tp: pa.DataType) -> pa.Array:
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(np.concatenate(parts), tp))
+
+    def per_row(key: str) -> list[np.ndarray]:
+        return [np.ascontiguousarray(o[key]).reshape(-1) for o in out]
+
+    cols = {
+        "row_id": pa.array(np.arange(row_start, row_start + n, dtype=np.int64)),
+        "id": pa.array([f"{split}-{row_start + i}" for i in range(n)], pa.string()),
+        "input_ids": ragged(rows.ids, id_type),
+        "positions": ragged([rows.positions(i).astype(np.int32) for i in range(n)], pa.int32()),
+        "topk_ids": ragged(per_row("topk_ids"), id_type),
+        "topk_logits": ragged(per_row("topk_logits"), pa.float16()),
+        "lse": ragged(per_row("lse"), pa.float32()),
+        "tail": ragged(per_row("tail"), pa.float32()),
+        "truncated": pa.array(rows.truncated, pa.bool_()),
+        "input_hash": pa.array([hash_ids(s) for s in rows.ids], pa.int64()),
+    }
+    if "sample_ids" in schema.names:
+        cols["sample_ids"] = ragged(per_row("sample_ids"), id_type)
+        cols["sample_counts"] = ragged(per_row("sample_counts"), pa.uint16())
+        cols["sample_lengths"] = ragged(per_row("sample_lengths"), pa.uint16())
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+class ChatLM(CausalLM):
+    """The chat variant of the causal-LM head: rows are conversations, targets sit at response positions."""
+
+    name = CHAT_LM
+
+    def runner(self, model, tokenizer, task, device):
+        return ChatRunner(model, task.cache, task.teacher.precision, device)
+
+    def units(self, data, tokenizer, task):
+        return {split: chat_rows(ds, split, tokenizer, task, data.label_names) for split, ds in data.splits.items()}
+
+    def text_stats(self, data, tokenizer, task):
+        return None  # per split token counts are in the shard statistics (prompt and response apart)
+
+    def settings(self, task, runner, model, tokenizer):
+        c, vocab = task.cache, int(model.get_output_embeddings().weight.shape[0])
+        chat = task.data.chat
+        return {"lm": {"seq_len": c.max_length, "top_k": min(c.top_k, vocab), "temperatures": list(c.temperatures),
+                       "vocab_size": vocab, "samples": c.samples, "sample_temperature": c.sample_temperature,
+                       "id_dtype": str(token_id_type(vocab)), "tokenizer_sha256": hash_tokenizer(tokenizer),
+                       "bos_id": bos_id(tokenizer), "eos_id": eos_id(tokenizer), "vocab_file": VOCAB_FILE,
+                       "rows": "chat", "roles": list(chat.roles),
+                       "chat_template_sha256": hashlib.sha256(
+                           (getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()}}
+
+    def files(self, task, tokenizer):
+        return {VOCAB_FILE: vocab_file(tokenizer)}  # always: bits per byte of the response tokens in stage two
+
+    def run(self, runner, rows, task, seed, on_batch):
+        return runner.run_rows(rows, seed=seed, on_batch=on_batch)
+
+    def table(self, rows, out, row_start, split, schema, task):
+        return chat_shard_table(rows, out, row_start, split, schema)
+
+    def stats(self, rows, out, label_names):
+        """Teacher loss and top-1 over the response positions, their tail mass at the first temperature, tokens read
+        (prompt included) and rows cut at max_length."""
+        return {"rows": len(rows), "tokens": int(sum(len(x) for x in rows.ids)),
+                "predicted_tokens": int(sum(len(o["nll"]) for o in out)),
+                "predicted_bytes": int(rows.target_bytes.sum()), "truncated_rows": int(rows.truncated.sum()),
+                "nll_sum": float(sum(o["nll"].astype(np.float64).sum() for o in out)),
+                "top1_hits": int(sum(o["top1"].sum() for o in out)),
+                "tail_mass_sum": float(sum(np.exp(o["tail"][:, 0].astype(np.float64)).sum() for o in out))}
+
+    def summarise(self, stats):
+        tot = {k: sum(s[k] for s in stats) for k in ("rows", "tokens", "predicted_tokens", "predicted_bytes",
+                                                     "truncated_rows", "nll_sum", "top1_hits", "tail_mass_sum",
+                                                     "seconds")}
+        pred = max(tot["predicted_tokens"], 1)
+        return {"rows": tot["rows"], "tokens": tot["tokens"], "response_tokens": tot["predicted_tokens"],
+                "truncated_rows": tot["truncated_rows"],
+                "teacher_bits_per_byte": tot["nll_sum"] / math.log(2) / max(tot["predicted_bytes"], 1),
+                "teacher_perplexity": float(np.exp(tot["nll_sum"] / pred)),
+                "teacher_top1_accuracy": tot["top1_hits"] / pred,
+                "mean_tail_mass": tot["tail_mass_sum"] / pred,
+                "teacher_tokens_per_s": tot["tokens"] / tot["seconds"] if tot["seconds"] else None}

@@ -1,0 +1,87 @@
+"""Chat LM in stage two: causal-LM students trained on a chat cache's targets, which exist only at response positions
+(capture/chat.py). The loss counts exactly those positions — next-token CE and KD alike — so the prompt is read but
+never learned; metrics are over response tokens: perplexity, bits per byte and KL(teacher || student) at T = 1."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import config as C
+from ..cache import codecs
+from ..cache.reader import read_vocab
+from ..heads import CHAT_LM
+from .lm import CausalLM, TokenizerMismatchError, lm_targets
+from .losses import SampledTargets, kd_loss_per_row, sampled_kd_loss_per_row, token_ce_per_row
+
+
+def response_logits(logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the student's logits [N, V] at the batch's target positions, the tokens that follow them [N]) from logits
+    [B, L, V] of the right-padded input_ids [B, L]."""
+    V = logits.shape[-1]
+    index = batch["target_index"].to(logits.device)
+    return logits.reshape(-1, V)[index], batch["input_ids"].reshape(-1).to(logits.device)[index + 1]
+
+
+def chat_loss(logits: torch.Tensor, batch: dict[str, Any], loss: C.LossConfig,
+              lm: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """α·CE + (1-α)·KD per response position, mean over them (α = 1: the SFT twin on the same positions). The
+    student's log-softmax runs over its full vocabulary (losses.py); temperature and T² are applied there."""
+    flat, labels = response_logits(logits, batch)
+    ce = token_ce_per_row(flat, labels, loss.chunk)
+    if loss.alpha >= 1.0:
+        return ce.mean(), {"ce": float(ce.detach().mean()), "kd": 0.0}
+    t = lm_targets(batch, loss, lm).to(flat.device)
+    if isinstance(t, SampledTargets):
+        kd = sampled_kd_loss_per_row(flat, t, loss.temperature, loss.chunk)
+    else:
+        kd = kd_loss_per_row(flat, t, loss.kind, loss.temperature, loss.beta, loss.chunk)
+    return (loss.alpha * ce + (1.0 - loss.alpha) * kd).mean(), {"ce": float(ce.detach().mean()),
+                                                                 "kd": float(kd.detach().mean())}
+
+
+@torch.inference_mode()
+def evaluate_chat(model: nn.Module, ds: Any, lm: dict[str, Any], nbytes: np.ndarray, batch_size: int,
+                  device: torch.device) -> dict[str, Any]:
+    """Over the response tokens of `ds`: perplexity, bits per byte (`nbytes` [V]: each id's UTF-8 bytes), top-1
+    agreement with the teacher and KL(teacher || student) on the cached top-k + tail buckets at T = 1."""
+    model.eval()
+    nll, tokens, kl, agree, total_bytes = 0.0, 0, 0.0, 0, 0
+    at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
+    for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=codecs.get(CHAT_LM).collate):
+        flat, labels = response_logits(model(input_ids=batch["input_ids"].to(device)).logits.float(), batch)
+        nll += float(token_ce_per_row(flat, labels, 32).sum())
+        tokens += len(labels)
+        total_bytes += int(nbytes[labels.cpu().numpy()].sum())
+        agree += int((flat.argmax(-1).cpu() == batch["topk_ids"][:, 0]).sum())
+        if 1.0 in lm["temperatures"]:
+            kl += float(kd_loss_per_row(flat, lm_targets(batch, at1, lm).to(device), "kl", 1.0, chunk=32).sum())
+    return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1), "tokens": tokens,
+            "bits_per_byte": nll / math.log(2) / max(total_bytes, 1), "top1_agreement": agree / max(tokens, 1),
+            "kl_to_teacher": kl / tokens if tokens and 1.0 in lm["temperatures"] else None}
+
+
+class ChatLM(CausalLM):
+    """Students of a chat cache: the causal-LM students (checkpoint, config), reading the teacher's token ids."""
+
+    name = CHAT_LM
+
+    def tokenizer(self, st, source, where):
+        try:
+            return super().tokenizer(st, source, where)  # None: the teacher's own ids
+        except TokenizerMismatchError:
+            raise C.ConfigError(f"`{where}.tokenizer` = {st.tokenizer!r}: a chat-lm cache keeps no byte offsets, so "
+                                "its students read the teacher's token ids (remove the setting, or name the "
+                                "teacher's own tokenizer)") from None
+
+    def loss(self, logits, features, targets, batch, loss, where):
+        return chat_loss(logits, batch, loss, targets)
+
+    def evaluate(self, model, task, ds, source):
+        nbytes = source.once("vocab bytes", lambda: np.fromiter(
+            (len(b) for b in read_vocab(source.cache, source.manifest)[0]), dtype=np.int64))
+        return evaluate_chat(model.core, ds, source.manifest["lm"], nbytes, self.eval_batch_size, model.device())

