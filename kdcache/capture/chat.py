@@ -16,8 +16,8 @@ import pyarrow as pa
 import torch
 
 from ..cache.format import VOCAB_FILE, token_id_type
-from ..config import ChatConfig, TaskConfig
-from ..data.chat import ChatError, render, to_messages
+from ..config import ChatConfig, GenerateConfig, TaskConfig, to_dict
+from ..data.chat import ChatError, Rendered, prompt_turns, render, render_prompt, to_messages
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids, hash_tokenizer
 from ..heads import CHAT_LM
@@ -48,51 +48,117 @@ class ChatRows:
 
 
 def conversation(row: Mapping[str, Any], chat: ChatConfig, label_names, label_field: str | None,
-                 where: str) -> list[dict[str, str]]:
+                 where: str, prompt_only: bool = False) -> list[dict[str, str]]:
     """The row's turns, its prompt and response built from `chat.prompt_template` / `response_template` when set
-    (over the row's columns; `{label}` = the gold label's name)."""
-    if chat.prompt_template is None and chat.response_template is None:
-        return to_messages(row, where, chat.messages, chat.prompt, chat.response, chat.system)
+    (over the row's columns; `{label}` = the gold label's name); `prompt_only`: up to the response (none needed)."""
     fields = dict(row)
     label = row.get(label_field) if label_field else None
-    if label is not None and label_names:
+    if label is not None and label_names and (not isinstance(label, (int, np.integer)) or label >= 0):
         fields["label"] = label_names[int(label)] if isinstance(label, (int, np.integer)) else str(label)
     built = dict(row)
     for key, template in ((chat.prompt, chat.prompt_template), (chat.response, chat.response_template)):
-        if template is not None:
+        if template is not None and not (prompt_only and key == chat.response):
             try:
                 built[key] = template.format(**fields)
             except (KeyError, IndexError, ValueError) as e:
                 raise ChatError(f"{where}: `data.chat.{'prompt' if key == chat.prompt else 'response'}_template` "
                                 f"{template!r} cannot be filled from this row ({type(e).__name__}: {e}); its fields "
                                 f"are {', '.join(fields)}") from None
-    return to_messages({k: v for k, v in built.items() if k != chat.messages}, where, chat.messages, chat.prompt,
-                       chat.response, chat.system)
+    if prompt_only and built.get(chat.messages) is None:
+        built[chat.response] = ""  # (dropped below: the teacher writes it)
+    turns = to_messages(built, where, chat.messages, chat.prompt, chat.response, chat.system)
+    return prompt_turns(turns) if prompt_only else turns
+
+
+def response_bytes(ids: np.ndarray, mask: np.ndarray, nbytes: np.ndarray) -> int:
+    """UTF-8 bytes of the tokens a student predicts in one row (`nbytes` [V]: each id's bytes)."""
+    return int(nbytes[ids[1:][mask[1:]]].sum())
 
 
 def chat_rows(ds: Any, split: str, tokenizer: Any, task: TaskConfig, label_names) -> ChatRows:
-    """Every row of a split rendered (`ds`: a datasets.Dataset); a row that cannot be is refused by split, row and id."""
-    chat = task.data.chat
-    nbytes = np.fromiter((len(b) for b in vocab_bytes(tokenizer)[0]), dtype=np.int64)
+    """Every row of a split rendered (`ds`: a datasets.Dataset): whole conversations, or with `data.chat.generate`
+    the prompts the teacher continues (masks all false until it has written); a row that cannot be is refused by
+    split, row and id."""
+    chat, L = task.data.chat, task.cache.max_length
+    nbytes = token_bytes(tokenizer)
     ids, masks, cut, target_bytes = [], [], [], []
     for i, row in enumerate(ds):
         where = f"split {split!r}, row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
-        r = render(tokenizer, conversation(row, chat, label_names, task.data.label_field, where), where, chat.roles,
-                   task.cache.max_length)
-        if not r.mask[1:].any():
-            raise ChatError(f"{where}: the first {task.cache.max_length} tokens hold no response token to learn "
-                            "(cache.max_length cuts the conversation before its first learned turn): raise "
-                            "cache.max_length or shorten the prompt")
+        turns = conversation(row, chat, label_names, task.data.label_field, where, prompt_only=bool(chat.generate))
+        if chat.generate:
+            r = Rendered(render_prompt(tokenizer, turns, where), None, False)
+            if len(r.ids) >= L:
+                raise ChatError(f"{where}: its prompt has {len(r.ids)} tokens, leaving no room for a response in "
+                                f"cache.max_length = {L}: raise cache.max_length or shorten the prompt (e.g. "
+                                "`{text:.2000}` in data.chat.prompt_template)")
+            r = Rendered(r.ids, np.zeros(len(r.ids), bool), False)
+        else:
+            r = render(tokenizer, turns, where, chat.roles, L)
+            if not r.mask[1:].any():
+                raise ChatError(f"{where}: the first {L} tokens hold no response token to learn (cache.max_length "
+                                "cuts the conversation before its first learned turn): raise cache.max_length or "
+                                "shorten the prompt")
         ids.append(r.ids)
         masks.append(r.mask)
         cut.append(r.truncated)
-        target_bytes.append(int(nbytes[r.ids[1:][r.mask[1:]]].sum()))
+        target_bytes.append(response_bytes(r.ids, r.mask, nbytes))
     return ChatRows(ids, masks, np.asarray(cut, bool), np.asarray(target_bytes, np.int64))
+
+
+def token_bytes(tokenizer: Any) -> np.ndarray:
+    """[V] int64: the UTF-8 bytes each id stands for (0 for special tokens)."""
+    return np.fromiter((len(b) for b in vocab_bytes(tokenizer)[0]), dtype=np.int64)
+
+
+@dataclass
+class ChatOut:
+    """A shard's output: its rows as cached (with the teacher's responses, when it wrote them) and per row the
+    targets at their target positions."""
+
+    rows: ChatRows
+    targets: list[dict[str, np.ndarray]]
 
 
 class ChatRunner(LMRunner):
     """An LMRunner over conversations: length-sorted, right-padded batches of `cache.batch_size` rows, targets at
-    each row's target positions only."""
+    each row's target positions only; with `generate`, the teacher first writes each row's response."""
+
+    def __init__(self, model: torch.nn.Module, task: TaskConfig, tokenizer: Any, device: str = "auto") -> None:
+        super().__init__(model, task.cache, task.teacher.precision, device)
+        self.generation, self.max_length = task.data.chat.generate, task.cache.max_length
+        self.stop, self.nbytes = eos_id(tokenizer), token_bytes(tokenizer)
+
+    @torch.inference_mode()
+    def write_responses(self, rows: ChatRows, gen: GenerateConfig, seed: int) -> ChatRows:
+        """Each prompt continued by the teacher (`transformers` generate: left-padded, length-sorted batches) until
+        its end of turn or `max_new_tokens` (or `cache.max_length`), the response masked as what students learn.
+        Seeded: the same shard writes the same responses."""
+        torch.manual_seed(seed)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows.ids[i]))
+        ids, masks, cut = list(rows.ids), list(rows.masks), rows.truncated.copy()
+        for b in range(0, len(order), self.cache.batch_size):
+            members = order[b:b + self.cache.batch_size]
+            P = max(len(rows.ids[i]) for i in members)
+            x = np.full((len(members), P), self.stop, np.int64)
+            attention = np.zeros((len(members), P), np.int64)
+            for j, i in enumerate(members):
+                x[j, P - len(rows.ids[i]):], attention[j, P - len(rows.ids[i]):] = rows.ids[i], 1
+            budget = min(gen.max_new_tokens, self.max_length - P)
+            with self.autocast():
+                new = self.model.generate(
+                    input_ids=torch.as_tensor(x, device=self.device),
+                    attention_mask=torch.as_tensor(attention, device=self.device), max_new_tokens=budget,
+                    do_sample=gen.do_sample, eos_token_id=self.stop, pad_token_id=self.stop,
+                    **({"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}))[:, P:]
+            for j, i in enumerate(members):
+                r = new[j].cpu().numpy()
+                end = np.flatnonzero(r == self.stop)
+                r = r[:end[0] + 1] if len(end) else r  # through its end-of-turn token, which is learned too
+                cut[i] = not len(end)
+                ids[i] = np.concatenate([rows.ids[i], r])
+                masks[i] = np.concatenate([np.zeros(len(rows.ids[i]), bool), np.ones(len(r), bool)])
+        return ChatRows(ids, masks, cut, np.asarray([response_bytes(a, m, self.nbytes) for a, m in zip(ids, masks)],
+                                                    np.int64))
 
     @torch.inference_mode()
     def run_rows(self, rows: ChatRows, seed: int = 0, on_batch=None) -> list[dict[str, np.ndarray]]:
@@ -166,7 +232,7 @@ class ChatLM(CausalLM):
     name = CHAT_LM
 
     def runner(self, model, tokenizer, task, device):
-        return ChatRunner(model, task.cache, task.teacher.precision, device)
+        return ChatRunner(model, task, tokenizer, device)
 
     def units(self, data, tokenizer, task):
         return {split: chat_rows(ds, split, tokenizer, task, data.label_names) for split, ds in data.splits.items()}
@@ -181,7 +247,7 @@ class ChatLM(CausalLM):
                        "vocab_size": vocab, "samples": c.samples, "sample_temperature": c.sample_temperature,
                        "id_dtype": str(token_id_type(vocab)), "tokenizer_sha256": hash_tokenizer(tokenizer),
                        "bos_id": bos_id(tokenizer), "eos_id": eos_id(tokenizer), "vocab_file": VOCAB_FILE,
-                       "rows": "chat", "roles": list(chat.roles),
+                       "rows": "chat", "chat": to_dict(chat),
                        "chat_template_sha256": hashlib.sha256(
                            (getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()}}
 
@@ -189,20 +255,24 @@ class ChatLM(CausalLM):
         return {VOCAB_FILE: vocab_file(tokenizer)}  # always: bits per byte of the response tokens in stage two
 
     def run(self, runner, rows, task, seed, on_batch):
-        return runner.run_rows(rows, seed=seed, on_batch=on_batch)
+        gen = task.data.chat.generate
+        if gen is not None:
+            rows = runner.write_responses(rows, gen, seed)
+        return ChatOut(rows, runner.run_rows(rows, seed=seed, on_batch=on_batch))
 
     def table(self, rows, out, row_start, split, schema, task):
-        return chat_shard_table(rows, out, row_start, split, schema)
+        return chat_shard_table(out.rows, out.targets, row_start, split, schema)
 
     def stats(self, rows, out, label_names):
         """Teacher loss and top-1 over the response positions, their tail mass at the first temperature, tokens read
         (prompt included) and rows cut at max_length."""
+        rows, t = out.rows, out.targets
         return {"rows": len(rows), "tokens": int(sum(len(x) for x in rows.ids)),
-                "predicted_tokens": int(sum(len(o["nll"]) for o in out)),
+                "predicted_tokens": int(sum(len(o["nll"]) for o in t)),
                 "predicted_bytes": int(rows.target_bytes.sum()), "truncated_rows": int(rows.truncated.sum()),
-                "nll_sum": float(sum(o["nll"].astype(np.float64).sum() for o in out)),
-                "top1_hits": int(sum(o["top1"].sum() for o in out)),
-                "tail_mass_sum": float(sum(np.exp(o["tail"][:, 0].astype(np.float64)).sum() for o in out))}
+                "nll_sum": float(sum(o["nll"].astype(np.float64).sum() for o in t)),
+                "top1_hits": int(sum(o["top1"].sum() for o in t)),
+                "tail_mass_sum": float(sum(np.exp(o["tail"][:, 0].astype(np.float64)).sum() for o in t))}
 
     def summarise(self, stats):
         tot = {k: sum(s[k] for s in stats) for k in ("rows", "tokens", "predicted_tokens", "predicted_bytes",

@@ -47,6 +47,20 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    """Responses the teacher writes (sequence-level KD): from each row's prompt alone, the teacher generates the
+    assistant's turn once during capture, and the cache keeps it with its targets. Seeded per shard, so a resumed
+    capture regenerates only the shards it had not finished, identically."""
+
+    max_new_tokens: int = setting(128, help="Most tokens generated per response (it stops earlier at the end of "
+                                            "its turn; a response cut here is counted in `cut_responses`).",
+                                  check=at_least(1))
+    do_sample: bool = setting(False, help="Sample (true) or greedy decoding (false).")
+    temperature: float = setting(1.0, help="Sampling temperature (do_sample).", check=at_least(1e-6))
+    top_p: float = setting(1.0, help="Nucleus sampling mass (do_sample; 1 = off).", check=between(1e-6, 1))
+
+
+@dataclass(frozen=True)
 class ChatConfig:
     """How each row becomes one conversation for a `chat-lm` teacher, rendered with its chat template
     (kdcache/data/chat.py): a `messages` column, or a prompt and a response (columns, or templates over the row's
@@ -63,6 +77,8 @@ class ChatConfig:
                                                      "`\"Topic of this article? {text}\"`).")
     response_template: str | None = setting(None, help="Build the response the same way (e.g. `\"{label}\"`: the "
                                                        "gold answer, for checkable tasks).")
+    generate: GenerateConfig | None = setting(None, help="The teacher writes each response from the prompt "
+                                                        "(see below); the data's own responses are not read.")
     roles: tuple[str, ...] = setting(("assistant",), help="Turns whose tokens a student learns: targets are cached "
                                                           "only where the next token belongs to one of them.",
                                      check=each(one_of(*CHAT_ROLES)))

@@ -7,13 +7,14 @@ import dataclasses
 import re
 import typing
 
-from .schema import (AugmentConfig, CacheConfig, ChatConfig, DataConfig, FeatureLossConfig, FeaturesConfig, FinetuneConfig,
+from .schema import (AugmentConfig, CacheConfig, ChatConfig, DataConfig, GenerateConfig, FeatureLossConfig, FeaturesConfig, FinetuneConfig,
                      LifelongConfig, LossConfig, PipelineConfig, RoundConfig, SanityConfig, StudentConfig, TaskConfig,
                      TeacherConfig, TrainConfig)
 
 def config_reference(classes: typing.Sequence[type] | None = None) -> str:
     """Markdown reference of every config field, from the dataclasses' help lines."""
-    classes = classes or [PipelineConfig, TaskConfig, DataConfig, AugmentConfig, ChatConfig, TeacherConfig, FinetuneConfig,
+    classes = classes or [PipelineConfig, TaskConfig, DataConfig, AugmentConfig, ChatConfig, GenerateConfig,
+                          TeacherConfig, FinetuneConfig,
                           SanityConfig, CacheConfig, FeaturesConfig, StudentConfig, TrainConfig, LossConfig,
                           FeatureLossConfig, LifelongConfig, RoundConfig]
     out = []

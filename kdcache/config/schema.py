@@ -11,7 +11,7 @@ from .. import heads
 from ..train.loss_names import KD_KINDS, LM_TARGETS
 from ..typedconfig import (ConfigError, above, at_least, between, each, in_registry, matches, nonempty, one_of,
                            setting)
-from .data import EXTRA_INHERITS, AugmentConfig, ChatConfig, DataConfig  # noqa: F401 (re-exported)
+from .data import EXTRA_INHERITS, AugmentConfig, ChatConfig, DataConfig, GenerateConfig  # noqa: F401 (re-exported)
 from .rules import check_lifelong, check_split_names, check_student, check_task, per_language_students
 
 # Students' step floor (train.min_steps): chosen by measurement on SIB-200 French (701 training rows), docs/fidelity.md.

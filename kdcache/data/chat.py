@@ -96,3 +96,23 @@ def render(tokenizer: Any, turns: list[dict[str, str]], where: str, roles: Seque
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
     return Rendered(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), truncated)
+
+
+def prompt_turns(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation up to the response a teacher is to write: without its trailing assistant turns."""
+    end = len(turns)
+    while end and turns[end - 1]["role"] == "assistant":
+        end -= 1
+    return turns[:end]
+
+
+def render_prompt(tokenizer: Any, turns: list[dict[str, str]], where: str) -> np.ndarray:
+    """Token ids [L] (int64) of `turns` followed by the template's opening of an assistant turn (the generation
+    prompt), which the teacher continues."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatError(f"{where}: the teacher's tokenizer has no chat template; use the instruction-tuned "
+                        "teacher's own tokenizer (teacher.tokenizer)")
+    if not turns:
+        raise ChatError(f"{where}: no prompt turn before the response the teacher is to write")
+    out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+    return np.asarray(out["input_ids"] if isinstance(out, Mapping) else out, dtype=np.int64)

@@ -108,7 +108,7 @@ register(heads.CHAT_LM, Presenter(
     teacher_row_lm, lm_lines, "perplexity", "test perplexity on response tokens (log)",
     split_summary=lambda s: (f", {s['tokens']} tokens, {s['response_tokens']} in responses, teacher perplexity "
                              f"{s['teacher_perplexity']:.2f}, {s['teacher_bits_per_byte']:.3f} bits/byte, "
-                             f"{s['truncated_rows']} rows cut at max_length"),
+                             f"{s['truncated_rows']} rows cut (max_length, or a response at max_new_tokens)"),
     split_info=lambda s: (f"{s['bytes_per_response_token']:>8} B/response token  teacher ppl "
                           f"{s['teacher_perplexity']:.2f}  top-1 {s['teacher_top1_accuracy']:.3f}  tail mass "
                           f"{s['mean_tail_mass']:.4f}  {s['teacher_bits_per_byte']:.3f} bits/byte  truncated "
