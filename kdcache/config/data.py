@@ -73,7 +73,9 @@ class ChatConfig:
     system: str | None = setting(None, help="Column holding a system message put first (null: the template's "
                                             "default, if it has one).")
     prompt_template: str | None = setting(None, help="Build the prompt from the row: a Python format string over "
-                                                     "its columns, `{label}` being the gold label's name (e.g. "
+                                                     "its columns, `{label}` being the gold label's name and "
+                                                     "`{Label}` the same capitalised; `{text:.600}` keeps the first "
+                                                     "600 characters (e.g. "
                                                      "`\"Topic of this article? {text}\"`).")
     response_template: str | None = setting(None, help="Build the response the same way (e.g. `\"{label}\"`: the "
                                                        "gold answer, for checkable tasks).")

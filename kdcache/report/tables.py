@@ -85,17 +85,21 @@ def token_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
 
 def lm_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
     by_run = {r["run"]: r for r in runs}
+    answers = any("answer_accuracy" in t["test"] for t in teachers.values())  # a chat cache's checkable answers
     lines = ["Causal-LM students: test perplexity on next tokens and KL(teacher ‖ student) over the cached top-k "
              "ids plus the exact tail bucket (T = 1). Gain = CE twin's perplexity minus the KD student's. Perplexity "
              "counts each model's own tokens; bits per byte (caches with offsets) compare any tokenizers. A student "
              "with its own tokenizer (docs/cross-tokenizer.md) learns from the teacher at its aligned positions "
-             "(their share in `aligned`), and its KL is on the projected targets there.", "",
-             "| model | task | params | tokenizer | targets | test ppl | bits/byte | aligned | KL to teacher | train s "
-             "| ppl gain vs CE twin |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "(their share in `aligned`), and its KL is on the projected targets there."
+             + (" Chat cache: every figure is over response tokens only; answer acc = the share of test "
+                "conversations whose responses greedy decoding reproduces exactly." if answers else ""), "",
+             "| model | task | params | tokenizer | targets | test ppl | bits/byte | aligned | KL to teacher |"
+             + (" answer acc |" if answers else "") + " train s | ppl gain vs CE twin |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|" + ("---:|" if answers else "") + "---:|---:|"]
     for task, t in teachers.items():
         lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | teacher's | – | "
-                     f"{t['test']['perplexity']:.2f} | {fmt(t['test'].get('bits_per_byte'))} | – | 0 | – | – |")
+                     f"{t['test']['perplexity']:.2f} | {fmt(t['test'].get('bits_per_byte'))} | – | 0 | "
+                     + (f"{fmt(t['test'].get('answer_accuracy'))} | " if answers else "") + "– | – |")
     for r in in_order(runs):
         test = r.get("test", {})
         targets = (("ULD" if r["loss"].get("kind") == "uld" else r["loss"].get("targets", "topk"))
@@ -106,7 +110,8 @@ def lm_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
         lines.append(f"| {r['run']} | {r['task']} | {r['parameters']:,} | {tok} | {targets} | "
                      f"{fmt(test.get('perplexity'), '.2f')} | {fmt(test.get('bits_per_byte'))} | "
                      f"{fmt(test.get('aligned_share'), '.2f')} | {fmt(test.get('kl_to_teacher'))} | "
-                     f"{r['train_seconds']:.1f} | {fmt(gain(r, by_run, 'perplexity', -1.0), '+.2f')} |")
+                     + (f"{fmt(test.get('answer_accuracy'))} | " if answers else "")
+                     + f"{r['train_seconds']:.1f} | {fmt(gain(r, by_run, 'perplexity', -1.0), '+.2f')} |")
     return lines
 
 

@@ -15,6 +15,7 @@ from .. import config as C
 from ..cache import codecs
 from ..cache.reader import read_vocab
 from ..heads import CHAT_LM
+from ..metrics import answer_right
 from .lm import CausalLM, TokenizerMismatchError, lm_targets
 from .losses import SampledTargets, kd_loss_per_row, sampled_kd_loss_per_row, token_ce_per_row
 
@@ -48,20 +49,28 @@ def chat_loss(logits: torch.Tensor, batch: dict[str, Any], loss: C.LossConfig,
 def evaluate_chat(model: nn.Module, ds: Any, lm: dict[str, Any], nbytes: np.ndarray, batch_size: int,
                   device: torch.device) -> dict[str, Any]:
     """Over the response tokens of `ds`: perplexity, bits per byte (`nbytes` [V]: each id's UTF-8 bytes), top-1
-    agreement with the teacher and KL(teacher || student) on the cached top-k + tail buckets at T = 1."""
+    agreement with the teacher, KL(teacher || student) on the cached top-k + tail buckets at T = 1, and answer
+    accuracy: the share of rows whose response greedy decoding would reproduce exactly (capture.chat.answer_right)."""
     model.eval()
-    nll, tokens, kl, agree, total_bytes = 0.0, 0, 0.0, 0, 0
+    nll, tokens, kl, agree, total_bytes, right, rows = 0.0, 0, 0.0, 0, 0, 0, 0
     at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
     for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=codecs.get(CHAT_LM).collate):
         flat, labels = response_logits(model(input_ids=batch["input_ids"].to(device)).logits.float(), batch)
         nll += float(token_ce_per_row(flat, labels, 32).sum())
         tokens += len(labels)
         total_bytes += int(nbytes[labels.cpu().numpy()].sum())
-        agree += int((flat.argmax(-1).cpu() == batch["topk_ids"][:, 0]).sum())
+        top1 = flat.argmax(-1).cpu()
+        agree += int((top1 == batch["topk_ids"][:, 0]).sum())
+        owner, at = np.divmod(batch["target_index"].numpy(), batch["input_ids"].shape[1])
+        hits, nxt = (top1 == labels.cpu()).numpy(), labels.cpu().numpy()
+        right += sum(answer_right(hits[owner == j], nxt[owner == j], at[owner == j], lm["eos_id"])
+                     for j in range(len(batch["id"])))
+        rows += len(batch["id"])
         if 1.0 in lm["temperatures"]:
             kl += float(kd_loss_per_row(flat, lm_targets(batch, at1, lm).to(device), "kl", 1.0, chunk=32).sum())
     return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1), "tokens": tokens,
             "bits_per_byte": nll / math.log(2) / max(total_bytes, 1), "top1_agreement": agree / max(tokens, 1),
+            "answer_accuracy": right / max(rows, 1),
             "kl_to_teacher": kl / tokens if tokens and 1.0 in lm["temperatures"] else None}
 
 
