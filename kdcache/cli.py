@@ -226,7 +226,12 @@ def cmd_bench(args) -> int:
         from .experiments.lm_bench import column_costs
         column_costs(str(args.columns), None if args.no_doc else args.doc, args.out)
         return 0
-    if any(heads.has(t.teacher.head, heads.TOPK_TARGETS) for t in load_pipeline(args.pipeline).tasks.values()):
+    tasks = load_pipeline(args.pipeline).tasks.values()
+    if any(heads.has(t.teacher.head, heads.CHAT_ROWS) for t in tasks):
+        from .experiments.chat_bench import run_chat_bench
+        run_chat_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.teachers_dir)
+        return 0
+    if any(heads.has(t.teacher.head, heads.TOPK_TARGETS) for t in tasks):
         from .experiments.lm_bench import run_lm_bench
         run_lm_bench(args.pipeline, args.quick, args.out, None if args.no_doc else args.doc, args.teachers_dir)
         return 0

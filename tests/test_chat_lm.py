@@ -249,3 +249,13 @@ def test_answer_accuracy_is_exact_greedy_reproduction_of_each_response():
     assert not answer_right(np.array([1, 0, 1, 1, 1, 1, 1], bool), nxt, pos, stop)
     assert not answer_right(np.array([1, 1, 1, 1, 0, 1, 1], bool), nxt, pos, stop), "the second response counts"
     assert not answer_right(np.array([1, 1, 1, 1, 1, 0, 1], bool), nxt, pos, stop), "its end of turn counts"
+
+
+def test_chat_bench_quick_times_bare_forward_and_capture_on_the_same_batches(tmp_path):
+    from kdcache.experiments.chat_bench import run_chat_bench
+    doc = tmp_path / "benchmarks.md"
+    r = run_chat_bench(CHAT_TINY, True, tmp_path / "bench", doc, tmp_path / "teachers")
+    assert len(r["ratios"]) == len(r["bare_seconds"]) == len(r["capture_seconds"]) >= 2
+    assert all(x > 0 for x in r["ratios"]) and 0 < r["response_tokens"] < r["tokens"]
+    assert r["bytes_per_response_token"] == pytest.approx(r["bytes"] / r["response_tokens"])
+    assert (tmp_path / "bench" / "chat-tiny-chat.json").is_file() and not doc.exists(), "quick runs stay out of docs"
