@@ -47,3 +47,12 @@ def test_top_k_sets_must_match_except_at_ties():
     assert compare_lm(ref, tied, tol)["ok"]
     other = dict(ref, topk_ids=np.array([[[5, 7, 9]]]), topk_logits=np.array([[[3.0, 1.5, 1.0]]], np.float16))
     assert not compare_lm(ref, other, tol)["ok"], "id 7 replaces id 2 (logit 2.0) well above the k-th logit"
+
+
+def test_the_chat_check_compares_response_targets_and_generation():
+    """On CPU: fp32 against fp32 is exact and writes the same responses; bf16 autocast stays within tolerance."""
+    from kdcache.experiments.gpu_check import chat_check
+    same = chat_check("cpu", "fp32")
+    assert same["ok"] and same["lse"]["max_abs_diff"] == 0.0 and same["greedy_responses_identical"] == 1.0
+    bf16 = chat_check("cpu", "bf16")
+    assert bf16["ok"] and bf16["lse"]["max_abs_diff"] > 0.0 and 0.0 <= bf16["greedy_responses_identical"] <= 1.0

@@ -5,7 +5,9 @@ Checks: (1) a sequence classifier under autocast (bf16/fp16) on the device gives
 features within stated tolerances, and the same prediction on every row whose CPU margin exceeds the tolerance;
 (2) the causal-LM targets taken on the device (top-k ids, raw logits, log-sum-exp, exact tail) equal the CPU ones,
 top-k ids exactly except at ties within tolerance — reduced in one chunk, in chunks of 37 positions, and with the
-teacher placed by `device_map` (balanced over every GPU; without a GPU, offloaded to disk); (3) with two or more
+teacher placed by `device_map` (balanced over every GPU; without a GPU, offloaded to disk), and for a chat cache at
+the response positions of conversations, with the share of greedy responses the device writes as the CPU does;
+(3) with two or more
 GPUs, a two-process capture equals a one-process capture; (4) capture ÷ raw teacher forward on the device. Without
 a GPU it says so, runs checks 1-2 between two CPU runs (fp32 and bf16 autocast against fp32, so the comparison
 logic itself is exercised), and exits 0. Writes data/bench/gpu-check.json and, on a GPU, a section of docs/benchmarks.md."""
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import config as C, layout
+from ..capture.chat import ChatRunner, chat_rows
 from ..capture.classification import SequenceRunner
 from ..capture.lm import LMRunner, pack
 from ..capture.models import build_model, load_tokenizer
@@ -125,6 +128,32 @@ def lm_check(device: str, precision: str, chunk: int = 0, placed: Path | None = 
     return compare_lm(ref, got, TOLERANCE[precision])
 
 
+def chat_check(device: str, precision: str) -> dict[str, Any]:
+    """The chat-tiny teacher (a seeded 2-layer Llama, SmolLM2's chat template) writes greedy responses to BBC topic
+    prompts on CPU fp32 and on `device`; the targets at those response positions (the CPU's responses, for both)
+    are compared as for `lm_check`, and the share of responses the device wrote token for token as the CPU did is
+    reported (a near-tie may flip a greedy step under another precision: measured, not gated)."""
+    task = _tiny("chat-tiny", ["tasks.topic.data.limit=8",
+                               "tasks.topic.data.chat.generate={max_new_tokens: 6}"]).tasks["topic"]
+    data = load_task_data(task.data)
+    model, _ = build_model(task.teacher, "AutoModelForCausalLM", None, seed=0)
+    tok = load_tokenizer(task.teacher)
+    prompts = chat_rows(data.splits["train"], "train", tok, task, data.label_names)
+    gen = task.data.chat.generate
+    cpu = ChatRunner(copy.deepcopy(model), dataclasses.replace(task, teacher=dataclasses.replace(
+        task.teacher, precision="fp32")), tok, "cpu")
+    there = ChatRunner(model, dataclasses.replace(task, teacher=dataclasses.replace(task.teacher, precision=precision)),
+                       tok, device)
+    rows = cpu.write_responses(prompts, gen, 0)
+    mine = there.write_responses(prompts, gen, 0)
+
+    def joined(out):
+        return {k: np.concatenate([o[k] for o in out]) for k in ("topk_ids", "topk_logits", "lse", "tail")}
+    res = compare_lm(joined(cpu.run_rows(rows)), joined(there.run_rows(rows)), TOLERANCE[precision])
+    res["greedy_responses_identical"] = float(np.mean([np.array_equal(a, b) for a, b in zip(rows.ids, mine.ids)]))
+    return res
+
+
 def multi_gpu_check(out: Path) -> dict[str, Any]:
     """A two-process capture of the tiny pipeline on two GPUs against a one-process capture."""
     from ..cache.format import read_manifest
@@ -172,6 +201,7 @@ def run_gpu_check(out_dir: Path | None = None, doc: Path | None = Path("docs/ben
             where = "balanced over every GPU" if gpu else "offloaded to disk"
             res["checks"][f"lm targets {device} {p}, teacher {where}, vs cpu fp32"] = lm_check(device, p, 0,
                                                                                                Path(tmp))
+        res["checks"][f"chat targets and greedy responses {device} {p} vs cpu fp32"] = chat_check(device, p)
     if gpu and torch.cuda.device_count() >= 2:
         with tempfile.TemporaryDirectory() as tmp:
             res["checks"]["two-GPU capture vs one"] = multi_gpu_check(Path(tmp))
