@@ -314,3 +314,27 @@ def test_the_whole_teacher_as_a_student_starts_at_the_teachers_answers_and_train
     assert whole["kl_to_teacher"] < 1e-3 and whole["answer_accuracy"] == st["teacher_answer_accuracy"]
     assert whole["perplexity"] == pytest.approx(st["teacher_perplexity"], rel=1e-3)
     assert runs["half"]["parameters"] < runs["whole"]["parameters"]
+
+
+def test_logits_at_response_positions_only_give_the_full_logits_loss_and_gradient(chat_cache):
+    """`ChatModel` applies the output layer at the N cached positions only ([N, V], not [B, L, V]): the loss and
+    every parameter's gradient equal those of the full forward's logits."""
+    from kdcache.students import build_student
+    from kdcache.train.chat import ChatModel
+    cache, _ = chat_cache
+    ds = CacheDataset(str(cache), "train")
+    lm = ds.manifest["lm"]
+    batch = ds.collate(list(itertools.islice(iter(ds), 6)))
+    torch.manual_seed(0)
+    student = build_student("llama", {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}, lm["vocab_size"], 160)
+    model = ChatModel(student, lm["tokenizer_sha256"])
+    loss = LossConfig(kind="kl", temperature=2.0, alpha=0.5, targets="topk")
+    at, _ = model("topic", batch)
+    assert at.shape == (len(batch["target_index"]), lm["vocab_size"])
+    got, _ = chat_loss(at, batch, loss, lm)
+    g_got = torch.autograd.grad(got, list(student.parameters()))
+    want, _ = chat_loss(student(input_ids=batch["input_ids"]).logits, batch, loss, lm)
+    g_want = torch.autograd.grad(want, list(student.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

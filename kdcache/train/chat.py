@@ -16,16 +16,32 @@ from ..cache import codecs
 from ..cache.reader import read_vocab
 from ..heads import CHAT_LM
 from ..metrics import answer_right
-from .lm import CausalLM, TokenizerMismatchError, lm_targets
+from ..capture.logits import OutputHead
+from .lm import CausalLM, LMModel, TokenizerMismatchError, lm_targets
 from .losses import SampledTargets, kd_loss_per_row, sampled_kd_loss_per_row, token_ce_per_row
 
 
 def response_logits(logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(the student's logits [N, V] at the batch's target positions, the tokens that follow them [N]) from logits
-    [B, L, V] of the right-padded input_ids [B, L]."""
-    V = logits.shape[-1]
+    [B, L, V] of the right-padded input_ids [B, L], or from logits already taken there ([N, V], `ChatModel`)."""
     index = batch["target_index"].to(logits.device)
-    return logits.reshape(-1, V)[index], batch["input_ids"].reshape(-1).to(logits.device)[index + 1]
+    nxt = batch["input_ids"].reshape(-1).to(logits.device)[index + 1]
+    return (logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])[index]), nxt
+
+
+class ChatModel(LMModel):
+    """A causal-LM student that applies its output layer only at the batch's target positions: its body runs over
+    the whole conversation, but logits are [N, V] for the N response positions, not [B, L, V] (the prompt of a long
+    context costs no vocabulary-wide activations, forward or backward)."""
+
+    def __init__(self, lm: nn.Module, tokenizer_sha256: str) -> None:
+        super().__init__(lm, tokenizer_sha256)
+        self.head = OutputHead(lm)
+
+    def forward(self, task: str, batch: dict[str, Any], features: bool = True):
+        batch["student_tokens"] = None
+        h = self.head.hidden(batch["input_ids"].to(self.device()))
+        return self.head.logits(h.reshape(-1, h.shape[-1])[batch["target_index"].to(h.device)]), []
 
 
 def chat_loss(logits: torch.Tensor, batch: dict[str, Any], loss: C.LossConfig,
@@ -46,7 +62,7 @@ def chat_loss(logits: torch.Tensor, batch: dict[str, Any], loss: C.LossConfig,
 
 
 @torch.inference_mode()
-def evaluate_chat(model: nn.Module, ds: Any, lm: dict[str, Any], nbytes: np.ndarray, batch_size: int,
+def evaluate_chat(model: ChatModel, ds: Any, lm: dict[str, Any], nbytes: np.ndarray, batch_size: int,
                   device: torch.device) -> dict[str, Any]:
     """Over the response tokens of `ds`: perplexity, bits per byte (`nbytes` [V]: each id's UTF-8 bytes), top-1
     agreement with the teacher, KL(teacher || student) on the cached top-k + tail buckets at T = 1, and answer
@@ -55,7 +71,7 @@ def evaluate_chat(model: nn.Module, ds: Any, lm: dict[str, Any], nbytes: np.ndar
     nll, tokens, kl, agree, total_bytes, right, rows = 0.0, 0, 0.0, 0, 0, 0, 0
     at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
     for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=codecs.get(CHAT_LM).collate):
-        flat, labels = response_logits(model(input_ids=batch["input_ids"].to(device)).logits.float(), batch)
+        flat, labels = response_logits(model("", batch)[0].float(), batch)
         nll += float(token_ce_per_row(flat, labels, 32).sum())
         tokens += len(labels)
         total_bytes += int(nbytes[labels.cpu().numpy()].sum())
@@ -93,4 +109,8 @@ class ChatLM(CausalLM):
     def evaluate(self, model, task, ds, source):
         nbytes = source.once("vocab bytes", lambda: np.fromiter(
             (len(b) for b in read_vocab(source.cache, source.manifest)[0]), dtype=np.int64))
-        return evaluate_chat(model.core, ds, source.manifest["lm"], nbytes, self.eval_batch_size, model.device())
+        return evaluate_chat(model, ds, source.manifest["lm"], nbytes, self.eval_batch_size, model.device())
+
+    def build_model(self, st, loss, source, tokenizer, max_length, where):
+        m = super().build_model(st, loss, source, tokenizer, max_length, where)
+        return ChatModel(m.lm, m.tokenizer_sha256)  # (tokenizer is None: `tokenizer` refuses another one)
