@@ -7,15 +7,14 @@ chunk's matmul may round its last bit apart from the whole batch's; tested for L
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from ..lmhead import OutputHead  # noqa: F401 (re-exported: capture's split head)
 from .runner import refuse_non_finite
 
-log = logging.getLogger(__name__)
 
 # Bytes of float32 logits per chunk when `cache.logit_chunk` is 0 (auto); about 3 such tensors are live at once
 # (the logits, one tempered copy, and the softmax when sampling).
@@ -27,42 +26,6 @@ def chunk_positions(setting: int, vocab: int, device: torch.device) -> int:
     if setting > 0:
         return setting
     return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * vocab))
-
-
-class OutputHead:
-    """The model's own way from its last hidden state to its logits, split off the body so it can run on a chunk:
-    the output embedding, then the final soft-capping where the config has one. `check` compares it with the
-    model's full forward on a probe; a model whose head does something else is run unchunked (with a warning)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.body = model.base_model
-        self.linear = model.get_output_embeddings()
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.softcap = getattr(text, "final_logit_softcapping", None)
-        self.usable = self.body is not model and self.linear is not None
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Last hidden state [B, L, H] for token ids [B, L]."""
-        return self.body(input_ids=x).last_hidden_state
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [..., V] (the autocast dtype) for hidden states [..., H]."""
-        z = self.linear(h)
-        if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
-
-    def check(self, model: torch.nn.Module, x: torch.Tensor) -> bool:
-        """Whether the split head gives the model's own logits on the probe ids x [1, l] (to float32 rounding)."""
-        if not self.usable:
-            return False
-        try:
-            want = model(input_ids=x).logits.float()
-            got = self.logits(self.hidden(x)).float()
-        except Exception as e:  # noqa: BLE001 - any failure means: not splittable, use the full forward
-            log.warning("the teacher's output layer could not be run on its own (%s)", e)
-            return False
-        return want.shape == got.shape and torch.allclose(want, got, rtol=1e-5, atol=1e-5)
 
 
 def reduce(z: torch.Tensor, nxt: torch.Tensor, k: int, temperatures: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ from .. import config as C
 from ..cache import codecs
 from ..cache.reader import read_vocab
 from ..heads import CHAT_LM
+from ..lmhead import OutputHead
 from ..metrics import answer_right
-from ..capture.logits import OutputHead
 from .lm import CausalLM, LMModel, TokenizerMismatchError, lm_targets
 from .losses import SampledTargets, kd_loss_per_row, sampled_kd_loss_per_row, token_ce_per_row
 
