@@ -338,3 +338,22 @@ def test_logits_at_response_positions_only_give_the_full_logits_loss_and_gradien
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_layers_ranked_by_importance_on_cached_rows(chat_cache, teacher_folder, tmp_path):
+    """Block influence (1 − cos(input, output) of each layer) against the model's own hidden states, and a student
+    keeping the most important layer, ranked on the cache's rows by the training loop."""
+    from kdcache.students.llama import layer_importance
+    cache, _ = chat_cache
+    folder, teacher = teacher_folder
+    rows = [r["input_ids"] for r in itertools.islice(iter(CacheDataset(str(cache), "train")), 4)]
+    got = layer_importance(teacher, rows)
+    with torch.inference_mode():  # hidden_states[i] enters layer i (the last entry is after the final norm)
+        hs = [teacher(input_ids=torch.as_tensor(np.asarray(r, np.int64))[None], output_hidden_states=True).hidden_states
+              for r in rows]
+    want0 = sum(float((1 - torch.nn.functional.cosine_similarity(h[0][0], h[1][0], dim=-1)).sum()) for h in hs)
+    assert got[0] == pytest.approx(want0 / sum(len(r) for r in rows), rel=1e-5) and (got > 0).all()
+    over = [f"students.best={{arch: llama, params: {{init_from: {folder}, keep_layers: 'importance:1'}}, twin: false}}"]
+    run, = train_students(load_pipeline(CHAT_TINY, over), ["best"], {"topic": str(cache)}, tmp_path / "runs")
+    assert run["kept_layers"] == [int(np.argmax(layer_importance(teacher, rows + [
+        r["input_ids"] for r in itertools.islice(iter(CacheDataset(str(cache), "train")), 4, 16)])))]

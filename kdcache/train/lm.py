@@ -4,6 +4,7 @@ KL(teacher || student) on the cached top-k + tail buckets at T = 1."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from .losses import (LOG_TINY, SampledTargets, TopKTargets, kd_loss_per_row, sam
                      token_ce_per_row)
 
 
-CROSS_LENGTH_FACTOR = 4  # a student row may hold up to this many times the teacher's tokens (the rest is cut)
+CROSS_LENGTH_FACTOR = 4
+CALIBRATION_ROWS = 16  # cached training rows a layer-importance ranking (keep_layers: importance:N) is measured on  # a student row may hold up to this many times the teacher's tokens (the rest is cut)
 
 
 class TokenizerMismatchError(CacheMismatchError):
@@ -195,7 +197,9 @@ class CausalLM(TrainHead):
             max_len = CROSS_LENGTH_FACTOR * lm["seq_len"]
             return CrossLMModel(build_student(st.arch, st.params, tokenizer.vocab_size, max_len, where=where),
                                 tokenizer, max_len)
-        return LMModel(build_student(st.arch, st.params, lm["vocab_size"], lm["seq_len"], where=where),
+        calibration = ([r["input_ids"] for r in itertools.islice(iter(source.train), CALIBRATION_ROWS)]
+                       if str(st.params.get("keep_layers", "")).startswith("importance:") else None)
+        return LMModel(build_student(st.arch, st.params, lm["vocab_size"], lm["seq_len"], calibration, where=where),
                        lm["tokenizer_sha256"])
 
     def targets(self, batch, source, device):
@@ -221,4 +225,5 @@ class CausalLM(TrainHead):
         if isinstance(model, CrossLMModel):
             return {"tokenizer_sha256": model.tok.sha256, "teacher_tokenizer_sha256": lm["tokenizer_sha256"],
                     "student_vocab_size": model.tok.vocab_size, "tokenizer": model.tok.trained or "own"}
-        return {"tokenizer_sha256": lm["tokenizer_sha256"]}
+        kept = getattr(model.core, "kdcache_kept_layers", None)  # a student from the teacher's layers
+        return {"tokenizer_sha256": lm["tokenizer_sha256"], **({"kept_layers": kept} if kept is not None else {})}
