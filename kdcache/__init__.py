@@ -10,7 +10,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = ["CacheDataset", "CacheFormatError", "SampledTargets", "TopKTargets", "collate", "dense_kd_loss_per_row",
-           "distillation_loss", "feature_loss", "find_cache", "kd_loss_per_row", "manifest", "open_split",
+           "distillation_loss", "feature_loss", "find_cache", "kd_loss_per_row", "lm_distillation_loss", "manifest",
+           "open_split",
            "read_column"]
 
 

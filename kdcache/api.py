@@ -64,3 +64,21 @@ def read_column(path: str, split: str, column: str, *, task: str | None = None,
 def manifest(path: str, *, task: str | None = None) -> dict[str, Any]:
     """The checked manifest of a cache: labels, splits, statistics, teacher fingerprint (docs/cache-format.md)."""
     return open_manifest(find_cache(path, task))[2]
+
+
+def lm_distillation_loss(student_logits: Any, batch: dict[str, Any], cache_manifest: dict[str, Any], *,
+                         temperature: float = 1.0, alpha: float = 0.5, targets: str = "topk") -> tuple[Any, dict]:
+    """α·next-token CE + (1-α)·KD (top-k + exact tail, or `targets="sampled"`) of a causal-LM student on a batch of
+    an LM cache (`ds.collate`), with T² scaling and the student normalised over its whole vocabulary; `student_logits`
+    [B, L, V] for the batch's `input_ids`. A chat cache's batch counts its response positions only; a packed one,
+    every position. `temperature` must be one the cache stores (`manifest["lm"]["temperatures"]`). Returns
+    (loss, {"ce": ..., "kd": ...})."""
+    from . import config as C
+    from .train.chat import chat_loss
+    from .train.lm import lm_loss
+    loss = C.LossConfig(kind="kl", temperature=temperature, alpha=alpha, targets=targets)
+    lm = cache_manifest["lm"]
+    if alpha < 1.0 and targets != "sampled" and temperature not in lm["temperatures"]:
+        raise ValueError(f"temperature {temperature} is not cached (the cache has {lm['temperatures']}): the exact "
+                         "tail exists only at the temperatures the teacher pass stored")
+    return (chat_loss if "target_index" in batch else lm_loss)(student_logits, batch, loss, lm)

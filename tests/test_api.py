@@ -1,5 +1,5 @@
 """The public API: importable from `kdcache`, opens a pipeline's or a task's cache folder, shuffles by default, and
-both examples in docs/api.md run as written (on a small cache) and learn from the cached targets."""
+the classification examples in docs/api.md run as written (on a small cache) and learn from the cached targets."""
 
 from __future__ import annotations
 

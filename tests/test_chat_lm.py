@@ -357,3 +357,35 @@ def test_layers_ranked_by_importance_on_cached_rows(chat_cache, teacher_folder, 
     run, = train_students(load_pipeline(CHAT_TINY, over), ["best"], {"topic": str(cache)}, tmp_path / "runs")
     assert run["kept_layers"] == [int(np.argmax(layer_importance(teacher, rows + [
         r["input_ids"] for r in itertools.islice(iter(CacheDataset(str(cache), "train")), 4, 16)])))]
+
+
+def test_the_trainer_example_for_a_causal_lm_student_runs_with_kdcaches_loss(chat_cache, teacher_folder, tmp_path,
+                                                                      monkeypatch):
+    """docs/api.md (c) as written, on chat-tiny's cache with its teacher's folder as the checkpoint: it trains,
+    and the loss it reports equals kdcache's own chat loss on the same batch."""
+    import re
+
+    import kdcache
+    cache, _ = chat_cache
+    folder, _ = teacher_folder
+    example = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "api.md").read_text(), re.S)[2]
+    for old, new in {'CACHE = "data/cache/chat"': f"CACHE = {str(cache)!r}",
+                     'STUDENT = "data/teachers/chat/sentiment"': f"STUDENT = {str(folder)!r}",
+                     "max_steps=100": "max_steps=6", "learning_rate=1e-4": "learning_rate=1e-3"}.items():
+        assert old in example, old
+        example = example.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {"__name__": "docs_api_example"}
+    exec(compile(example, "docs/api.md", "exec"), ns)
+    trainer = ns["trainer"]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [trainer.state.log_history[-1]["train_loss"]]
+    assert trainer.state.global_step == 6 and all(np.isfinite(x) for x in losses)
+    ds = CacheDataset(str(cache), "test")
+    batch = ds.collate(list(itertools.islice(iter(ds), 4)))
+    with torch.no_grad():
+        logits = ns["student"](input_ids=batch["input_ids"]).logits
+    got, _ = kdcache.lm_distillation_loss(logits, batch, ns["cache"], temperature=1.0, alpha=0.5)
+    want, _ = chat_loss(logits, batch, LossConfig(kind="kl", temperature=1.0, alpha=0.5), ns["cache"]["lm"])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="not cached"):
+        kdcache.lm_distillation_loss(logits, batch, ns["cache"], temperature=3.0)
