@@ -48,6 +48,13 @@ def answer_right(hits: np.ndarray, nxt: np.ndarray, positions: np.ndarray, stop:
     return True
 
 
+def answer_matches(text: str, reference: str) -> bool:
+    """Whether a generated answer gives the reference answer: after trimming, case-folding and collapsing
+    whitespace, the answer starts with the reference ("Positive." gives "positive"; "It is positive" does not)."""
+    norm = lambda x: " ".join(x.split()).casefold()  # noqa: E731
+    return bool(norm(reference)) and norm(text).startswith(norm(reference))
+
+
 def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     """(type, first word, last word) of every entity in an IOB2/IOB1 tag sequence, by conlleval's rules: an entity
     starts at B-X, or at I-X not continuing an X entity, and runs while I-X follows."""

@@ -389,3 +389,29 @@ def test_the_trainer_example_for_a_causal_lm_student_runs_with_kdcaches_loss(cha
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="not cached"):
         kdcache.lm_distillation_loss(logits, batch, ns["cache"], temperature=3.0)
+
+
+def test_generated_answers_are_checked_against_the_datas_own(tmp_path, teacher_folder):
+    """With teacher-written responses the cache still keeps each row's own answer (`reference`); the teacher's
+    generated accuracy is the share of its responses that give it, and a student's is measured by generating."""
+    from kdcache.metrics import answer_matches
+    assert answer_matches("  Positive.<eos>", "positive") and answer_matches("sports\n", "sports")
+    assert not answer_matches("It is positive", "positive") and not answer_matches("", "tech")
+    pipeline = load_pipeline(CHAT_TINY, [GENERATE % "false", "tasks.topic.data.limit=8"])
+    m = build_teacher_cache(pipeline, "topic", tmp_path / "cache", tmp_path / "teachers")
+    task = pipeline.tasks["topic"]
+    data = load_task_data(task.data)
+    _, tok, _ = prepare_teacher("chat-tiny", "topic", task, data, tmp_path / "teachers")
+    table, _ = _table(tmp_path / "cache", "test")
+    refs = table.column("reference").to_pylist()
+    assert refs == [data.label_names[y] for y in data.splits["test"]["label"]], "the gold answers, not the teacher's"
+    checks = [answer_matches(tok.decode(np.asarray(ids)[pos[0] + 1:], skip_special_tokens=True), ref)
+              for ids, pos, ref in zip(table.column("input_ids").to_pylist(), table.column("positions").to_pylist(),
+                                       refs)]
+    assert m["splits"]["test"]["stats"]["teacher_generated_accuracy"] == pytest.approx(np.mean(checks))
+    folder, _ = teacher_folder
+    over = [GENERATE % "false", "tasks.topic.data.limit=8",
+            f"students.whole={{arch: llama, params: {{init_from: {folder}}}, twin: false}}"]
+    run, = train_students(load_pipeline(CHAT_TINY, over), ["whole"], {"topic": str(tmp_path / "cache")},
+                          tmp_path / "runs")
+    assert 0.0 <= run["test"]["generated_accuracy"] <= 1.0

@@ -153,6 +153,7 @@ def chat_parquet_schema(k: int, num_temperatures: int, vocab_size: int, samples:
         pa.field("lse", pa.list_(pa.float32()), nullable=False),                    # logsumexp(z/T), per position
         pa.field("tail", pa.list_(pa.float32()), nullable=False),                   # log mass outside the top-k
         pa.field("truncated", pa.bool_(), nullable=False),                          # cut at cache.max_length
+        pa.field("reference", pa.string()),                                         # the data's own answer
         pa.field("input_hash", pa.int64(), nullable=False),
     ]
     if samples:

@@ -20,8 +20,9 @@ from ..config import ChatConfig, GenerateConfig, TaskConfig, to_dict
 from ..data.chat import ChatError, Rendered, prompt_turns, render, render_prompt, to_messages
 from ..failpoints import failpoint
 from ..fingerprint import hash_ids, hash_tokenizer
+from ..generation import continue_prompts
 from ..heads import CHAT_LM
-from ..metrics import answer_right
+from ..metrics import answer_matches, answer_right
 from ..vocab import vocab_bytes
 from .lm import CausalLM, LMRunner, bos_id, eos_id, vocab_file
 from .logits import pack_draws
@@ -30,18 +31,21 @@ from .logits import pack_draws
 @dataclass
 class ChatRows:
     """Rendered conversations of one split: token ids [L_i] and response masks [L_i] (bool) per row, whether each
-    was cut at max_length [n], and per row the UTF-8 bytes of the tokens a student predicts (for bits per byte)."""
+    was cut at max_length [n], per row the UTF-8 bytes of the tokens a student predicts (for bits per byte), and
+    the data's own answer (the reference a generated answer is checked against)."""
 
     ids: list[np.ndarray]
     masks: list[np.ndarray]
     truncated: np.ndarray
     target_bytes: np.ndarray
+    references: list[str | None]  # per row the data's own (gold) answer, its last assistant turn, where it has one
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, rows: slice) -> "ChatRows":
-        return ChatRows(self.ids[rows], self.masks[rows], self.truncated[rows], self.target_bytes[rows])
+        return ChatRows(self.ids[rows], self.masks[rows], self.truncated[rows], self.target_bytes[rows],
+                        self.references[rows])
 
     def positions(self, i: int) -> np.ndarray:
         """Row i's target positions: t where token t + 1 belongs to a learned turn (ascending)."""
@@ -73,6 +77,17 @@ def conversation(row: Mapping[str, Any], chat: ChatConfig, label_names, label_fi
     return prompt_turns(turns) if prompt_only else turns
 
 
+def reference(row: Mapping[str, Any], chat: ChatConfig, label_names, label_field: str | None,
+              where: str) -> str | None:
+    """The row's own answer (its last assistant turn) when the teacher writes the responses: None when the row has
+    none (prompts alone)."""
+    try:
+        turns = conversation(row, chat, label_names, label_field, where)
+    except ChatError:
+        return None
+    return next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), None)
+
+
 def response_bytes(ids: np.ndarray, mask: np.ndarray, nbytes: np.ndarray) -> int:
     """UTF-8 bytes of the tokens a student predicts in one row (`nbytes` [V]: each id's bytes)."""
     return int(nbytes[ids[1:][mask[1:]]].sum())
@@ -84,10 +99,12 @@ def chat_rows(ds: Any, split: str, tokenizer: Any, task: TaskConfig, label_names
     split, row and id."""
     chat, L = task.data.chat, task.cache.max_length
     nbytes = token_bytes(tokenizer)
-    ids, masks, cut, target_bytes = [], [], [], []
+    ids, masks, cut, target_bytes, references = [], [], [], [], []
     for i, row in enumerate(ds):
         where = f"split {split!r}, row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
         turns = conversation(row, chat, label_names, task.data.label_field, where, prompt_only=bool(chat.generate))
+        references.append(reference(row, chat, label_names, task.data.label_field, where) if chat.generate
+                           else next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), None))
         if chat.generate:
             r = Rendered(render_prompt(tokenizer, turns, where), None, False)
             if len(r.ids) >= L:
@@ -105,7 +122,7 @@ def chat_rows(ds: Any, split: str, tokenizer: Any, task: TaskConfig, label_names
         masks.append(r.mask)
         cut.append(r.truncated)
         target_bytes.append(response_bytes(r.ids, r.mask, nbytes))
-    return ChatRows(ids, masks, np.asarray(cut, bool), np.asarray(target_bytes, np.int64))
+    return ChatRows(ids, masks, np.asarray(cut, bool), np.asarray(target_bytes, np.int64), references)
 
 
 def token_bytes(tokenizer: Any) -> np.ndarray:
@@ -121,6 +138,7 @@ class ChatOut:
     rows: ChatRows
     targets: list[dict[str, np.ndarray]]
     stop: int  # the end-of-turn id
+    written_right: list[bool | None] | None = None  # teacher-written responses: each one's answer checked
 
 
 class ChatRunner(LMRunner):
@@ -131,38 +149,20 @@ class ChatRunner(LMRunner):
         super().__init__(model, task.cache, task.teacher.precision, device)
         self.generation, self.max_length = task.data.chat.generate, task.cache.max_length
         self.stop, self.nbytes = eos_id(tokenizer), token_bytes(tokenizer)
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
-    @torch.inference_mode()
     def write_responses(self, rows: ChatRows, gen: GenerateConfig, seed: int) -> ChatRows:
-        """Each prompt continued by the teacher (`transformers` generate: left-padded, length-sorted batches) until
-        its end of turn or `max_new_tokens` (or `cache.max_length`), the response masked as what students learn.
-        Seeded: the same shard writes the same responses."""
+        """Each prompt continued by the teacher (generation.py) until its end of turn or `max_new_tokens` (or
+        `cache.max_length`), the response masked as what students learn. Seeded: the same shard writes the same
+        responses."""
         torch.manual_seed(seed)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows.ids[i]))
-        ids, masks, cut = list(rows.ids), list(rows.masks), rows.truncated.copy()
-        for b in range(0, len(order), self.cache.batch_size):
-            members = order[b:b + self.cache.batch_size]
-            P = max(len(rows.ids[i]) for i in members)
-            x = np.full((len(members), P), self.stop, np.int64)
-            attention = np.zeros((len(members), P), np.int64)
-            for j, i in enumerate(members):
-                x[j, P - len(rows.ids[i]):], attention[j, P - len(rows.ids[i]):] = rows.ids[i], 1
-            budget = min(gen.max_new_tokens, self.max_length - P)
-            with self.autocast():
-                new = self.model.generate(
-                    input_ids=torch.as_tensor(x, device=self.device),
-                    attention_mask=torch.as_tensor(attention, device=self.device), max_new_tokens=budget,
-                    do_sample=gen.do_sample, eos_token_id=self.stop, pad_token_id=self.stop,
-                    **({"temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}))[:, P:]
-            for j, i in enumerate(members):
-                r = new[j].cpu().numpy()
-                end = np.flatnonzero(r == self.stop)
-                r = r[:end[0] + 1] if len(end) else r  # through its end-of-turn token, which is learned too
-                cut[i] = not len(end)
-                ids[i] = np.concatenate([rows.ids[i], r])
-                masks[i] = np.concatenate([np.zeros(len(rows.ids[i]), bool), np.ones(len(r), bool)])
+        written, cut = continue_prompts(self.model, rows.ids, self.stop, gen.max_new_tokens, self.cache.batch_size,
+                                        self.device, gen.do_sample, gen.temperature, gen.top_p, self.max_length,
+                                        self.autocast)
+        ids = [np.concatenate([p, r]) for p, r in zip(rows.ids, written)]
+        masks = [np.concatenate([np.zeros(len(p), bool), np.ones(len(r), bool)]) for p, r in zip(rows.ids, written)]
         return ChatRows(ids, masks, cut, np.asarray([response_bytes(a, m, self.nbytes) for a, m in zip(ids, masks)],
-                                                    np.int64))
+                                                    np.int64), rows.references)
 
     @torch.inference_mode()
     def run_rows(self, rows: ChatRows, seed: int = 0, on_batch=None) -> list[dict[str, np.ndarray]]:
@@ -221,6 +221,7 @@ def chat_shard_table(rows: ChatRows, out: list[dict[str, np.ndarray]], row_start
         "lse": ragged(per_row("lse"), pa.float32()),
         "tail": ragged(per_row("tail"), pa.float32()),
         "truncated": pa.array(rows.truncated, pa.bool_()),
+        "reference": pa.array(rows.references, pa.string()),
         "input_hash": pa.array([hash_ids(s) for s in rows.ids], pa.int64()),
     }
     if "sample_ids" in schema.names:
@@ -260,9 +261,12 @@ class ChatLM(CausalLM):
 
     def run(self, runner, rows, task, seed, on_batch):
         gen = task.data.chat.generate
+        right = None
         if gen is not None:
-            rows = runner.write_responses(rows, gen, seed)
-        return ChatOut(rows, runner.run_rows(rows, seed=seed, on_batch=on_batch), runner.stop)
+            prompts, rows = rows, runner.write_responses(rows, gen, seed)
+            right = [None if ref is None else answer_matches(runner.decode(ids[len(p):]), ref)
+                     for p, ids, ref in zip(prompts.ids, rows.ids, rows.references)]
+        return ChatOut(rows, runner.run_rows(rows, seed=seed, on_batch=on_batch), runner.stop, right)
 
     def table(self, rows, out, row_start, split, schema, task):
         return chat_shard_table(out.rows, out.targets, row_start, split, schema)
@@ -273,7 +277,9 @@ class ChatLM(CausalLM):
         rows, t = out.rows, out.targets
         right = [answer_right(o["top1"], rows.ids[i][rows.positions(i) + 1], rows.positions(i), out.stop)
                  for i, o in enumerate(t)]
+        checked = [x for x in (out.written_right or []) if x is not None]
         return {"rows": len(rows), "tokens": int(sum(len(x) for x in rows.ids)), "answers_right": int(sum(right)),
+                "references": len(checked), "references_matched": int(sum(checked)),
                 "predicted_tokens": int(sum(len(o["nll"]) for o in t)),
                 "predicted_bytes": int(rows.target_bytes.sum()), "truncated_rows": int(rows.truncated.sum()),
                 "nll_sum": float(sum(o["nll"].astype(np.float64).sum() for o in t)),
@@ -283,7 +289,8 @@ class ChatLM(CausalLM):
     def summarise(self, stats):
         tot = {k: sum(s[k] for s in stats) for k in ("rows", "tokens", "predicted_tokens", "predicted_bytes",
                                                      "truncated_rows", "nll_sum", "top1_hits", "tail_mass_sum",
-                                                     "answers_right", "seconds")}
+                                                     "answers_right", "references", "references_matched",
+                                                     "seconds")}
         pred = max(tot["predicted_tokens"], 1)
         return {"rows": tot["rows"], "tokens": tot["tokens"], "response_tokens": tot["predicted_tokens"],
                 "truncated_rows": tot["truncated_rows"],
@@ -291,5 +298,8 @@ class ChatLM(CausalLM):
                 "teacher_perplexity": float(np.exp(tot["nll_sum"] / pred)),
                 "teacher_top1_accuracy": tot["top1_hits"] / pred,
                 "teacher_answer_accuracy": tot["answers_right"] / max(tot["rows"], 1),
+                # teacher-written responses: the share whose answer is the data's own (None: nothing to check)
+                "teacher_generated_accuracy": (tot["references_matched"] / tot["references"]
+                                               if tot["references"] else None),
                 "mean_tail_mass": tot["tail_mass_sum"] / pred,
                 "teacher_tokens_per_s": tot["tokens"] / tot["seconds"] if tot["seconds"] else None}

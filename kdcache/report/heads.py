@@ -115,6 +115,8 @@ register(heads.CHAT_LM, Presenter(
                           f"{fmt(s.get('teacher_answer_accuracy'), '.3f')}  truncated "
                           f"{s['truncated_rows']}"),
     run_summary=lambda t: (f"test perplexity {fmt(t.get('perplexity'), '.2f')}  bits/byte "
-                           f"{fmt(t.get('bits_per_byte'))}  answer acc {fmt(t.get('answer_accuracy'))}  top-1 "
+                           f"{fmt(t.get('bits_per_byte'))}  answer acc {fmt(t.get('answer_accuracy'))}"
+                           + (f"  generated acc {fmt(t['generated_accuracy'])}" if t.get("generated_accuracy")
+                              is not None else "") + "  top-1 "
                            f"agreement {fmt(t.get('top1_agreement'))}  KL to teacher {fmt(t.get('kl_to_teacher'))}"),
     log_scale=False))

@@ -86,20 +86,26 @@ def token_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
 def lm_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
     by_run = {r["run"]: r for r in runs}
     answers = any("answer_accuracy" in t["test"] for t in teachers.values())  # a chat cache's checkable answers
+    written = any((r.get("test") or {}).get("generated_accuracy") is not None for r in runs)  # checked by generating
     lines = ["Causal-LM students: test perplexity on next tokens and KL(teacher ‖ student) over the cached top-k "
              "ids plus the exact tail bucket (T = 1). Gain = CE twin's perplexity minus the KD student's. Perplexity "
              "counts each model's own tokens; bits per byte (caches with offsets) compare any tokenizers. A student "
              "with its own tokenizer (docs/cross-tokenizer.md) learns from the teacher at its aligned positions "
              "(their share in `aligned`), and its KL is on the projected targets there."
              + (" Chat cache: every figure is over response tokens only; answer acc = the share of test "
-                "conversations whose responses greedy decoding reproduces exactly." if answers else ""), "",
+                "conversations whose cached responses greedy decoding reproduces exactly." if answers else "")
+             + (" Generated acc = the share of test prompts the model answers (greedy) with the data's own answer."
+                if written else ""), "",
              "| model | task | params | tokenizer | targets | test ppl | bits/byte | aligned | KL to teacher |"
-             + (" answer acc |" if answers else "") + " train s | ppl gain vs CE twin |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|" + ("---:|" if answers else "") + "---:|---:|"]
+             + (" answer acc |" if answers else "") + (" generated acc |" if written else "")
+             + " train s | ppl gain vs CE twin |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|" + ("---:|" if answers else "") + ("---:|" if written else "")
+             + "---:|---:|"]
     for task, t in teachers.items():
         lines.append(f"| **{t['run']}** | {task} | {t['parameters'] or 0:,} | teacher's | – | "
                      f"{t['test']['perplexity']:.2f} | {fmt(t['test'].get('bits_per_byte'))} | – | 0 | "
-                     + (f"{fmt(t['test'].get('answer_accuracy'))} | " if answers else "") + "– | – |")
+                     + (f"{fmt(t['test'].get('answer_accuracy'))} | " if answers else "")
+                     + (f"{fmt(t['test'].get('generated_accuracy'))} | " if written else "") + "– | – |")
     for r in in_order(runs):
         test = r.get("test", {})
         targets = (("ULD" if r["loss"].get("kind") == "uld" else r["loss"].get("targets", "topk"))
@@ -111,6 +117,7 @@ def lm_lines(runs: list[dict], teachers: dict[str, dict]) -> list[str]:
                      f"{fmt(test.get('perplexity'), '.2f')} | {fmt(test.get('bits_per_byte'))} | "
                      f"{fmt(test.get('aligned_share'), '.2f')} | {fmt(test.get('kl_to_teacher'))} | "
                      + (f"{fmt(test.get('answer_accuracy'))} | " if answers else "")
+                     + (f"{fmt(test.get('generated_accuracy'))} | " if written else "")
                      + f"{r['train_seconds']:.1f} | {fmt(gain(r, by_run, 'perplexity', -1.0), '+.2f')} |")
     return lines
 

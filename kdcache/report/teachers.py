@@ -53,7 +53,8 @@ def teacher_row_tokens(cache: str, test_split: str) -> dict[str, Any]:
 def teacher_row_lm(cache: str, test_split: str) -> dict[str, Any]:
     m = open_manifest(cache)[2]
     st = m["splits"][test_split]["stats"]
-    answers = {"answer_accuracy": st["teacher_answer_accuracy"]} if "teacher_answer_accuracy" in st else {}
+    answers = {"answer_accuracy": st["teacher_answer_accuracy"],
+               "generated_accuracy": st.get("teacher_generated_accuracy")} if "teacher_answer_accuracy" in st else {}
     return {**teacher_fields(m), "test": {"perplexity": st["teacher_perplexity"], "kl_to_teacher": 0.0,
                                     "bits_per_byte": st.get("teacher_bits_per_byte"), **answers},
             "tokens_per_s": st.get("teacher_tokens_per_s"), "mean_tail_mass": st.get("mean_tail_mass"),

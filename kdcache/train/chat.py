@@ -14,11 +14,15 @@ from torch import nn
 from .. import config as C
 from ..cache import codecs
 from ..cache.reader import read_vocab
+from ..generation import continue_prompts
 from ..heads import CHAT_LM
 from ..lmhead import OutputHead
-from ..metrics import answer_right
+from ..metrics import answer_matches, answer_right
 from .lm import CausalLM, LMModel, TokenizerMismatchError, lm_targets
 from .losses import SampledTargets, kd_loss_per_row, sampled_kd_loss_per_row, token_ce_per_row
+
+
+GENERATED_TOKENS = 16  # the longest answer a student writes in evaluation when the cache does not say
 
 
 def response_logits(logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +66,17 @@ def chat_loss(logits: torch.Tensor, batch: dict[str, Any], loss: C.LossConfig,
 
 
 @torch.inference_mode()
-def evaluate_chat(model: ChatModel, ds: Any, lm: dict[str, Any], nbytes: np.ndarray, batch_size: int,
+def evaluate_chat(model: ChatModel, ds: Any, lm: dict[str, Any], vocab: list[bytes], batch_size: int,
                   device: torch.device) -> dict[str, Any]:
-    """Over the response tokens of `ds`: perplexity, bits per byte (`nbytes` [V]: each id's UTF-8 bytes), top-1
+    """Over the response tokens of `ds`: perplexity, bits per byte (`vocab`: each id's UTF-8 bytes), top-1
     agreement with the teacher, KL(teacher || student) on the cached top-k + tail buckets at T = 1, and answer
-    accuracy: the share of rows whose response greedy decoding would reproduce exactly (capture.chat.answer_right)."""
+    accuracy: the share of rows whose response greedy decoding would reproduce exactly (metrics.answer_right);
+    where rows keep the data's own answer, generated accuracy: the student continues each prompt (greedy) and its
+    answer is checked against that reference (metrics.answer_matches)."""
     model.eval()
+    nbytes = np.fromiter((len(b) for b in vocab), dtype=np.int64)
     nll, tokens, kl, agree, total_bytes, right, rows = 0.0, 0, 0.0, 0, 0, 0, 0
+    prompts, references = [], []
     at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
     for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=codecs.get(CHAT_LM).collate):
         flat, labels = response_logits(model("", batch)[0].float(), batch)
@@ -82,11 +90,22 @@ def evaluate_chat(model: ChatModel, ds: Any, lm: dict[str, Any], nbytes: np.ndar
         right += sum(answer_right(hits[owner == j], nxt[owner == j], at[owner == j], lm["eos_id"])
                      for j in range(len(batch["id"])))
         rows += len(batch["id"])
+        for j, ref in enumerate(batch.get("reference") or []):
+            if ref is not None:  # the prompt: every token up to the first response position
+                prompts.append(batch["input_ids"][j, :int(at[owner == j].min()) + 1].numpy())
+                references.append(ref)
         if 1.0 in lm["temperatures"]:
             kl += float(kd_loss_per_row(flat, lm_targets(batch, at1, lm).to(device), "kl", 1.0, chunk=32).sum())
+    generated = {}
+    if prompts:
+        gen = (lm.get("chat") or {}).get("generate") or {}
+        written, _ = continue_prompts(model.core, prompts, lm["eos_id"], gen.get("max_new_tokens", GENERATED_TOKENS),
+                                      batch_size, device)
+        texts = [b"".join(vocab[t] for t in w).decode("utf-8", errors="replace") for w in written]
+        generated = {"generated_accuracy": float(np.mean([answer_matches(t, r) for t, r in zip(texts, references)]))}
     return {"perplexity": math.exp(nll / max(tokens, 1)), "nll": nll / max(tokens, 1), "tokens": tokens,
             "bits_per_byte": nll / math.log(2) / max(total_bytes, 1), "top1_agreement": agree / max(tokens, 1),
-            "answer_accuracy": right / max(rows, 1),
+            "answer_accuracy": right / max(rows, 1), **generated,
             "kl_to_teacher": kl / tokens if tokens and 1.0 in lm["temperatures"] else None}
 
 
@@ -107,9 +126,8 @@ class ChatLM(CausalLM):
         return chat_loss(logits, batch, loss, targets)
 
     def evaluate(self, model, task, ds, source):
-        nbytes = source.once("vocab bytes", lambda: np.fromiter(
-            (len(b) for b in read_vocab(source.cache, source.manifest)[0]), dtype=np.int64))
-        return evaluate_chat(model, ds, source.manifest["lm"], nbytes, self.eval_batch_size, model.device())
+        vocab = source.once("vocab", lambda: read_vocab(source.cache, source.manifest)[0])
+        return evaluate_chat(model, ds, source.manifest["lm"], vocab, self.eval_batch_size, model.device())
 
     def build_model(self, st, loss, source, tokenizer, max_length, where):
         m = super().build_model(st, loss, source, tokenizer, max_length, where)

@@ -25,11 +25,13 @@ def _split(table, name: str, width: int = 1) -> list[np.ndarray]:
 
 def chat_row_group(table, g: RowGroup) -> dict[str, Any]:
     """Per row: input_ids [L_i], positions [n_i], topk_ids / topk_logits [n_i, k], lse / tail [n_i, nT]; with
-    samples, flat sample_ids / sample_counts and sample_lengths [n_i]; truncated [n] (bool)."""
+    samples, flat sample_ids / sample_counts and sample_lengths [n_i]; truncated [n] (bool); reference (the data's
+    own answer, or None)."""
     lm = g.manifest["lm"]
     k, nT = lm["top_k"], len(lm["temperatures"])
     cols: dict[str, Any] = {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
-                            "truncated": table.column("truncated").to_numpy(zero_copy_only=False)}
+                            "truncated": table.column("truncated").to_numpy(zero_copy_only=False),
+                            "reference": table.column("reference").to_pylist()}
     for name, width in (("input_ids", 1), ("positions", 1), ("topk_ids", k), ("topk_logits", k), ("lse", nT),
                         ("tail", nT), ("sample_ids", 1), ("sample_counts", 1), ("sample_lengths", 1)):
         if name in table.column_names:
@@ -56,6 +58,7 @@ def collate_chat(rows: list[Any]) -> dict[str, Any]:
         if name in rows[0]:
             a = np.concatenate(batch.list(name))
             out[name] = torch.as_tensor(a.astype(np.float32 if a.dtype.kind == "f" else np.int64, copy=False))
-    if "language" in rows[0]:
-        out["language"] = batch.list("language")
+    for name in ("language", "reference"):
+        if name in rows[0]:
+            out[name] = batch.list(name)
     return out
