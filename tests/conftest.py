@@ -74,6 +74,14 @@ def ml_lm_cache(tmp_path_factory) -> tuple[Path, object]:
     return tmp / "cache" / "sentences", p
 
 
+def split_table(cache: Path, split: str):
+    """(every shard of a cached split read as one Arrow table, in row order; the cache's manifest)."""
+    import pyarrow.parquet as pq
+    from kdcache.cache.format import read_manifest
+    m = read_manifest(cache)
+    return pq.read_table([str(cache / s["parquet"]) for s in m["splits"][split]["shards"]]), m
+
+
 def undocumented(manifest: dict) -> set[str]:
     """Manifest field names (at any depth, list items and the free-form `config` aside) that docs/cache-format.md
     does not mention in backticks."""

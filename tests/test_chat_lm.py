@@ -9,11 +9,10 @@ import itertools
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO, undocumented
+from conftest import REPO, split_table, undocumented
 from kdcache.cache.format import read_manifest
 from kdcache.cache.reader import CacheDataset
 from kdcache.cache.verify import verify_cache
@@ -42,15 +41,10 @@ def chat_cache(tmp_path_factory):
     return tmp / "cache", pipeline
 
 
-def _table(cache, split):
-    m = read_manifest(cache)
-    return pq.read_table([str(cache / s["parquet"]) for s in m["splits"][split]["shards"]]), m
-
-
 def test_targets_sit_at_response_positions_and_equal_the_teacher_on_each_row_alone(chat_cache):
     cache, pipeline = chat_cache
     assert verify_cache(cache).ok
-    table, m = _table(cache, "validation")
+    table, m = split_table(cache, "validation")
     lm, task = m["lm"], pipeline.tasks["topic"]
     assert m["head"] == "chat-lm" and lm["rows"] == "chat" and not undocumented(m)
     data = load_task_data(task.data)
@@ -114,7 +108,7 @@ def test_multi_turn_messages_rows_and_truncation_are_counted(tmp_path):
                             tmp_path / "cache", tmp_path / "teachers")
     st = m["splits"]["train"]["stats"]
     assert st["truncated_rows"] == 1 and st["rows"] == 2
-    table, _ = _table(tmp_path / "cache", "train")
+    table, _ = split_table(tmp_path / "cache", "train")
     pos = table.column("positions").to_pylist()
     assert len(table.column("input_ids")[0]) == cut and pos[0] == [p for p in first if p + 1 < cut]
     assert table.column("truncated").to_pylist() == [True, False]
@@ -195,7 +189,7 @@ def test_greedy_responses_the_teacher_writes_are_its_top1_at_every_response_posi
     data = load_task_data(task.data)
     _, tok, _ = prepare_teacher("chat-tiny", "topic", task, data, tmp_path / "teachers")
     prompts = chat_rows(data.splits["test"], "test", tok, task, data.label_names)
-    table, _ = _table(tmp_path / "cache", "test")
+    table, _ = split_table(tmp_path / "cache", "test")
     k = m["lm"]["top_k"]
     for i in range(table.num_rows):
         ids, pos = np.asarray(table.column("input_ids")[i].as_py()), np.asarray(table.column("positions")[i].as_py())
@@ -402,7 +396,7 @@ def test_generated_answers_are_checked_against_the_datas_own(tmp_path, teacher_f
     task = pipeline.tasks["topic"]
     data = load_task_data(task.data)
     _, tok, _ = prepare_teacher("chat-tiny", "topic", task, data, tmp_path / "teachers")
-    table, _ = _table(tmp_path / "cache", "test")
+    table, _ = split_table(tmp_path / "cache", "test")
     refs = table.column("reference").to_pylist()
     assert refs == [data.label_names[y] for y in data.splits["test"]["label"]], "the gold answers, not the teacher's"
     checks = [answer_matches(tok.decode(np.asarray(ids)[pos[0] + 1:], skip_special_tokens=True), ref)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, undocumented
+from conftest import REPO, split_table, undocumented
 from kdcache.cache.format import CacheFormatError, read_manifest
 from kdcache.cache.verify import verify_cache
 from kdcache.capture.build import build_teacher_cache
@@ -39,14 +38,9 @@ def lm_cache(tmp_path_factory):
     return tmp / "cache", pipeline
 
 
-def rows(cache, split):
-    m = read_manifest(cache)
-    return pq.read_table([str(cache / s["parquet"]) for s in m["splits"][split]["shards"]]), m
-
-
 def test_lm_cache_equals_the_dense_teacher_at_every_temperature(lm_cache):
     cache, pipeline = lm_cache
-    table, m = rows(cache, "validation")
+    table, m = split_table(cache, "validation")
     lm = m["lm"]
     assert verify_cache(cache).ok and lm["id_dtype"] == "uint16" and table.schema.field("topk_ids").type.value_type == "uint16"
     assert not undocumented(m), "every manifest field of an LM cache is in docs/cache-format.md"
@@ -78,7 +72,7 @@ def test_lm_cache_equals_the_dense_teacher_at_every_temperature(lm_cache):
 
 def test_lm_packing_and_samples(lm_cache):
     cache, pipeline = lm_cache
-    table, m = rows(cache, "train")
+    table, m = split_table(cache, "train")
     lm = m["lm"]
     tok = AutoTokenizer.from_pretrained(resolve_model_name(pipeline.tasks["news"].teacher.tokenizer))
     texts = load_task_data(pipeline.tasks["news"].data).splits["train"]["text"][:]
@@ -113,7 +107,7 @@ def test_int32_ids_when_the_vocabulary_exceeds_uint16(tmp_path):
     pipeline = lm_pipeline("tasks.news.teacher.from_config.vocab_size=70000", "tasks.news.data.limit=3",
                            "tasks.news.cache.samples=0", "students.llama-sampled.loss.targets=topk")
     build_teacher_cache(pipeline, "news", tmp_path / "cache", tmp_path / "teachers")
-    table, m = rows(tmp_path / "cache", "train")
+    table, m = split_table(tmp_path / "cache", "train")
     assert m["lm"]["id_dtype"] == "int32" and table.schema.field("topk_ids").type.value_type == "int32"
     top = np.concatenate(table.column("topk_ids").to_numpy(zero_copy_only=False))
     assert top.max() >= 1 << 16, "ids above 65,535 occur and survive"
