@@ -73,10 +73,8 @@ def lm_distillation_loss(student_logits: Any, batch: dict[str, Any], cache_manif
     [B, L, V] for the batch's `input_ids`. A chat cache's batch counts its response positions only; a packed one,
     every position. `temperature` must be one the cache stores (`manifest["lm"]["temperatures"]`). Returns
     (loss, {"ce": ..., "kd": ...})."""
-    from .config import LossConfig
-    from .train.chat import chat_loss
-    from .train.lm import lm_loss
-    loss = LossConfig(kind="kl", temperature=temperature, alpha=alpha, targets=targets)
+    from .train.lm_losses import LossTerms, chat_loss, lm_loss
+    loss = LossTerms(temperature=temperature, alpha=alpha, targets=targets)
     lm = cache_manifest["lm"]
     if alpha < 1.0 and targets != "sampled" and temperature not in lm["temperatures"]:
         raise ValueError(f"temperature {temperature} is not cached (the cache has {lm['temperatures']}): the exact "

@@ -18,19 +18,12 @@ from ..generation import continue_prompts
 from ..heads import CHAT_LM
 from ..lmhead import OutputHead
 from ..metrics import answer_matches, answer_right
-from .lm import CausalLM, LMModel, TokenizerMismatchError, lm_targets
-from .losses import SampledTargets, kd_loss_per_row, sampled_kd_loss_per_row, token_ce_per_row
+from .lm import CausalLM, LMModel, TokenizerMismatchError
+from .lm_losses import chat_loss, lm_targets, response_logits
+from .losses import kd_loss_per_row, token_ce_per_row
 
 
 GENERATED_TOKENS = 16  # the longest answer a student writes in evaluation when the cache does not say
-
-
-def response_logits(logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the student's logits [N, V] at the batch's target positions, the tokens that follow them [N]) from logits
-    [B, L, V] of the right-padded input_ids [B, L], or from logits already taken there ([N, V], `ChatModel`)."""
-    index = batch["target_index"].to(logits.device)
-    nxt = batch["input_ids"].reshape(-1).to(logits.device)[index + 1]
-    return (logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])[index]), nxt
 
 
 class ChatModel(LMModel):
@@ -46,23 +39,6 @@ class ChatModel(LMModel):
         batch["student_tokens"] = None
         h = self.head.hidden(batch["input_ids"].to(self.device()))
         return self.head.logits(h.reshape(-1, h.shape[-1])[batch["target_index"].to(h.device)]), []
-
-
-def chat_loss(logits: torch.Tensor, batch: dict[str, Any], loss: C.LossConfig,
-              lm: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """α·CE + (1-α)·KD per response position, mean over them (α = 1: the SFT twin on the same positions). The
-    student's log-softmax runs over its full vocabulary (losses.py); temperature and T² are applied there."""
-    flat, labels = response_logits(logits, batch)
-    ce = token_ce_per_row(flat, labels, loss.chunk)
-    if loss.alpha >= 1.0:
-        return ce.mean(), {"ce": float(ce.detach().mean()), "kd": 0.0}
-    t = lm_targets(batch, loss, lm).to(flat.device)
-    if isinstance(t, SampledTargets):
-        kd = sampled_kd_loss_per_row(flat, t, loss.temperature, loss.chunk)
-    else:
-        kd = kd_loss_per_row(flat, t, loss.kind, loss.temperature, loss.beta, loss.chunk)
-    return (loss.alpha * ce + (1.0 - loss.alpha) * kd).mean(), {"ce": float(ce.detach().mean()),
-                                                                 "kd": float(kd.detach().mean())}
 
 
 @torch.inference_mode()
