@@ -15,16 +15,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..cache.format import VOCAB_FILE, token_id_type
+from ..cache.format import VOCAB_FILE
 from ..config import ChatConfig, GenerateConfig, TaskConfig, to_dict
 from ..data.chat import ChatError, Rendered, prompt_turns, render, render_prompt, to_messages
 from ..failpoints import failpoint
-from ..fingerprint import hash_ids, hash_tokenizer
+from ..fingerprint import hash_ids
 from ..generation import continue_prompts
 from ..heads import CHAT_LM
 from ..metrics import answer_matches, answer_right
 from ..vocab import vocab_bytes
-from .lm import CausalLM, LMRunner, bos_id, eos_id, vocab_file
+from .lm import CausalLM, LMRunner, eos_id, vocab_file
 from .logits import pack_draws
 
 
@@ -82,9 +82,13 @@ def reference(row: Mapping[str, Any], chat: ChatConfig, label_names, label_field
     """The row's own answer (its last assistant turn) when the teacher writes the responses: None when the row has
     none (prompts alone)."""
     try:
-        turns = conversation(row, chat, label_names, label_field, where)
+        return last_answer(conversation(row, chat, label_names, label_field, where))
     except ChatError:
         return None
+
+
+def last_answer(turns: list[dict[str, str]]) -> str | None:
+    """The content of the conversation's last assistant turn, or None."""
     return next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), None)
 
 
@@ -104,7 +108,7 @@ def chat_rows(ds: Any, split: str, tokenizer: Any, task: TaskConfig, label_names
         where = f"split {split!r}, row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
         turns = conversation(row, chat, label_names, task.data.label_field, where, prompt_only=bool(chat.generate))
         references.append(reference(row, chat, label_names, task.data.label_field, where) if chat.generate
-                           else next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), None))
+                           else last_answer(turns))
         if chat.generate:
             r = Rendered(render_prompt(tokenizer, turns, where), None, False)
             if len(r.ids) >= L:
@@ -141,13 +145,25 @@ class ChatOut:
     written_right: list[bool | None] | None = None  # teacher-written responses: each one's answer checked
 
 
+def padded_batches(ids: list[np.ndarray], batch_size: int):
+    """(row indices, their ids right-padded with 0 [b, longest]) per batch of `batch_size` rows, longest rows first
+    (length-bucketed: little padding; a causal model never sees the padding after a row)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    for b in range(0, len(order), batch_size):
+        members = order[b:b + batch_size]
+        x = np.zeros((len(members), max(len(ids[i]) for i in members)), np.int64)
+        for j, i in enumerate(members):
+            x[j, :len(ids[i])] = ids[i]
+        yield members, x
+
+
 class ChatRunner(LMRunner):
     """An LMRunner over conversations: length-sorted, right-padded batches of `cache.batch_size` rows, targets at
     each row's target positions only; with `generate`, the teacher first writes each row's response."""
 
     def __init__(self, model: torch.nn.Module, task: TaskConfig, tokenizer: Any, device: str = "auto") -> None:
         super().__init__(model, task.cache, task.teacher.precision, device)
-        self.generation, self.max_length = task.data.chat.generate, task.cache.max_length
+        self.max_length = task.cache.max_length
         self.stop, self.nbytes = eos_id(tokenizer), token_bytes(tokenizer)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -168,18 +184,10 @@ class ChatRunner(LMRunner):
     def run_rows(self, rows: ChatRows, seed: int = 0, on_batch=None) -> list[dict[str, np.ndarray]]:
         """Per row (in row order): targets [n_i, ...] at its n_i target positions; with samples, the distinct
         sampled ids and counts (flat) and sample_lengths [n_i]."""
-        c = self.cache
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows.ids[i]))
         out: list[dict[str, np.ndarray]] = [{} for _ in range(len(rows))]
-        for b in range(0, len(order), c.batch_size):
-            members = order[b:b + c.batch_size]
-            L = max(len(rows.ids[i]) for i in members)
-            x = np.zeros((len(members), L), np.int64)
-            pos = []
-            for j, i in enumerate(members):
-                x[j, :len(rows.ids[i])] = rows.ids[i]
-                pos.append(j * L + rows.positions(i))
+        for members, x in padded_batches(rows.ids, self.cache.batch_size):
+            pos = [j * x.shape[1] + rows.positions(i) for j, i in enumerate(members)]
             counts = [len(p) for p in pos]
             t, draws = self.at_positions(torch.as_tensor(x), torch.as_tensor(np.concatenate(pos)), gen)
             t = {key: v.cpu().numpy() for key, v in t.items()}
@@ -246,13 +254,10 @@ class ChatLM(CausalLM):
         return None  # per split token counts are in the shard statistics (prompt and response apart)
 
     def settings(self, task, runner, model, tokenizer):
-        c, vocab = task.cache, int(model.get_output_embeddings().weight.shape[0])
-        chat = task.data.chat
-        return {"lm": {"seq_len": c.max_length, "top_k": min(c.top_k, vocab), "temperatures": list(c.temperatures),
-                       "vocab_size": vocab, "samples": c.samples, "sample_temperature": c.sample_temperature,
-                       "id_dtype": str(token_id_type(vocab)), "tokenizer_sha256": hash_tokenizer(tokenizer),
-                       "bos_id": bos_id(tokenizer), "eos_id": eos_id(tokenizer), "vocab_file": VOCAB_FILE,
-                       "rows": "chat", "chat": to_dict(chat),
+        lm = super().settings(task, runner, model, tokenizer)["lm"]
+        lm.pop("offsets", None)  # chat rows keep no byte offsets; the vocabulary file is always written
+        return {"lm": {**lm, "eos_id": eos_id(tokenizer), "vocab_file": VOCAB_FILE, "rows": "chat",
+                       "chat": to_dict(task.data.chat),
                        "chat_template_sha256": hashlib.sha256(
                            (getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()}}
 

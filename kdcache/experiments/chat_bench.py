@@ -20,7 +20,7 @@ import torch
 
 from .. import config as C, layout
 from ..cache.codecs import shard_schema
-from ..capture.chat import ChatRows, ChatRunner, chat_rows, chat_shard_table
+from ..capture.chat import ChatRows, ChatRunner, chat_rows, chat_shard_table, padded_batches
 from ..capture.teacher import prepare_teacher
 from ..data import load_task_data
 from .lm_bench import _parquet_bytes, _publish
@@ -31,15 +31,9 @@ DISTILLKIT_BYTES_PER_TOKEN = (114, 300)  # published sizes of DistillKit's top-k
 
 def _bare(runner: ChatRunner, rows: ChatRows) -> float:
     """Seconds of the teacher's plain forward over the batches capture would run (full logits, nothing kept)."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows.ids[i]))
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for b in range(0, len(order), runner.cache.batch_size):
-            members = order[b:b + runner.cache.batch_size]
-            L = max(len(rows.ids[i]) for i in members)
-            x = np.zeros((len(members), L), np.int64)
-            for j, i in enumerate(members):
-                x[j, :len(rows.ids[i])] = rows.ids[i]
+        for _, x in padded_batches(rows.ids, runner.cache.batch_size):
             with runner.autocast():
                 runner.model(input_ids=torch.as_tensor(x, device=runner.device)).logits.float().sum()
     if runner.device.type == "cuda":
