@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def continue_prompts(model: torch.nn.Module, prompts: list[np.ndarray], stop: int, max_new_tokens: int,
                      batch_size: int, device: torch.device, do_sample: bool = False, temperature: float = 1.0,
                      top_p: float = 1.0, max_length: int | None = None,

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, undocumented
 from kdcache.cache.format import read_manifest
 from kdcache.capture.build import build_teacher_cache
-from kdcache.capture.models import TeacherError, build_model, replica_gpus
+from kdcache.capture.models import TeacherError, build_model, replica_gpus, tp_size
 from kdcache.config import ConfigError, load_pipeline
 
 LM_TINY = str(REPO / "pipelines" / "lm-tiny" / "pipeline.yaml")
@@ -25,9 +25,9 @@ def table(cache, split="train"):
     return pq.read_table([str(cache / s["parquet"]) for s in m["splits"][split]["shards"]]), m
 
 
-def launch_two(over: list[str], out, teachers) -> None:
-    """`accelerate launch --num_processes 2 kdcache cache lm-tiny --set ...` as real processes (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def launch(over: list[str], out, teachers, processes: int = 2) -> None:
+    """`accelerate launch --num_processes N kdcache cache lm-tiny --set ...` as real processes (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "kdcache.cli", "cache", LM_TINY, "--out", str(out), "--teachers-dir", str(teachers),
            *[a for o in over for a in ("--set", o)]]
@@ -67,6 +67,7 @@ def test_a_teacher_offloaded_to_disk_caches_the_targets_of_the_plain_run(plain, 
     (["tasks.news.teacher.max_memory={cpu: 1GB}"], r"teacher.max_memory.*set `tasks.news.teacher.device_map`"),
     (["tasks.news.teacher.device_map=auto"], r"teacher.device_map.*loaded from `model`"),
     (["tasks.news.teacher.device_map=everywhere"], r"device_map"),
+    (["tasks.news.teacher.tp_size=2"], r"teacher.tp_size.*with `tasks.news.teacher.tp_plan: auto`"),
 ])
 def test_placement_settings_that_cannot_work_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -79,7 +80,7 @@ def test_two_processes_each_with_a_placed_teacher_write_the_plain_cache(plain, t
     tmp, sets = plain
     over = [*sets, "tasks.news.teacher.device_map=sequential", "tasks.news.teacher.max_memory={cpu: 200KB}",
             f"tasks.news.teacher.offload_folder={tmp_path / 'offload'}"]
-    launch_two(over, tmp_path / "mp", tmp_path / "teachers")
+    launch(over, tmp_path / "mp", tmp_path / "teachers")
     (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "mp" / "news")
     assert m2["processes"] == 2 and len(m2["splits"]["train"]["shards"]) > 1 and "disk" in m2["placement"]
     for name in want.column_names:
@@ -92,20 +93,35 @@ def test_each_replica_gets_its_own_contiguous_gpus(n, rank, local, want):
     assert replica_gpus(n, rank, local) == want
 
 
+@pytest.mark.parametrize("tp,world", [(3, 4), (8, 4)])
+def test_replicas_that_do_not_divide_the_processes_are_refused(tp, world):
+    cfg = load_pipeline(LM_TINY, ["tasks.news.teacher.from_config={}", "tasks.news.teacher.model=somewhere",
+                                  "tasks.news.teacher.tp_plan=auto", f"tasks.news.teacher.tp_size={tp}"])
+    with pytest.raises(TeacherError, match=f"tp_size = {tp} with {world} process"):
+        tp_size(cfg.tasks["news"].teacher, world)
+
+
 def test_more_replicas_than_gpus_is_refused():
     with pytest.raises(TeacherError, match="2 processes per node share 1 GPU"):
         replica_gpus(1, 0, 2)
 
 
-def test_a_tensor_parallel_teacher_over_two_processes_writes_the_plain_cache(plain, tmp_path):
-    """`teacher.tp_plan: auto` under `accelerate launch --num_processes 2` (gloo on CPU): each process holds half of
-    every layer, both run every shard, process 0 writes; the cache holds the plain run's targets (ids and hits
-    exactly, values to float32 rounding: the split matmuls sum in another order)."""
+@pytest.mark.parametrize("processes,tp", [(2, None), (4, 2)])
+def test_a_tensor_parallel_teacher_writes_the_plain_cache(plain, tmp_path, processes, tp):
+    """`teacher.tp_plan: auto` under `accelerate launch` (gloo on CPU): 2 processes holding half of every layer each,
+    or 4 processes as 2 replicas × 2 (`teacher.tp_size: 2`: the replicas take different shards, each replica's
+    first process writes). The cache holds the plain run's targets (ids and hits exactly, values to float32
+    rounding: the split matmuls sum in another order)."""
     tmp, sets = plain
-    over = [*sets, "tasks.news.teacher.tp_plan=auto"]
-    launch_two(over, tmp_path / "tp", tmp_path / "teachers")
+    over = [*sets, "tasks.news.teacher.tp_plan=auto", *([f"tasks.news.teacher.tp_size={tp}"] if tp else [])]
+    launch(over, tmp_path / "tp", tmp_path / "teachers", processes)
     (want, m1), (got, m2) = table(tmp / "plain"), table(tmp_path / "tp" / "news")
-    assert m2["placement"] == {"tensor_parallel": 2} and m2["fingerprint"] == m1["fingerprint"]
+    per = tp or processes
+    assert m2["placement"] == {"tensor_parallel": per, "replicas": processes // per}
+    assert m2["fingerprint"] == m1["fingerprint"] and m2["processes"] == processes
+    total = sum(v["rows"] for v in m2["splits"].values())
+    if processes > per:  # process 0's replica ran its share of the shards only; the other replica wrote the rest
+        assert 0 < m2["capture"]["rows"] < total, (m2["capture"], total)
     assert got.num_rows == want.num_rows and got.column_names == want.column_names
     for name in want.column_names:
         a, b = want.column(name), got.column(name)

@@ -24,6 +24,7 @@ from ..data import TaskData, load_task_data, portable_origin
 from ..fingerprint import hash_obj, hash_table, hash_tokenizer, only_data_changed
 from ..progress import progress
 from .devices import placed
+from .models import tp_size
 from .head import CaptureHead
 from .folds import prepare_fold_teachers, run_out_of_fold
 from .grow import Growth, growth_segments, plan_growth
@@ -60,16 +61,16 @@ def manifest_header(pipeline: str, task_name: str, task: C.TaskConfig, data: Tas
             "data_origin": portable_origin(data.origin),
             "features": dict(features, hidden_size=getattr(model.config, "hidden_size", None)) if features else None,
             "config": C.to_dict(task), "device": str(runner.device), "processes": processes,
-            **_placement(model), **head.manifest_extras(inputs)}
+            **_placement(model, processes), **head.manifest_extras(inputs)}
 
 
-def _placement(model: Any) -> dict[str, Any]:
+def _placement(model: Any, processes: int) -> dict[str, Any]:
     """Where a teacher over several devices sat: {device: modules placed there} (GPUs, cpu, disk) for
-    `teacher.device_map`, {tensor_parallel: N} for `teacher.tp_plan`."""
+    `teacher.device_map`, {tensor_parallel: processes per replica, replicas: R} for `teacher.tp_plan`."""
     if not placed(model):
         return {}
     if getattr(model, "tp_size", None):
-        return {"placement": {"tensor_parallel": int(model.tp_size)}}
+        return {"placement": {"tensor_parallel": int(model.tp_size), "replicas": processes // int(model.tp_size)}}
     where = model.hf_device_map
     counts: dict[str, int] = {}
     for device in where.values():
@@ -231,8 +232,11 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
     Under `accelerate launch` the n-th missing shard goes to process n mod N; process 0 commits the manifest.
     """
     dist = distributed.state()
-    # tensor parallelism: every process runs every shard (one teacher split over all of them); process 0 writes
-    replica = distributed.OneReplica(dist) if task.teacher.tp_plan else dist
+    # tensor parallelism: each replica's processes run its shards together; its first process writes
+    tp = tp_size(task.teacher, dist.num_processes)
+    replica = distributed.Replica(dist, tp)
+    if tp > 1 and dist.is_main_process:
+        log.info("tensor-parallel teacher: %d replica(s) × %d processes each", replica.num_processes, tp)
 
     def open_writer() -> CacheWriter:
         return CacheWriter(out_dir, header, overwrite=overwrite, row_group_rows=task.cache.row_group_rows,
@@ -242,7 +246,7 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
     writer = distributed.main_first(open_writer)
     try:
         manifest = _shard_loop(writer, segments, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
-                               replica, out_dir, writes=dist.is_main_process or not task.teacher.tp_plan)
+                               replica, out_dir)
     except BaseException:
         writer.__exit__(*sys.exc_info())
         raise
@@ -251,9 +255,9 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
 
 
 def _shard_loop(writer: CacheWriter, segments: dict[str, list], dataset_sha: dict[str, str], shard_rows: int,
-                produce, summarise, task_name: str, dist: Any, out_dir: Path, writes: bool = True) -> dict[str, Any]:
-    """This process's missing shards (computed by every process of a tensor-parallel teacher, submitted only
-    where `writes`), then the commit."""
+                produce, summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
+    """This replica's missing shards (computed by every process of a tensor-parallel replica, submitted by its
+    writer), then the commit."""
     if distributed.share(writer.complete):
         log.info("%s: already complete with this fingerprint; nothing to do", out_dir)
         return read_manifest(out_dir)
@@ -270,7 +274,7 @@ def _shard_loop(writer: CacheWriter, segments: dict[str, list], dataset_sha: dic
                   disable=not dist.is_local_main_process) as bar:
         for split, index, start, stop, code in mine:
             table, features, stats = produce(split, start, stop, bar, code)
-            if writes:
+            if dist.writes:
                 writer.submit(split, index, start, table, features, stats, code)
     writer.flush()
     # this run's wall clock for everything (tokenise, forward, pooling, Parquet + Zarr writes), per process

@@ -180,7 +180,7 @@ class ChatRunner(LMRunner):
         return ChatRows(ids, masks, cut, np.asarray([response_bytes(a, m, self.nbytes) for a, m in zip(ids, masks)],
                                                     np.int64), rows.references)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run_rows(self, rows: ChatRows, seed: int = 0, on_batch=None) -> list[dict[str, np.ndarray]]:
         """Per row (in row order): targets [n_i, ...] at its n_i target positions; with samples, the distinct
         sampled ids and counts (flat) and sample_lengths [n_i]."""

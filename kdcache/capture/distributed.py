@@ -24,12 +24,14 @@ def state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-class OneReplica:
-    """The process group seen as one data-parallel replica (tensor parallelism: every process runs every shard):
-    one process to deal shards to."""
+class Replica:
+    """The process group seen by replica when each tensor-parallel teacher spans `tp` processes (ranks
+    r*tp .. r*tp+tp-1 hold replica r): shards are dealt between the replicas, every process of a replica runs
+    each of its shards, and its first process writes them. tp = 1: plain data parallelism (models.tp_size has checked that tp divides the processes)."""
 
-    def __init__(self, st: Any) -> None:
-        self.process_index, self.num_processes = 0, 1
+    def __init__(self, st: Any, tp: int) -> None:
+        self.process_index, self.num_processes = st.process_index // tp, st.num_processes // tp
+        self.writes = st.process_index % tp == 0
         self.is_main_process, self.is_local_main_process = st.is_main_process, st.is_local_main_process
 
 

@@ -116,7 +116,8 @@ def vocab_file(tokenizer: Any) -> bytes:
 class LMRunner(BatchRunner):
     """Runs a causal LM over packed sequences and reduces its logits on the device to the cached targets, a chunk
     of positions at a time (capture/logits.py): only O(k) values per position leave the device, and no [B, L, V]
-    tensor is ever held."""
+    tensor is ever held. Under no_grad, not inference_mode: transformers wraps a teacher of several tensor-parallel
+    replicas (`teacher.tp_size`) in FSDP, whose hooks refuse inference tensors."""
 
     def __init__(self, model: torch.nn.Module, cache: CacheConfig, precision: str = "auto",
                  device: str = "auto") -> None:
@@ -124,7 +125,7 @@ class LMRunner(BatchRunner):
         self.cache = cache
         self.head: OutputHead | bool | None = None  # first batch decides: the split head, or False (full forward)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Full teacher logits [B, L, V] (float32) for token ids [B, L], refusing NaN/inf: the unchunked reference."""
         with self.autocast():
@@ -132,14 +133,14 @@ class LMRunner(BatchRunner):
         refuse_non_finite(z, list(range(len(x))))
         return z
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def targets(self, z: torch.Tensor, x: torch.Tensor, k: int, temperatures) -> dict[str, torch.Tensor]:
         """Targets [B, L, ...] of full logits z [B, L, V] for ids x [B, L] (see logits.reduce), in one piece."""
         B, L, V = z.shape
         return shaped({key: [v] for key, v in reduce(z.reshape(B * L, V), next_ids(x.to(z.device)), k,
                                                       temperatures).items()}, B, L)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def chunked(self, x: torch.Tensor, gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], Any]:
         """Targets [B, L, ...] of ids x [B, L] and sorted draws [B·L, samples] (or None), computed `logit_chunk`
         positions at a time from one run of the model's body."""
@@ -147,7 +148,7 @@ class LMRunner(BatchRunner):
         t, draws = self.at_positions(x, None, gen)
         return shaped({key: [v] for key, v in t.items()}, B, L), draws
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def at_positions(self, x: torch.Tensor, positions: torch.Tensor | None,
                      gen: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], Any]:
         """Flat targets [n, ...] and draws [n, samples] (or None) at `positions` [n] of the flattened B·L positions
@@ -185,7 +186,7 @@ class LMRunner(BatchRunner):
         return chunked_targets(logits_of, nxt[where], where // L, size, c.top_k, c.temperatures, c.samples,
                                c.sample_temperature, gen)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run(self, seqs: np.ndarray, seed: int = 0, on_batch=None) -> dict[str, np.ndarray]:
         """Targets for sequences [n, L]; arrays are [n, L, ...] (samples: flat ids/counts plus lengths [n, L])."""
         c = self.cache
@@ -204,7 +205,7 @@ class LMRunner(BatchRunner):
         return {key: (v if key in ("sample_ids", "sample_counts") else np.concatenate(v)) for key, v in out.items()}
 
     @staticmethod
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(z: torch.Tensor, n: int, T: float, gen: torch.Generator, out: dict[str, list]) -> None:
         """n draws per position from softmax(z / T) of full logits z [B, L, V], kept as distinct ids with counts."""
         B, L, V = z.shape

@@ -73,15 +73,31 @@ def replica_gpus(n_gpus: int, local_rank: int, local_processes: int) -> list[int
     return list(range(local_rank * per, (local_rank + 1) * per))
 
 
+def tp_size(cfg: TeacherConfig, world: int) -> int:
+    """Processes per teacher replica out of `world`: `teacher.tp_size` (all of them when unset) under
+    `teacher.tp_plan`, else 1 (each process is a replica of its own)."""
+    if not cfg.tp_plan:
+        return 1
+    tp = cfg.tp_size or world
+    if tp > world or world % tp:
+        raise TeacherError(f"teacher.tp_size = {tp} with {world} process(es): launch a multiple of tp_size processes "
+                           f"(replicas × tp_size), e.g. --num_processes {tp * max(1, world // tp)}")
+    return tp
+
+
 def placement(cfg: TeacherConfig) -> dict[str, Any]:
     """from_pretrained arguments of a teacher over several devices: split within each layer over the processes
-    (`teacher.tp_plan`), or placed by accelerate (`teacher.device_map`: the map, each device's cap — under data
+    (`teacher.tp_plan`; `teacher.tp_size` processes per replica, the replicas side by side), or placed by accelerate (`teacher.device_map`: the map, each device's cap — under data
     parallelism, only this process's GPU group — and the offload folder); weights in the compute dtype (a 70B
     teacher in float32 would not fit)."""
     dtype = pick_dtype(cfg.precision, pick_device(cfg.device))
     if cfg.tp_plan:
         from transformers.distributed.configuration_utils import DistributedConfig
-        return {"distributed_config": DistributedConfig(tp_plan=cfg.tp_plan), "dtype": dtype}
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        tp = tp_size(cfg, world)
+        # several replicas: transformers' mesh of (replicas × tp); its own device_mesh argument would be overridden
+        mesh = {} if tp == world else {"tp_size": tp, "dp_replicate_size": world // tp}
+        return {"distributed_config": DistributedConfig(tp_plan=cfg.tp_plan, **mesh), "dtype": dtype}
     caps = {int(k) if str(k).isdigit() else k: v for k, v in cfg.max_memory.items()}
     n_gpus = torch.cuda.device_count()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -93,6 +109,14 @@ def placement(cfg: TeacherConfig) -> dict[str, Any]:
     return {"device_map": cfg.device_map, "dtype": dtype,
             **({"max_memory": caps} if caps else {}),
             **({"offload_folder": cfg.offload_folder} if cfg.offload_folder else {})}
+
+
+def model_class(model: torch.nn.Module) -> type:
+    """The model's own class: under FSDP (transformers wraps a teacher of several tensor-parallel replicas) the
+    class it was made from, not the wrapper FSDP<name> (the fingerprint must not depend on the placement)."""
+    from torch.distributed.fsdp import FSDPModule
+    cls = type(model)
+    return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule)) if issubclass(cls, FSDPModule) else cls
 
 
 def convert_gguf(cfg: TeacherConfig, cls_name: str, out: Path) -> None:
@@ -171,5 +195,5 @@ def model_identity(model: torch.nn.Module, name: str, revision: str | None) -> d
         weights = hash_state_dict(model.state_dict())
     commit = getattr(model.config, "_commit_hash", None)
     return {"name": name, "revision": revision or commit, "weights_sha256": weights,
-            "class": type(model).__name__, "num_labels": getattr(model.config, "num_labels", None),
+            "class": model_class(model).__name__, "num_labels": getattr(model.config, "num_labels", None),
             "parameters": sum(p.numel() for p in model.parameters())}

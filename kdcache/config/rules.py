@@ -82,6 +82,9 @@ def check_task(name: str, task: TaskConfig) -> None:
     if t.tp_plan and t.gguf_file:
         raise ConfigError(f"`{where}.teacher.tp_plan` with `gguf_file`: convert the GGUF teacher once without "
                           "`tp_plan` (it is saved under the teachers folder), then name that folder as `model`")
+    if t.tp_size is not None and (not t.tp_plan or t.tp_size < 1):
+        raise ConfigError(f"`{where}.teacher.tp_size` = {t.tp_size}: processes per tensor-parallel replica, a "
+                          f"positive number with `{where}.teacher.tp_plan: auto`")
     if t.device_map and t.tp_plan:
         raise ConfigError(f"`{where}.teacher`: `device_map` places whole layers, `tp_plan` splits each layer over the "
                           "processes: choose one")

@@ -108,10 +108,15 @@ class TeacherConfig:
                                                 "4-7) and the shards are dealt between them.",
                                      check=one_of(None, "auto", "balanced", "balanced_low_0", "sequential"))
     tp_plan: str | None = setting(None, help="`auto`: tensor parallelism as transformers provides it for the "
-                                             "architecture, over every process of `torchrun` / `accelerate launch` "
-                                             "(each holds 1/N of every layer; all run each batch together and "
-                                             "process 0 writes the cache). Causal-LM teachers loaded from `model`; "
-                                             "not with `device_map`.", check=one_of(None, "auto"))
+                                             "architecture, over `tp_size` processes of `torchrun` / `accelerate "
+                                             "launch` per teacher replica (each holds 1/tp_size of every layer; a "
+                                             "replica's processes run each of its batches together and its first "
+                                             "process writes them). Causal-LM teachers loaded from `model`; not "
+                                             "with `device_map`.", check=one_of(None, "auto"))
+    tp_size: int | None = setting(None, help="With `tp_plan`: processes (devices) per teacher replica; the "
+                                             "processes launched form replicas of that size, side by side, and the "
+                                             "shards are dealt between the replicas (16 processes, tp_size 8: 2 "
+                                             "replicas of 8 GPUs). Unset: one replica over every process.")
     max_memory: dict[str, str] = setting({}, help="With `device_map`: the most each device may hold, e.g. "
                                                   "`{0: 70GiB, 1: 70GiB, cpu: 200GiB}`; the rest is offloaded to "
                                                   "`offload_folder`.")
