@@ -8,7 +8,8 @@ top-k ids exactly except at ties within tolerance — reduced in one chunk, in c
 teacher placed by `device_map` (balanced over every GPU; without a GPU, offloaded to disk), and for a chat cache at
 the response positions of conversations, with the share of greedy responses the device writes as the CPU does;
 (3) with two or more
-GPUs, a two-process capture equals a one-process capture; (4) capture ÷ raw teacher forward on the device. Without
+GPUs, a two-process capture equals a one-process capture; (4) capture ÷ raw teacher forward on the device; (5) the
+CUDA peak of the LM reduction at 512 / 2,048 / 8,192 positions and a 262,144-id vocabulary, chunked and unchunked. Without
 a GPU it says so, runs checks 1-2 between two CPU runs (fp32 and bf16 autocast against fp32, so the comparison
 logic itself is exercised), and exits 0. Writes data/bench/gpu-check.json and, on a GPU, a section of docs/benchmarks.md."""
 
@@ -35,6 +36,7 @@ from ..capture.lm import LMRunner, pack
 from ..capture.models import build_model, load_tokenizer
 from ..data import load_task_data
 from .docsections import write_section
+from .lm_memory import cuda_peaks
 from .machine import machine
 
 # what "equal" means per compute precision: |Δ| <= atol + rtol·|reference| (logits, features, lse, tail)
@@ -207,6 +209,7 @@ def run_gpu_check(out_dir: Path | None = None, doc: Path | None = Path("docs/ben
             res["checks"]["two-GPU capture vs one"] = multi_gpu_check(Path(tmp))
     if gpu:
         res["stage_one_on_device"] = overhead_on_device(device, rows)
+        res["capture_memory_gib"] = cuda_peaks(precision=precisions[0])
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["ok"] = all(c["ok"] for c in res["checks"].values())
     out_dir = out_dir or layout.scratch("bench")
@@ -230,6 +233,10 @@ def render(r: dict[str, Any]) -> str:
         s = r["stage_one_on_device"]
         lines.append(f"| stage-one overhead on the device | {s['ratio']:.3f} ({s['capture_rows_per_s']:.0f} vs "
                      f"{s['raw_forward_rows_per_s']:.0f} rows/s; goal ≥ 0.95) | |")
+    for n, v in r.get("capture_memory_gib", {}).items():
+        lines.append(f"| CUDA peak of the LM reduction at {int(n):,} positions, V = 262,144 (above the body) | chunked "
+                     f"{v['chunked']:.2f} GiB" + (f", unchunked {v['unchunked']:.2f} GiB" if "unchunked" in v else "")
+                     + " | |")
     return "\n".join(lines + [""])
 
 

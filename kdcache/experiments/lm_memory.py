@@ -47,6 +47,35 @@ print(json.dumps({"peak_mib": peak / 1024, "above_model_mib": (peak - base) / 10
 """
 
 
+def cuda_peaks(vocab: int = VOCAB, positions: tuple[int, ...] = POSITIONS, precision: str = "bf16") -> dict[str, Any]:
+    """On the GPU (for `make gpu-check`): per length, the CUDA peak above the model and its body's own run (GiB) of
+    the chunked reduction and, up to UNCHUNKED_MAX positions, of the unchunked one; one process, the peak counter
+    reset before each case (CUDA's allocator reports it exactly, unlike RSS)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from ..capture.lm import LMRunner
+    from ..config import CacheConfig
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True))
+    runner = LMRunner(model, CacheConfig(top_k=32, temperatures=(1.0, 2.0), batch_size=1), precision, "cuda")
+    out: dict[str, Any] = {}
+    for n in positions:
+        x = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
+        runner.chunked(x[:, :16])
+        out[n] = {}
+        for mode in ("chunked", "unchunked") if n <= UNCHUNKED_MAX else ("chunked",):
+            torch.cuda.synchronize()
+            with torch.no_grad(), runner.autocast():
+                runner.head.hidden(x.to(runner.device))
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            runner.chunked(x) if mode == "chunked" else runner.targets(runner.forward(x), x, 32, (1.0, 2.0))
+            torch.cuda.synchronize()
+            out[n][mode] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+    return out
+
+
 def _case(mode: str, n: int, vocab: int, chunk: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-c", _CASE, mode, str(n), str(vocab), str(chunk)], check=True,
                          capture_output=True, text=True)
