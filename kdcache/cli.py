@@ -45,6 +45,8 @@ examples:
   kdcache cache multilingual-topic-tiny       # five languages, one cache partitioned by language
   kdcache fidelity multilingual-topic --zero-shot en --students bow-lang   # labels in English only, per language
   kdcache lifelong lifelong                   # BBC topics arriving in rounds: scratch vs continual students
+  kdcache export data/cache/chat/topic --out kd/   # axolotl's top-k logprob layout, at T = 1
+  kdcache import train=kd/train.parquet test=kd/test.parquet --tokenizer <teacher> --pipeline chat --task topic
 """
 
 
@@ -269,6 +271,27 @@ def cmd_lifelong(args) -> int:
     _defaults(args)
     run_lifelong(args.pipeline, [int(x) for x in args.seeds.split(",")], args.out, None if args.no_doc else args.doc,
                  teachers, overrides=args.overrides)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .cache.logprob_layout import export_cache
+    side = export_cache(str(args.cache), args.out, args.temperature, args.format, args.splits)
+    print(f"{args.out}: {', '.join(f'{s} {n} rows' for s, n in side['rows'].items())} at T = {side['temperature']} "
+          f"(top-{side['top_k']}; {args.out}/kdcache_export.json)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .capture.imported import import_logprobs
+    sources = dict(s.split("=", 1) if "=" in s else ("train", s) for s in args.splits)
+    out = args.out or layout.cache_root(args.pipeline) / args.task
+    m = import_logprobs(sources, out, args.tokenizer, args.temperature, args.top_k, args.teacher, args.pipeline,
+                        args.task, overwrite=args.overwrite)
+    for split, s in m["splits"].items():
+        st = s["stats"]
+        print(f"{out}: {split}: {s['rows']} rows, {st['response_tokens']} target positions, tail "
+              f"{m['imported']['tail'][split]}, next token outside the top-k {st['next_outside_topk']} times")
     return 0
 
 
@@ -516,6 +539,40 @@ def build_parser() -> argparse.ArgumentParser:
                                    "files the manifest does not list. Exit 0 when sound, 1 naming each problem.")
     _caches_arg(p, "machine-readable report")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="write a chat cache as axolotl's per-position top-k logprob dataset",
+                       description="Write each split of a chat-lm cache as <out>/<split>.parquet (or .jsonl) in the "
+                                   "layout axolotl's KD trainer reads (input_ids, labels, attention_mask, "
+                                   "target_token_ids / target_logprobs / target_mask [L][k]; row j is the "
+                                   "distribution over input_ids[j+1]), log-probabilities over the full vocabulary at "
+                                   "one cached temperature, plus the tail's log-mass per position "
+                                   "(docs/cache-format.md, \"Exchange with axolotl\").")
+    p.add_argument("cache", type=Path, help="a chat-lm task cache, e.g. data/cache/chat/topic")
+    p.add_argument("--out", type=Path, required=True, help="folder for <split>.<format> and kdcache_export.json")
+    p.add_argument("--temperature", type=float, default=1.0, help="a temperature the cache holds (default 1.0)")
+    p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    p.add_argument("--split", dest="splits", action="append", default=None, help="only this split (repeatable)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="make a verified chat cache from a top-k logprob dataset (axolotl layout)",
+                       description="Read per-position top-k logprob rows (the `kdcache export` / axolotl KD "
+                                   "layout: a .parquet, .jsonl or `save_to_disk` folder such as `axolotl "
+                                   "preprocess` writes) into a chat-lm cache with a manifest, which stage two "
+                                   "trains from. The logprobs hold one temperature: the cache holds that one only "
+                                   "(stage two refuses others). The tail is the dataset's target_tail_logmass "
+                                   "where present, else log(1 - sum p). A malformed row is refused naming it; a "
+                                   "rerun resumes.")
+    p.add_argument("splits", nargs="+", metavar="[SPLIT=]PATH", help="a dataset per split, e.g. train=kd.parquet "
+                   "test=heldout.parquet (a bare PATH is the train split)")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer of the ids (hub name, folder, pkg:, .gguf)")
+    p.add_argument("--temperature", type=float, default=1.0, help="the temperature the logprobs were taken at")
+    p.add_argument("--top-k", type=int, default=None, help="slots kept per position (default: the data's)")
+    p.add_argument("--teacher", default="imported", help="the model that wrote the logprobs (for the report)")
+    p.add_argument("--pipeline", default="imported", help="pipeline name the cache stands for (default imported)")
+    p.add_argument("--task", default="chat", help="task name (default chat)")
+    p.add_argument("--out", type=Path, default=None, help="cache folder (default $KDCACHE_HOME/cache/<pipeline>/<task>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache of other settings in --out")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("push", help="copy a finished cache to object storage or a shared folder, manifest last",
                        description="Copy a finished task cache (it must verify) to an fsspec URL (s3://bucket/prefix "

@@ -76,7 +76,8 @@ def _lm_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
 
 def _chat_schema(m: dict[str, Any], meta: dict[str, Any]) -> pa.Schema:
     lm = m["lm"]
-    return chat_parquet_schema(lm["top_k"], len(lm["temperatures"]), lm["vocab_size"], lm["samples"] > 0, meta)
+    return chat_parquet_schema(lm["top_k"], len(lm["temperatures"]), lm["vocab_size"], lm["samples"] > 0, meta,
+                               lm.get("logit_dtype", "float16"))
 
 
 register(SEQUENCE, Codec(_sequence_schema, cols.sequence_columns, cols.collate_sequence))

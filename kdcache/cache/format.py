@@ -137,11 +137,12 @@ def lm_parquet_schema(seq_len: int, k: int, num_temperatures: int, vocab_size: i
 
 
 def chat_parquet_schema(k: int, num_temperatures: int, vocab_size: int, samples: bool,
-                        meta: dict[str, Any]) -> pa.Schema:
+                        meta: dict[str, Any], logit_dtype: str = "float16") -> pa.Schema:
     """Columns of a chat-LM shard: one row per conversation, ragged. `input_ids` is the whole rendered conversation
     (prompt included: a student reads it); targets exist only at `positions`, the positions whose next token belongs
     to a learned turn (data.chat.roles), and are flattened position-major over those alone (the j-th listed position's
-    top-k ids are topk_ids[j*k:(j+1)*k]), so prompt tokens cost no target bytes."""
+    top-k ids are topk_ids[j*k:(j+1)*k]), so prompt tokens cost no target bytes. `logit_dtype`: float16 as captured;
+    float32 for a cache imported from log-probabilities (capture/imported.py), which keeps them exactly."""
     ids = token_id_type(vocab_size)
     fields = [
         pa.field("row_id", pa.int64(), nullable=False),
@@ -149,7 +150,7 @@ def chat_parquet_schema(k: int, num_temperatures: int, vocab_size: int, samples:
         pa.field("input_ids", pa.list_(ids), nullable=False),
         pa.field("positions", pa.list_(pa.int32()), nullable=False),                # ascending
         pa.field("topk_ids", pa.list_(ids), nullable=False),                        # descending logit order
-        pa.field("topk_logits", pa.list_(pa.float16()), nullable=False),            # raw logits, no temperature
+        pa.field("topk_logits", pa.list_(pa.from_numpy_dtype(np.dtype(logit_dtype))), nullable=False),  # raw, no T
         pa.field("lse", pa.list_(pa.float32()), nullable=False),                    # logsumexp(z/T), per position
         pa.field("tail", pa.list_(pa.float32()), nullable=False),                   # log mass outside the top-k
         pa.field("truncated", pa.bool_(), nullable=False),                          # cut at cache.max_length
@@ -258,6 +259,8 @@ def repair_command(root: Path) -> str:
         pipeline, task = " ".join(shlex.quote(str(a)) for a in args), build["fingerprint_inputs"]["task"]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pipeline, task = "<pipeline>", root.name
+    if pipeline.startswith("import "):  # made by `kdcache import` (its whole command is kept)
+        return f"kdcache {pipeline}"
     if task == root.name:
         return f"kdcache cache {pipeline} --out {shlex.quote(str(root.parent))} --task {task}"
     return f"kdcache cache {pipeline} ... (the command that built {root}, same settings)"

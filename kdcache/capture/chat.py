@@ -225,7 +225,7 @@ def chat_shard_table(rows: ChatRows, out: list[dict[str, np.ndarray]], row_start
         "input_ids": ragged(rows.ids, id_type),
         "positions": ragged([rows.positions(i).astype(np.int32) for i in range(n)], pa.int32()),
         "topk_ids": ragged(per_row("topk_ids"), id_type),
-        "topk_logits": ragged(per_row("topk_logits"), pa.float16()),
+        "topk_logits": ragged(per_row("topk_logits"), schema.field("topk_logits").type.value_type),
         "lse": ragged(per_row("lse"), pa.float32()),
         "tail": ragged(per_row("tail"), pa.float32()),
         "truncated": pa.array(rows.truncated, pa.bool_()),

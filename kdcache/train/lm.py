@@ -127,8 +127,10 @@ class CausalLM(TrainHead):
                 try:
                     C.check_lm_loss(pipeline.student_loss(s), held, f"students.{s}.loss")
                 except C.ConfigError as e:
-                    raise CacheMismatchError(f"{cache}: this cache cannot train students.{s}: {e}; rebuild it with "
-                                             "`kdcache cache`") from None
+                    fix = ("an imported cache holds what its logprobs held (their one temperature, no samples): "
+                           "train within that"
+                           if "imported" in manifest else "rebuild it with `kdcache cache`")
+                    raise CacheMismatchError(f"{cache}: this cache cannot train students.{s}: {e}; {fix}") from None
 
     def tokenizer(self, st, source, where):
         quiet_transformers()

@@ -15,12 +15,13 @@ RAGGED = ("input_ids", "positions", "topk_ids", "topk_logits", "lse", "tail", "s
           "sample_lengths")
 
 
-def _split(table, name: str, width: int = 1) -> list[np.ndarray]:
-    """A list column as one array per row, reshaped [n_i, width] when width > 1."""
+def _split(table, name: str, width: int | None = None) -> list[np.ndarray]:
+    """A list column as one array per row, reshaped [n_i, width] when a width is given (1 included: a cache of one
+    temperature still has lse [n_i, 1])."""
     col = table.column(name).combine_chunks()
     off, flat = col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False)
     parts = [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-    return [p.reshape(-1, width) for p in parts] if width > 1 else parts
+    return [p.reshape(-1, width) for p in parts] if width is not None else parts
 
 
 def chat_row_group(table, g: RowGroup) -> dict[str, Any]:
@@ -32,8 +33,8 @@ def chat_row_group(table, g: RowGroup) -> dict[str, Any]:
     cols: dict[str, Any] = {"row_id": table.column("row_id").to_numpy(), "id": table.column("id").to_pylist(),
                             "truncated": table.column("truncated").to_numpy(zero_copy_only=False),
                             "reference": table.column("reference").to_pylist()}
-    for name, width in (("input_ids", 1), ("positions", 1), ("topk_ids", k), ("topk_logits", k), ("lse", nT),
-                        ("tail", nT), ("sample_ids", 1), ("sample_counts", 1), ("sample_lengths", 1)):
+    for name, width in (("input_ids", None), ("positions", None), ("topk_ids", k), ("topk_logits", k), ("lse", nT),
+                        ("tail", nT), ("sample_ids", None), ("sample_counts", None), ("sample_lengths", None)):
         if name in table.column_names:
             cols[name] = _split(table, name, width)
     return cols

@@ -14,9 +14,12 @@ class CacheMismatchError(CacheFormatError):
 
 
 def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
-    """Refuse a cache whose task, head, labels or data config differ from what the student's pipeline expects."""
+    """Refuse a cache whose task, head, labels or data config differ from what the student's pipeline expects (a
+    cache made by `kdcache import` has no data config of the pipeline's: its task and head must match)."""
     expect = dict(expect)
-    data = manifest.get("config", {}).get("data")
+    if "imported" in manifest:
+        expect = {k: expect.get(k) for k in ("task", "head")}
+    data = (manifest.get("config") or {}).get("data")
     defaults = expect.pop("data_defaults", None)
     if isinstance(data, dict) and defaults:  # settings newer than the cache: it was built with their defaults
         data = {**{k: v for k, v in defaults.items() if k not in data}, **data}
@@ -26,7 +29,8 @@ def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str)
     if changed:
         detail = "; ".join(f"{k}: cache has {_dig(got, k)!r}, pipeline expects {_dig(wanted, k)!r}" for k in changed[:4])
         raise CacheMismatchError(f"{where}: cache was built for other data or labels than this student expects "
-                                 f"({detail}); rebuild the cache for this pipeline with `kdcache cache`")
+                                 f"({detail}); " + ("import it again with that `--task`" if "imported" in manifest
+                                                    else "rebuild the cache for this pipeline with `kdcache cache`"))
 
 
 def _dig(d: Any, dotted: str) -> Any:
