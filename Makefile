@@ -57,6 +57,7 @@ report: install  ## rebuild data/runs/$(PIPELINE)/report.md and report.png
 bench: install  ## measure overheads, speed-up, storage and LM capture memory (QUICK=1: a smoke check); updates docs/benchmarks.md
 	$(KDCACHE) bench $(PIPELINE) $(if $(QUICK),--quick)
 	$(if $(QUICK),,$(KDCACHE) bench --capture-memory)
+	$(if $(QUICK),,$(KDCACHE) bench --train-memory)
 
 gpu-check: install  ## on a GPU: autocast, on-device top-k and multi-GPU capture against the CPU; overhead there
 	$(BIN)/python -m kdcache.experiments.gpu_check

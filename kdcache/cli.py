@@ -224,6 +224,10 @@ def cmd_bench(args) -> int:
         from .experiments.lm_memory import run_capture_memory
         run_capture_memory(args.out, None if args.no_doc else args.doc)
         return 0
+    if args.train_memory:
+        from .experiments.lm_memory import run_train_memory
+        run_train_memory(args.out, None if args.no_doc else args.doc)
+        return 0
     if args.columns:
         from .experiments.lm_bench import column_costs
         column_costs(str(args.columns), None if args.no_doc else args.doc, args.out)
@@ -480,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture-memory", action="store_true",
                    help="instead: peak memory of causal-LM capture at a 262,144-id vocabulary, 512 / 2,048 / 8,192 "
                         "positions, chunked (cache.logit_chunk) against the full logits reduced in one piece")
+    p.add_argument("--train-memory", action="store_true",
+                   help="instead: one chat training step at a 262,144-id vocabulary over 512 / 2,048 / 8,192 response "
+                        "positions: peak memory and tokens/s, dense logits against chunked (docs/benchmarks.md)")
     _teachers_arg(p)
     p.set_defaults(func=cmd_bench)
 

@@ -1,6 +1,6 @@
 """A causal LM's own way from its last hidden state to its logits, split off its body, so that the output layer can
-run on some positions only: a chunk of them at a time in capture (capture/logits.py), the response positions of a
-chat student in training (train/chat.py). Shared by both stages; no other kdcache import."""
+run on some positions only: a chunk of them at a time in capture (capture/logits.py) and in a chat student's loss
+(train/lm_losses.py), at the response positions only (train/chat.py). Shared by both stages; no other kdcache import."""
 
 from __future__ import annotations
 
@@ -9,6 +9,17 @@ import logging
 import torch
 
 log = logging.getLogger(__name__)
+
+# Bytes of float32 logits per chunk when a chunk is left to kdcache (`cache.logit_chunk: 0`; stage two's chat loss):
+# about 3 such tensors are live at once (the logits, one tempered copy, and a softmax or its gradient).
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+
+
+def chunk_positions(setting: int, vocab: int, device: torch.device) -> int:
+    """Positions per chunk: `setting` when > 0, else what fits the device's CHUNK_BYTES of float32 logits."""
+    if setting > 0:
+        return setting
+    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * vocab))
 
 
 class OutputHead:

@@ -310,9 +310,15 @@ def test_the_whole_teacher_as_a_student_starts_at_the_teachers_answers_and_train
     assert runs["half"]["parameters"] < runs["whole"]["parameters"]
 
 
-def test_logits_at_response_positions_only_give_the_full_logits_loss_and_gradient(chat_cache):
-    """`ChatModel` applies the output layer at the N cached positions only ([N, V], not [B, L, V]): the loss and
-    every parameter's gradient equal those of the full forward's logits."""
+@pytest.mark.parametrize("chunk", [0, 1, 5, 10_000])
+@pytest.mark.parametrize("loss", [LossConfig(kind="kl", temperature=2.0, alpha=0.5, targets="topk"),
+                                  LossConfig(kind="reverse_kl", temperature=1.0, alpha=0.0, targets="topk"),
+                                  LossConfig(kind="kl", temperature=1.0, alpha=0.3, targets="sampled"),
+                                  LossConfig(kind="kl", temperature=1.0, alpha=1.0)], ids=["kl", "rkl", "sampled", "sft"])
+def test_chunked_logits_at_response_positions_give_the_full_logits_loss_and_gradient(chat_cache, chunk, loss):
+    """`ChatModel` applies the output layer at the N cached positions only, `chunk` positions at a time under
+    checkpointing (never [N, V] at once; 0: the automatic size): the loss and every parameter's gradient equal those
+    of the dense reference, the full forward's [B, L, V] logits."""
     from kdcache.students import build_student
     from kdcache.train.chat import ChatModel
     cache, _ = chat_cache
@@ -322,10 +328,9 @@ def test_logits_at_response_positions_only_give_the_full_logits_loss_and_gradien
     torch.manual_seed(0)
     student = build_student("llama", {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}, lm["vocab_size"], 160)
     model = ChatModel(student, lm["tokenizer_sha256"])
-    loss = LossConfig(kind="kl", temperature=2.0, alpha=0.5, targets="topk")
     at, _ = model("topic", batch)
-    assert at.shape == (len(batch["target_index"]), lm["vocab_size"])
-    got, _ = chat_loss(at, batch, loss, lm)
+    assert at.hidden.shape == (len(batch["target_index"]), 32) and len(batch["target_index"]) > 5
+    got, _ = chat_loss(at, batch, loss, lm, chunk=chunk)
     g_got = torch.autograd.grad(got, list(student.parameters()))
     want, _ = chat_loss(student(input_ids=batch["input_ids"]).logits, batch, loss, lm)
     g_want = torch.autograd.grad(want, list(student.parameters()))

@@ -12,20 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..lmhead import OutputHead  # noqa: F401 (re-exported: capture's split head)
+from ..lmhead import CHUNK_BYTES, OutputHead, chunk_positions  # noqa: F401 (re-exported for capture)
 from .runner import refuse_non_finite
-
-
-# Bytes of float32 logits per chunk when `cache.logit_chunk` is 0 (auto); about 3 such tensors are live at once
-# (the logits, one tempered copy, and the softmax when sampling).
-CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
-
-
-def chunk_positions(setting: int, vocab: int, device: torch.device) -> int:
-    """Positions per chunk: `setting` when > 0, else what fits the device's CHUNK_BYTES of float32 logits."""
-    if setting > 0:
-        return setting
-    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * vocab))
 
 
 def reduce(z: torch.Tensor, nxt: torch.Tensor, k: int, temperatures: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,13 @@
-"""`kdcache bench --capture-memory`: peak memory of causal-LM capture at Gemma's vocabulary (262,144 ids), one
-sequence of 512 / 2,048 / 8,192 positions, through the unchunked reduction of the full logits (the path before
-`cache.logit_chunk`) and the chunked one. Each case runs in its own process and reports its peak RSS above what
-the process held once the model was built and had run its body over the sequence once, so the figures are the
-reduction's own."""
+"""Memory of the causal-LM paths at Gemma's vocabulary (262,144 ids) over one sequence of 512 / 2,048 / 8,192
+positions, each case in its own process, reporting its peak RSS above what the process held once the model was
+built and had run its body over the sequence once, so the figures are the vocabulary-wide part's own:
+
+- `kdcache bench --capture-memory`: capture's reduction, unchunked (the full logits, the path before
+  `cache.logit_chunk`) and chunked;
+- `kdcache bench --train-memory`: one training step of a chat student whose every position is a response position
+  (forward and backward of α·CE + (1-α)·KD on top-32 targets), with dense [N, V] logits and chunked under
+  checkpointing (`AtTargets`), and the student's tokens/s.
+"""
 
 from __future__ import annotations
 
@@ -76,8 +81,41 @@ def cuda_peaks(vocab: int = VOCAB, positions: tuple[int, ...] = POSITIONS, preci
     return out
 
 
-def _case(mode: str, n: int, vocab: int, chunk: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", _CASE, mode, str(n), str(vocab), str(chunk)], check=True,
+_TRAIN_CASE = """
+import json, resource, sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from kdcache.lmhead import OutputHead
+from kdcache.train.lm_losses import AtTargets, LossTerms, chat_loss
+mode, n, vocab, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True))
+head, g = OutputHead(model), torch.Generator().manual_seed(0)
+x = torch.randint(0, vocab, (1, n + 1), generator=g)
+ids = torch.randint(0, vocab, (n, 32), generator=g)
+batch = {"input_ids": x, "target_index": torch.arange(n), "topk_ids": ids,
+         "topk_logits": torch.randn(n, 32, generator=g).sort(-1, descending=True).values, "lse": torch.full((n, 1), 5.0),
+         "tail": torch.full((n, 1), -0.1)}
+loss = LossTerms(kind="kl", temperature=1.0, alpha=0.5)
+def step():
+    h = head.hidden(x)[0, :n]
+    out = AtTargets(h, head) if mode == "chunked" else head.logits(h)
+    value, _ = chat_loss(out, batch, loss, {"temperatures": [1.0]}, chunk=chunk)
+    value.backward()
+head.hidden(x).sum().backward()  # the body's own peak, forward and backward, goes into the baseline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+step()
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_mib": peak / 1024, "above_model_mib": (peak - base) / 1024, "seconds": seconds,
+                  "tokens_per_s": n / seconds}))
+"""
+
+
+def _case(mode: str, n: int, vocab: int, chunk: int, script: str = _CASE) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", script, mode, str(n), str(vocab), str(chunk)], check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -100,6 +138,46 @@ def run_capture_memory(out_dir: Path, doc: Path | None, vocab: int = VOCAB,
     if doc is not None:
         write_section(doc, "bench:capture-memory", text)
     return res
+
+
+def run_train_memory(out_dir: Path, doc: Path | None, vocab: int = VOCAB,
+                     positions: tuple[int, ...] = POSITIONS, chunk: int = 0) -> dict[str, Any]:
+    """Measure one chat training step per (path, positions); JSON to `out_dir`, a `bench:train-memory` section."""
+    from ..lmhead import chunk_positions
+    import torch
+    res: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "vocab": vocab,
+                           "chunk": chunk_positions(chunk, vocab, torch.device("cpu")), "rows": {}}
+    for n in positions:
+        res["rows"][n] = {"chunked": _case("chunked", n, vocab, chunk, _TRAIN_CASE)}
+        if n <= UNCHUNKED_MAX:
+            res["rows"][n]["dense"] = _case("dense", n, vocab, chunk, _TRAIN_CASE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train-memory.json").write_text(json.dumps(res, indent=1))
+    text = render_train(res)
+    print(text)
+    if doc is not None:
+        write_section(doc, "bench:train-memory", text)
+    return res
+
+
+def render_train(r: dict[str, Any]) -> str:
+    lines = ["## Chat student training memory at Gemma's vocabulary", "",
+             f"`kdcache bench --train-memory` on {r['date']} ({r['machine']}): one training step (forward and "
+             f"backward of 0.5·CE + 0.5·KL on top-32 targets + tail) of a one-layer Llama student with a "
+             f"{r['vocab']:,}-id vocabulary (tied embeddings) over one sequence whose every position is a response "
+             "position; peak RSS above the body's own forward and backward, each case in its own process. Dense: "
+             f"the [N, V] logits at once (the path before chunking); chunked: {r['chunk']} positions at a time "
+             "under checkpointing (`ChatModel`, the training path), the same loss and gradients (tests/"
+             f"test_chat_lm.py). Dense is not run above {UNCHUNKED_MAX:,} positions.", "",
+             "| positions | logits (float32) | dense: peak above the body | chunked: peak above the body | dense "
+             "tokens/s | chunked tokens/s |", "|---:|---:|---:|---:|---:|---:|"]
+    for n, v in r["rows"].items():
+        d = v.get("dense")
+        lines.append(f"| {int(n):,} | {int(n) * r['vocab'] * 4 / 2**30:.2f} GiB | "
+                     + (f"{d['above_model_mib'] / 1024:.2f} GiB" if d else "not run") + " | "
+                     + f"{v['chunked']['above_model_mib'] / 1024:.2f} GiB | "
+                     + (f"{d['tokens_per_s']:.0f}" if d else "–") + f" | {v['chunked']['tokens_per_s']:.0f} |")
+    return "\n".join(lines + [""])
 
 
 def render(r: dict[str, Any]) -> str:

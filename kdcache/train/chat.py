@@ -19,7 +19,7 @@ from ..heads import CHAT_LM
 from ..lmhead import OutputHead
 from ..metrics import answer_matches, answer_right
 from .lm import CausalLM, LMModel, TokenizerMismatchError
-from .lm_losses import chat_loss, lm_targets, response_logits
+from .lm_losses import AtTargets, chat_loss, lm_targets, response_logits
 from .losses import kd_loss_per_row, token_ce_per_row
 
 
@@ -27,9 +27,9 @@ GENERATED_TOKENS = 16  # the longest answer a student writes in evaluation when 
 
 
 class ChatModel(LMModel):
-    """A causal-LM student that applies its output layer only at the batch's target positions: its body runs over
-    the whole conversation, but logits are [N, V] for the N response positions, not [B, L, V] (the prompt of a long
-    context costs no vocabulary-wide activations, forward or backward)."""
+    """A causal-LM student that applies its output layer only at the batch's target positions, and there a chunk
+    of them at a time in the loss (`AtTargets`, lm_losses.chat_loss): its body runs over the whole conversation, but
+    no [B, L, V] or [N, V] logits are held while training (a long context costs its body's activations only)."""
 
     def __init__(self, lm: nn.Module, tokenizer_sha256: str) -> None:
         super().__init__(lm, tokenizer_sha256)
@@ -38,7 +38,7 @@ class ChatModel(LMModel):
     def forward(self, task: str, batch: dict[str, Any], features: bool = True):
         batch["student_tokens"] = None
         h = self.head.hidden(batch["input_ids"].to(self.device()))
-        return self.head.logits(h.reshape(-1, h.shape[-1])[batch["target_index"].to(h.device)]), []
+        return AtTargets(h.reshape(-1, h.shape[-1])[batch["target_index"].to(h.device)], self.head), []
 
 
 @torch.inference_mode()
@@ -55,7 +55,7 @@ def evaluate_chat(model: ChatModel, ds: Any, lm: dict[str, Any], vocab: list[byt
     prompts, references = [], []
     at1 = C.LossConfig(kind="kl", temperature=1.0, alpha=0.0, targets="topk", chunk=32)
     for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=codecs.get(CHAT_LM).collate):
-        flat, labels = response_logits(model("", batch)[0].float(), batch)
+        flat, labels = response_logits(model("", batch)[0].logits().float(), batch)
         nll += float(token_ce_per_row(flat, labels, 32).sum())
         tokens += len(labels)
         total_bytes += int(nbytes[labels.cpu().numpy()].sum())
