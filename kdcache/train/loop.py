@@ -276,6 +276,8 @@ def _finish(run: Run, sources: dict[str, Source], pipeline: C.PipelineConfig, te
         "run": run.name, "student": run.student, "arch": run.cfg.arch, "task": "+".join(run.tasks),
         "head": "cross-task" if run.cross else single.head.name, "kd": run.loss.alpha < 1.0, "teacher_mode": teacher,
         "loss": C.to_dict(run.loss), "parameters": sum(p.numel() for p in model.core.parameters()),
+        # fewer than `parameters` where only adapters learn (LoRA)
+        "trainable_parameters": sum(p.numel() for p in model.core.parameters() if p.requires_grad),
         "epochs": run.history, "best_epoch": run.best["epoch"], "eval": run.best["eval"],
         "train_seconds": round(run.seconds, 2), **({"init_from": run.cfg.init_from} if run.cfg.init_from else {})}
     if run.cross:
