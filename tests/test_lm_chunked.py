@@ -122,3 +122,16 @@ def test_the_capture_memory_bench_measures_both_paths_in_their_own_processes(tmp
     assert set(case) == {"chunked", "unchunked"} and r["chunk"] == 16
     assert all(v["peak_mib"] > v["above_model_mib"] >= 0 and v["seconds"] > 0 for v in case.values())
     assert "<!-- bench:capture-memory -->" in doc.read_text() and "| 48 |" in doc.read_text()
+    assert "Chunked: 16 positions" in doc.read_text()
+
+
+def test_the_train_memory_bench_measures_a_chat_step_both_ways(tmp_path):
+    """`kdcache bench --train-memory` at a small size: dense and chunked training steps, memory and tokens/s."""
+    from kdcache.experiments.lm_memory import run_train_memory
+    doc = tmp_path / "benchmarks.md"
+    r = run_train_memory(tmp_path, doc, vocab=2048, positions=(48,), chunk=16)
+    case = r["rows"][48]
+    assert set(case) == {"chunked", "dense"} and r["chunk"] == 16
+    assert all(v["peak_mib"] > v["above_model_mib"] >= 0 and v["tokens_per_s"] > 0 for v in case.values())
+    text = doc.read_text()
+    assert "<!-- bench:train-memory -->" in text and "| 48 |" in text and "chunked: 16 positions" in text

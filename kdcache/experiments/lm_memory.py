@@ -120,44 +120,49 @@ def _case(mode: str, n: int, vocab: int, chunk: int, script: str = _CASE) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_capture_memory(out_dir: Path, doc: Path | None, vocab: int = VOCAB,
-                       positions: tuple[int, ...] = POSITIONS, chunk: int = 0) -> dict[str, Any]:
-    """Measure every (path, positions) case; JSON to `out_dir`, a `bench:capture-memory` section to `doc`."""
-    from ..capture.logits import chunk_positions
-    import torch
-    res: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "vocab": vocab,
-                           "chunk": chunk_positions(chunk, vocab, torch.device("cpu")), "rows": {}}
-    for n in positions:
-        res["rows"][n] = {"chunked": _case("chunked", n, vocab, chunk)}
-        if n <= UNCHUNKED_MAX:
-            res["rows"][n]["unchunked"] = _case("unchunked", n, vocab, chunk)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "capture-memory.json").write_text(json.dumps(res, indent=1))
-    text = render(res)
-    print(text)
-    if doc is not None:
-        write_section(doc, "bench:capture-memory", text)
-    return res
-
-
-def run_train_memory(out_dir: Path, doc: Path | None, vocab: int = VOCAB,
-                     positions: tuple[int, ...] = POSITIONS, chunk: int = 0) -> dict[str, Any]:
-    """Measure one chat training step per (path, positions); JSON to `out_dir`, a `bench:train-memory` section."""
+def _measure(kind: str, script: str, other: str, render_fn, out_dir: Path, doc: Path | None, vocab: int,
+             positions: tuple[int, ...], chunk: int) -> dict[str, Any]:
+    """Every (path, positions) case of one benchmark: the chunked path, and `other` (the unchunked one) up to
+    UNCHUNKED_MAX; JSON `<kind>.json` to `out_dir`, the `bench:<kind>` section to `doc`."""
     from ..lmhead import chunk_positions
     import torch
     res: dict[str, Any] = {"date": _dt.date.today().isoformat(), "machine": machine(), "vocab": vocab,
                            "chunk": chunk_positions(chunk, vocab, torch.device("cpu")), "rows": {}}
     for n in positions:
-        res["rows"][n] = {"chunked": _case("chunked", n, vocab, chunk, _TRAIN_CASE)}
+        res["rows"][n] = {"chunked": _case("chunked", n, vocab, chunk, script)}
         if n <= UNCHUNKED_MAX:
-            res["rows"][n]["dense"] = _case("dense", n, vocab, chunk, _TRAIN_CASE)
+            res["rows"][n][other] = _case(other, n, vocab, chunk, script)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train-memory.json").write_text(json.dumps(res, indent=1))
-    text = render_train(res)
+    (out_dir / f"{kind}.json").write_text(json.dumps(res, indent=1))
+    text = render_fn(res)
     print(text)
     if doc is not None:
-        write_section(doc, "bench:train-memory", text)
+        write_section(doc, f"bench:{kind}", text)
     return res
+
+
+def run_capture_memory(out_dir: Path, doc: Path | None, vocab: int = VOCAB,
+                       positions: tuple[int, ...] = POSITIONS, chunk: int = 0) -> dict[str, Any]:
+    """Capture's reduction, chunked and unchunked (`_measure`)."""
+    return _measure("capture-memory", _CASE, "unchunked", render, out_dir, doc, vocab, positions, chunk)
+
+
+def run_train_memory(out_dir: Path, doc: Path | None, vocab: int = VOCAB,
+                     positions: tuple[int, ...] = POSITIONS, chunk: int = 0) -> dict[str, Any]:
+    """One chat training step, chunked and with dense logits (`_measure`)."""
+    return _measure("train-memory", _TRAIN_CASE, "dense", render_train, out_dir, doc, vocab, positions, chunk)
+
+
+def _rows(r: dict[str, Any], other: str, speed) -> list[str]:
+    """Table rows: positions, logits size, `other`'s and the chunked peak, then `speed(case)` of each."""
+    lines = []
+    for n, v in r["rows"].items():
+        o = v.get(other)
+        lines.append(f"| {int(n):,} | {int(n) * r['vocab'] * 4 / 2**30:.2f} GiB | "
+                     + (f"{o['above_model_mib'] / 1024:.2f} GiB" if o else "not run") + " | "
+                     + f"{v['chunked']['above_model_mib'] / 1024:.2f} GiB | "
+                     + (speed(o) if o else "–") + f" | {speed(v['chunked'])} |")
+    return lines
 
 
 def render_train(r: dict[str, Any]) -> str:
@@ -171,13 +176,7 @@ def render_train(r: dict[str, Any]) -> str:
              f"test_chat_lm.py). Dense is not run above {UNCHUNKED_MAX:,} positions.", "",
              "| positions | logits (float32) | dense: peak above the body | chunked: peak above the body | dense "
              "tokens/s | chunked tokens/s |", "|---:|---:|---:|---:|---:|---:|"]
-    for n, v in r["rows"].items():
-        d = v.get("dense")
-        lines.append(f"| {int(n):,} | {int(n) * r['vocab'] * 4 / 2**30:.2f} GiB | "
-                     + (f"{d['above_model_mib'] / 1024:.2f} GiB" if d else "not run") + " | "
-                     + f"{v['chunked']['above_model_mib'] / 1024:.2f} GiB | "
-                     + (f"{d['tokens_per_s']:.0f}" if d else "–") + f" | {v['chunked']['tokens_per_s']:.0f} |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + _rows(r, "dense", lambda c: f"{c['tokens_per_s']:.0f}") + [""])
 
 
 def render(r: dict[str, Any]) -> str:
@@ -185,15 +184,9 @@ def render(r: dict[str, Any]) -> str:
              f"`kdcache bench --capture-memory` on {r['date']} ({r['machine']}): one sequence through a one-layer "
              f"Llama with a {r['vocab']:,}-id vocabulary (tied embeddings), top-k 32, temperatures 1 and 2; peak RSS "
              f"of the capture above the model's own peak (built, and its body run once over the sequence: attention memory is "
-             "the model's), each case in its own process. Chunked: {r['chunk']} positions "
+             f"the model's), each case in its own process. Chunked: {r['chunk']} positions "
              "per chunk (`cache.logit_chunk: 0`, auto). The unchunked path (the full [B, L, V] logits reduced in one "
              f"piece, as before) is not run above {UNCHUNKED_MAX:,} positions.", "",
              "| positions | full logits (float32) | unchunked: peak above the body | chunked: peak above the body | "
              "unchunked s | chunked s |", "|---:|---:|---:|---:|---:|---:|"]
-    for n, v in r["rows"].items():
-        un = v.get("unchunked")
-        lines.append(f"| {int(n):,} | {int(n) * r['vocab'] * 4 / 2**30:.2f} GiB | "
-                     + (f"{un['above_model_mib'] / 1024:.2f} GiB" if un else "not run") + " | "
-                     + f"{v['chunked']['above_model_mib'] / 1024:.2f} GiB | "
-                     + (f"{un['seconds']:.1f}" if un else "–") + f" | {v['chunked']['seconds']:.1f} |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + _rows(r, "unchunked", lambda c: f"{c['seconds']:.1f}") + [""])
