@@ -577,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="imported", help="the model that wrote the logprobs (for the report)")
     p.add_argument("--pipeline", default="imported", help="pipeline name the cache stands for (default imported)")
     p.add_argument("--task", default="chat", help="task name (default chat)")
-    p.add_argument("--out", type=Path, default=None, help="cache folder (default $KDCACHE_HOME/cache/<pipeline>/<task>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="cache folder (default $KDCACHE_HOME/cache/<pipeline>/<task>)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache of other settings in --out")
     p.set_defaults(func=cmd_import)
 

@@ -43,9 +43,10 @@ class ExportError(KdcacheError):
 
 def schema() -> pa.Schema:
     ids, scores = pa.list_(pa.int32()), pa.list_(pa.float32())
-    return pa.schema([pa.field("id", pa.string()), pa.field("input_ids", ids), pa.field("attention_mask", pa.list_(pa.int8())),
+    flags = pa.list_(pa.int8())
+    return pa.schema([pa.field("id", pa.string()), pa.field("input_ids", ids), pa.field("attention_mask", flags),
                       pa.field("labels", ids), pa.field("target_token_ids", pa.list_(ids)),
-                      pa.field("target_logprobs", pa.list_(scores)), pa.field("target_mask", pa.list_(pa.list_(pa.int8()))),
+                      pa.field("target_logprobs", pa.list_(scores)), pa.field("target_mask", pa.list_(flags)),
                       pa.field(TAIL_FIELD, scores), pa.field("reference", pa.string())])
 
 

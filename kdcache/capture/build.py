@@ -246,7 +246,7 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
     writer = distributed.main_first(open_writer)
     try:
         manifest = shard_loop(writer, segments, dataset_sha, task.cache.shard_rows, produce, summarise, task_name,
-                               replica, out_dir)
+                              replica, out_dir)
     except BaseException:
         writer.__exit__(*sys.exc_info())
         raise
@@ -255,7 +255,7 @@ def write_shards(out_dir: Path, header: dict[str, Any], task: C.TaskConfig, task
 
 
 def shard_loop(writer: CacheWriter, segments: dict[str, list], dataset_sha: dict[str, str], shard_rows: int,
-                produce, summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
+               produce, summarise, task_name: str, dist: Any, out_dir: Path) -> dict[str, Any]:
     """This replica's missing shards (computed by every process of a tensor-parallel replica, submitted by its
     writer), then the commit."""
     if distributed.share(writer.complete):

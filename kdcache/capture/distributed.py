@@ -27,7 +27,8 @@ def state():
 class Replica:
     """The process group seen by replica when each tensor-parallel teacher spans `tp` processes (ranks
     r*tp .. r*tp+tp-1 hold replica r): shards are dealt between the replicas, every process of a replica runs
-    each of its shards, and its first process writes them. tp = 1: plain data parallelism (models.tp_size has checked that tp divides the processes)."""
+    each of its shards, and its first process writes them. tp = 1: plain data parallelism (models.tp_size has
+    checked that tp divides the processes)."""
 
     def __init__(self, st: Any, tp: int) -> None:
         self.process_index, self.num_processes = st.process_index // tp, st.num_processes // tp

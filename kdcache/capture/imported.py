@@ -72,10 +72,10 @@ def check_columns(ds: Any, path: str) -> bool:
     missing = [f for f in FIELDS if f not in names and f not in ("attention_mask", "labels")]
     if missing and ("messages" in names or "logprobs" in names):
         raise LogprobImportError(f"{path}: rows of `messages` / raw `logprobs` without {missing}: tokenise them first "
-                           "(`axolotl preprocess` writes input_ids and the target_* fields), then import that")
+                                 "(`axolotl preprocess` writes input_ids and the target_* fields), then import that")
     if missing:
         raise LogprobImportError(f"{path}: field(s) {missing} missing; the layout needs {', '.join(FIELDS)} "
-                           "(docs/cache-format.md, \"Exchange with axolotl\")")
+                                 "(docs/cache-format.md, \"Exchange with axolotl\")")
     return TAIL_FIELD in names
 
 
@@ -86,41 +86,44 @@ def one_row(row: dict[str, Any], where: str, k: int, vocab_size: int, temperatur
     ids = np.asarray(row["input_ids"], np.int64)
     L = len(ids)
     try:
-        tok, lp, mask = (np.asarray(row[f], dt) for f, dt in (("target_token_ids", np.int64),
-                                                                ("target_logprobs", np.float64), ("target_mask", np.int64)))
+        tok, lp, mask = (np.asarray(row[f], dt) for f, dt in (
+            ("target_token_ids", np.int64), ("target_logprobs", np.float64), ("target_mask", np.int64)))
     except ValueError:
         raise LogprobImportError(f"{where}: target_* rows of unequal length; every position needs the same number of "
-                           "slots (pad with target_mask 0)") from None
+                                 "slots (pad with target_mask 0)") from None
     for name, a in (("target_token_ids", tok), ("target_logprobs", lp), ("target_mask", mask)):
         if a.ndim != 2 or a.shape[0] != L:
-            raise LogprobImportError(f"{where}: `{name}` has shape {a.shape}, not [{L} positions, k slots] like input_ids")
+            raise LogprobImportError(f"{where}: `{name}` has shape {a.shape}, not [{L} positions, k slots] like "
+                                     "input_ids")
     if L < 2 or (ids < 0).any() or (ids >= vocab_size).any():
-        raise LogprobImportError(f"{where}: input_ids must hold 2 or more ids in [0, {vocab_size}) (the tokenizer's size)")
+        raise LogprobImportError(f"{where}: input_ids must hold 2 or more ids in [0, {vocab_size}) (the tokenizer's "
+                                 "size)")
     scored = mask.astype(bool)
     pos = np.flatnonzero(scored.any(1))
     if len(pos) and pos[-1] == L - 1:
-        raise LogprobImportError(f"{where}: the last position has targets, but it predicts no token of the row (row j is "
-                           "the distribution over input_ids[j + 1])")
+        raise LogprobImportError(f"{where}: the last position has targets, but it predicts no token of the row (row "
+                                 "j is the distribution over input_ids[j + 1])")
     top_ids, logits, tails = np.zeros((len(pos), k), np.int64), np.zeros((len(pos), k), np.float32), []
+    stored = row.get(TAIL_FIELD) if stored_tail else None
     for j, p in enumerate(pos):
         have = np.flatnonzero(scored[p])
         if len(have) < k:
-            raise LogprobImportError(f"{where}, position {p}: {len(have)} scored slots, fewer than top_k = {k}: import with "
-                               f"--top-k {len(have)} (or fewer)")
+            raise LogprobImportError(f"{where}, position {p}: {len(have)} scored slots, fewer than top_k = {k}: "
+                                     f"import with --top-k {len(have)} (or fewer)")
         v, t = lp[p, have], tok[p, have]
         if not np.isfinite(v).all() or (v > 1e-4).any() or (t < 0).any() or (t >= vocab_size).any():
-            raise LogprobImportError(f"{where}, position {p}: target_logprobs must be finite log-probabilities (<= 0) of "
-                               f"ids in [0, {vocab_size})")
+            raise LogprobImportError(f"{where}, position {p}: target_logprobs must be finite log-probabilities "
+                                     f"(<= 0) of ids in [0, {vocab_size})")
         order = np.argsort(-v, kind="stable")
         v, t = v[order], t[order]
         mass = float(np.exp(v).sum())
         if mass > 1 + MASS_SLACK:
-            raise LogprobImportError(f"{where}, position {p}: the probabilities sum to {mass:.4f} > 1, so they are not one "
-                               "distribution's top-k at one temperature (duplicate ids? a re-tempered top-k?)")
+            raise LogprobImportError(f"{where}, position {p}: the probabilities sum to {mass:.4f} > 1, so they are "
+                                     "not one distribution's top-k at one temperature (duplicate ids? a re-tempered "
+                                     "top-k?)")
         kept = float(np.exp(v[:k]).sum())
-        tail = row.get(TAIL_FIELD) if stored_tail else None
-        if tail is not None and tail[p] is not None and len(have) == k:
-            tails.append(float(tail[p]))
+        if stored is not None and stored[p] is not None and len(have) == k:
+            tails.append(float(stored[p]))
         else:  # exact where the slots are the teacher's true top-k at T: the rest of the mass lies outside them
             tails.append(math.log1p(-min(kept, 1.0)) if kept < 1.0 else float("-inf"))
         top_ids[j], logits[j] = t[:k], (v[:k] * temperature).astype(np.float32)
@@ -141,7 +144,7 @@ def _stats(rows: ChatRows, targets: list[dict[str, np.ndarray]], stop: int, temp
         outside += int((~inside.any(1)).sum())
         lp = t["topk_logits"].astype(np.float64) / temperature
         logp = np.where(inside.any(1), (lp * inside).sum(1), np.minimum(t["tail"][:, 0], lp[:, -1]))
-        scored.append({"nll": -logp.astype(np.float64), "top1": inside[:, 0], "tail": t["tail"]})
+        scored.append({"nll": -logp, "top1": inside[:, 0], "tail": t["tail"]})
     stats = ChatLM().stats(rows, ChatOut(rows, scored, stop, None), [])
     return {**stats, "next_outside_topk": outside}
 
@@ -151,8 +154,8 @@ def _summarise(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def import_logprobs(sources: dict[str, str], out_dir: Path, tokenizer: str, temperature: float = 1.0,
-                    top_k: int | None = None, teacher: str = "imported", name: str = "imported", task: str = "chat", shard_rows: int = 256,
-                    row_group_rows: int = 64, overwrite: bool = False) -> dict[str, Any]:
+                    top_k: int | None = None, teacher: str = "imported", name: str = "imported", task: str = "chat",
+                    shard_rows: int = 256, row_group_rows: int = 64, overwrite: bool = False) -> dict[str, Any]:
     """Write `out_dir` (a chat cache) from {split: dataset path}; a rerun resumes from the shards written. `teacher`:
     the name of the model that wrote the logprobs (for the report); `name`/`task`: the pipeline and task it stands
     for (stage two reads `<cache root>/<pipeline>/<task>/`)."""
@@ -166,11 +169,13 @@ def import_logprobs(sources: dict[str, str], out_dir: Path, tokenizer: str, temp
         first = next((m for ds in data.values() for r in ds.select_columns(["target_mask"]) for m in r["target_mask"]
                       if sum(m)), None)
         if first is None:
-            raise LogprobImportError(f"{', '.join(sources.values())}: no row has a scored target (target_mask is all 0)")
+            raise LogprobImportError(f"{', '.join(sources.values())}: no row has a scored target (target_mask is "
+                                     "all 0)")
         top_k = int(sum(first))
     seq_len = max(int(pc.max(pc.list_value_length(ds.data.column("input_ids"))).as_py() or 0) for ds in data.values())
     lm = {"top_k": top_k, "temperatures": [temperature], "samples": 0, "sample_temperature": temperature,
-          "seq_len": seq_len, "vocab_size": V, "id_dtype": str(token_id_type(V)), "tokenizer_sha256": hash_tokenizer(tok),
+          "seq_len": seq_len, "vocab_size": V, "id_dtype": str(token_id_type(V)),
+          "tokenizer_sha256": hash_tokenizer(tok),
           "eos_id": eos_id(tok), "bos_id": None, "rows": "chat", "vocab_file": VOCAB_FILE, "logit_dtype": "float32",
           "chat": None, "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()}
     split_sha = {split: _source_sha(path) for split, path in sources.items()}
@@ -181,7 +186,8 @@ def import_logprobs(sources: dict[str, str], out_dir: Path, tokenizer: str, temp
               "fingerprint": hash_obj(inputs), "fingerprint_inputs": inputs, "data_origin": None, "features": None,
               "config": {}, "device": "cpu", "processes": 1, "lm": lm,
               "imported": {"sources": dict(sources), "temperature": temperature,
-                           "tail": {s: "stored" if t else "recovered as log(1 - sum p)" for s, t in tails.items()}},
+                                 "tail": {s: "stored" if t else "recovered as log(1 - sum p)"
+                                          for s, t in tails.items()}},
               "files": {rel: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for rel, b in files.items()}}
     meta = {"format_version": FORMAT_VERSION, "task": task, "fingerprint": header["fingerprint"]}
     schema = shard_schema(header, meta)

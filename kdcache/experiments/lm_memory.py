@@ -95,8 +95,8 @@ head, g = OutputHead(model), torch.Generator().manual_seed(0)
 x = torch.randint(0, vocab, (1, n + 1), generator=g)
 ids = torch.randint(0, vocab, (n, 32), generator=g)
 batch = {"input_ids": x, "target_index": torch.arange(n), "topk_ids": ids,
-         "topk_logits": torch.randn(n, 32, generator=g).sort(-1, descending=True).values, "lse": torch.full((n, 1), 5.0),
-         "tail": torch.full((n, 1), -0.1)}
+         "topk_logits": torch.randn(n, 32, generator=g).sort(-1, descending=True).values,
+         "lse": torch.full((n, 1), 5.0), "tail": torch.full((n, 1), -0.1)}
 loss = LossTerms(kind="kl", temperature=1.0, alpha=0.5)
 def step():
     h = head.hidden(x)[0, :n]

@@ -130,10 +130,10 @@ def chat_loss(logits: torch.Tensor | AtTargets, batch: dict[str, Any], loss: Any
     else:
         head, n = logits.head, len(labels)
         size = chunk_positions(chunk, head.linear.weight.shape[0], flat.device)
+        run = lambda h, y, tt: per_row(head.logits(h), y, tt)  # noqa: E731  ([chunk, V] made, reduced, dropped)
         parts = []
         for a in range(0, n, size):
             args = (flat[a:a + size], labels[a:a + size], None if t is None else _rows(t, a, a + size))
-            run = lambda h, y, tt: per_row(head.logits(h), y, tt)  # noqa: E731
             parts.append(checkpoint(run, *args, use_reentrant=False) if torch.is_grad_enabled() else run(*args))
         both = torch.cat(parts, 1)
     ce, kd = both[0], both[1]

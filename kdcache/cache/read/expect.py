@@ -28,9 +28,10 @@ def check_expected(manifest: dict[str, Any], expect: dict[str, Any], where: str)
     changed = diff_fields({k: got.get(k) for k in wanted}, wanted)
     if changed:
         detail = "; ".join(f"{k}: cache has {_dig(got, k)!r}, pipeline expects {_dig(wanted, k)!r}" for k in changed[:4])
+        fix = ("import it again with that `--task`" if "imported" in manifest
+               else "rebuild the cache for this pipeline with `kdcache cache`")
         raise CacheMismatchError(f"{where}: cache was built for other data or labels than this student expects "
-                                 f"({detail}); " + ("import it again with that `--task`" if "imported" in manifest
-                                                    else "rebuild the cache for this pipeline with `kdcache cache`"))
+                                 f"({detail}); {fix}")
 
 
 def _dig(d: Any, dotted: str) -> Any:
